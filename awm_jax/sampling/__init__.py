@@ -1,0 +1,1 @@
+"""awm_jax.sampling."""
