@@ -1,0 +1,238 @@
+"""Config loading, command-line overrides and validation for the trainer.
+
+Config files are Python files with a ``get_config()`` returning an ``ml_collections.ConfigDict``
+(see ``configs/``). Overrides use dotted keys: ``--config.optim.lr=1e-4`` or ``--config.optim.lr 1e-4``.
+An unknown key stops with an error naming it and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+import ml_collections
+
+__all__ = [
+    "ConfigError",
+    "load_config",
+    "apply_overrides",
+    "validate",
+    "save_config",
+    "parse_args",
+    "flat_keys",
+]
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is invalid."""
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+    """Import the config file at ``path`` and return its ``get_config()`` (unlocked copy).
+
+    The file's directory is put on ``sys.path`` while it loads, so config files can share a base
+    module living beside them (``configs/awm_base.py``).
+    """
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    name = "_awm_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    cfg_dir = os.path.dirname(path)
+    sys.path.insert(0, cfg_dir)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(cfg_dir)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} defines no get_config()")
+    cfg = module.get_config()
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, expected ConfigDict")
+    return cfg
+
+
+def flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """All dotted leaf keys (and section keys) of ``cfg``."""
+    out = []
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        out.append(key)
+        if isinstance(v, ml_collections.ConfigDict):
+            out.extend(flat_keys(v, key + "."))
+    return out
+
+
+def _unknown_key(cfg, key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, flat_keys(cfg), n=1, cutoff=0.0)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _parse_value(key: str, text: str, old):
+    """Parse ``text`` to the type of the existing value ``old``."""
+    if isinstance(old, bool):
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"config key '{key}': expected a boolean, got '{text}'")
+    if isinstance(old, int):
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                f = float(text)
+            except ValueError:
+                f = None
+            if f is not None and f.is_integer():
+                return int(f)
+            raise ConfigError(f"config key '{key}': expected an int, got '{text}'") from None
+    if isinstance(old, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"config key '{key}': expected a float, got '{text}'") from None
+    if isinstance(old, str):
+        return text
+    if isinstance(old, (tuple, list)):
+        try:
+            val = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            val = tuple(s.strip() for s in text.split(",") if s.strip())
+        if not isinstance(val, (tuple, list)):
+            val = (val,)
+        return type(old)(val)
+    # None or other: best-effort Python literal, else the raw string.
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]]):
+    """Apply ``(dotted_key, text_value)`` overrides in place; unknown keys raise ``ConfigError``."""
+    for key, text in overrides:
+        node = cfg
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
+                raise _unknown_key(cfg, key)
+            node = node[p]
+        leaf = parts[-1]
+        if leaf not in node:
+            raise _unknown_key(cfg, key)
+        if isinstance(node[leaf], ml_collections.ConfigDict):
+            raise ConfigError(f"config key '{key}' is a section; set one of its fields instead")
+        with node.ignore_type():
+            node[leaf] = _parse_value(key, text, node[leaf])
+    return cfg
+
+
+def parse_args(argv: Sequence[str]) -> tuple[str, str, list[tuple[str, str]]]:
+    """Parse ``--config PATH --workdir DIR [--config.a.b=V | --config.a.b V ...]``.
+
+    Returns ``(config_path, workdir, overrides)``.
+    """
+    config_path = workdir = None
+    overrides: list[tuple[str, str]] = []
+    i = 0
+    argv = list(argv)
+    while i < len(argv):
+        arg = argv[i]
+        if "=" in arg:
+            name, value = arg.split("=", 1)
+            consumed = 1
+        else:
+            name = arg
+            if i + 1 >= len(argv):
+                raise ConfigError(f"argument {arg} needs a value")
+            value = argv[i + 1]
+            consumed = 2
+        if name == "--config":
+            config_path = value
+        elif name == "--workdir":
+            workdir = value
+        elif name.startswith("--config."):
+            overrides.append((name[len("--config."):], value))
+        else:
+            raise ConfigError(f"unknown argument '{arg}' (expected --config, --workdir, --config.KEY=VALUE)")
+        i += consumed
+    if config_path is None:
+        raise ConfigError("missing --config PATH")
+    if workdir is None:
+        raise ConfigError("missing --workdir DIR")
+    return config_path, workdir, overrides
+
+
+_CHOICES = {
+    "algorithm": ("awm", "flow_grpo"),
+    "model.kind": ("toy", "sd35"),
+    "sample.sampler": ("sa_solver", "euler_maruyama", "ode", "sde", "cps"),
+    "awm.timestep_sampler": ("discrete", "discrete_wo_init", "uniform", "logit_normal"),
+    "awm.weighting": ("uniform", "t", "t2", "ghuber"),
+    "awm.loss_type": ("per_time", "mean_over_times"),
+    "advantages.std_mode": ("global", "group"),
+    "data.train_format": ("text", "geneval", "ocr"),
+    "data.eval_format": ("text", "geneval", "ocr"),
+}
+_POSITIVE = (
+    "data.group_size", "data.prompts_per_step", "max_steps", "sample.num_steps", "eval.num_steps",
+    "checkpoint.keep", "train.max_nonfinite", "train.micro_batch_size", "sample.batch_size",
+)
+
+
+def _get(cfg, key):
+    node = cfg
+    for p in key.split("."):
+        node = node[p]
+    return node
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Check enumerations, positivity and cross-field constraints; raise ``ConfigError`` naming the key."""
+    for key, choices in _CHOICES.items():
+        try:
+            val = _get(cfg, key)
+        except KeyError:
+            raise ConfigError(f"config is missing required key '{key}'") from None
+        if val not in choices:
+            raise ConfigError(f"config key '{key}' = {val!r} is not one of {choices}")
+    for key in _POSITIVE:
+        try:
+            val = _get(cfg, key)
+        except KeyError:
+            raise ConfigError(f"config is missing required key '{key}'") from None
+        if not isinstance(val, int) or val <= 0:
+            raise ConfigError(f"config key '{key}' must be a positive int, got {val!r}")
+    if cfg.sample.noise_level < 0:
+        raise ConfigError(f"config key 'sample.noise_level' must be >= 0, got {cfg.sample.noise_level}")
+    if cfg.awm.train_timesteps <= 0:
+        raise ConfigError(f"config key 'awm.train_timesteps' must be > 0, got {cfg.awm.train_timesteps}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"config key 'optim.lr' must be > 0, got {cfg.optim.lr}")
+    if cfg.algorithm == "flow_grpo" and cfg.sample.sampler not in ("sde", "cps"):
+        raise ConfigError(
+            f"config key 'sample.sampler' = {cfg.sample.sampler!r}: flow_grpo needs a per-step likelihood "
+            "sampler ('sde' or 'cps')"
+        )
+    if cfg.lora.rank <= 0 and not cfg.lora.full_finetune:
+        raise ConfigError(f"config key 'lora.rank' must be > 0, got {cfg.lora.rank}")
+
+
+def save_config(cfg: ml_collections.ConfigDict, workdir: str) -> str:
+    """Write the resolved config to ``workdir/config.json`` (and a readable ``config.txt``)."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    with open(path, "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2, sort_keys=True, default=str)
+    with open(os.path.join(workdir, "config.txt"), "w") as f:
+        f.write(str(cfg))
+    return path

@@ -1,0 +1,239 @@
+"""Shared base for every shipped config: one function builds a task x algorithm x setting config.
+
+AWM and Flow-GRPO configs share everything here and differ only in ``_flow_grpo`` (sampler, loss
+block and the keys where the algorithms differ). ``paper=True`` switches to the AWM paper's
+settings (Euler-Maruyama sampler, 4 training times, uniform weighting, larger beta, no EMA term);
+the default reproduces the public AWM code (see /work/shared/REFERENCE.md).
+"""
+
+import ml_collections
+
+SD35_LORA_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+)
+
+# Per-task defaults of the public AWM code.  (beta, noise_level, timestep_sampler, prompts/step)
+_TASKS = {
+    "geneval": dict(beta=0.001, noise=0.4, ts="discrete_wo_init", prompts=72, reward="geneval",
+                    fmt="geneval", grpo_beta=0.04, paper_beta=0.4),
+    "ocr": dict(beta=0.003, noise=0.4, ts="discrete_wo_init", prompts=72, reward="ocr",
+                fmt="ocr", grpo_beta=0.04, paper_beta=0.4),
+    "pickscore": dict(beta=0.0001, noise=0.0, ts="discrete", prompts=24, reward="pickscore",
+                      fmt="text", grpo_beta=0.01, paper_beta=0.01),
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key the trainer knows, with the public AWM code's SD3.5-Medium defaults."""
+    c = ml_collections.ConfigDict()
+    c.algorithm = "awm"  # "awm" | "flow_grpo"
+    c.seed = 42  # master seed: init, data order, rollout and training noise all derive from (seed, step)
+    c.max_steps = 1000  # number of optimizer steps (one per rollout epoch); bounds a run
+    # Factory "module:function" returning the trainer's components (pipeline, train step, reward).
+    c.components = "awm_jax.train:default_components"
+
+    c.model = m = ml_collections.ConfigDict()
+    m.kind = "sd35"  # "sd35" (converted SD3.5 weights) | "toy" (the embedded shapes world)
+    m.path = ""  # directory of the transformer weights (converted or diffusers); "" = toy random init
+    m.vae_path = ""  # VAE weights directory (sd35)
+    m.text_encoder_paths = ("", "", "")  # CLIP-L, CLIP-G, T5-XXL directories (sd35)
+    m.max_sequence_length = 128  # T5 tokens (the AWM code uses 128)
+    m.resolution = 512  # image side in pixels
+    m.dtype = "bfloat16"  # compute dtype of the transformer
+    m.param_dtype = "float32"  # storage dtype of the parameters
+    m.text_cache_size = 4096  # in-memory LRU cache of prompt embeddings (entries)
+
+    c.lora = lo = ml_collections.ConfigDict()
+    lo.rank = 32  # LoRA rank r
+    lo.alpha = 64.0  # LoRA alpha (scale alpha / r)
+    lo.targets = SD35_LORA_TARGETS  # module names that get adapters (attention projections)
+    lo.init = "gaussian"  # A ~ N(0, 1/r), B = 0
+    lo.full_finetune = False  # train every parameter instead (the reference then needs a frozen copy)
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.lr = 3e-4  # AdamW learning rate (constant)
+    o.b1 = 0.9  # Adam beta1
+    o.b2 = 0.999  # Adam beta2
+    o.weight_decay = 1e-4  # decoupled weight decay
+    o.eps = 1e-8  # Adam epsilon
+    o.max_grad_norm = 1.0  # global-norm gradient clipping
+
+    c.data = d = ml_collections.ConfigDict()
+    d.train_prompts = ""  # prompt file for training (one per line, or GenEval JSONL)
+    d.train_format = "geneval"  # "text" | "geneval" (JSONL with metadata) | "ocr" (quoted target text)
+    d.eval_prompts = ""  # held-out prompt file for evaluation
+    d.eval_format = "geneval"  # format of eval_prompts
+    d.group_size = 24  # images per prompt (one advantage group), across all devices and hosts
+    d.prompts_per_step = 72  # distinct prompts per optimizer step (72 x 24 GenEval/OCR, 24 x 24 PickScore)
+
+    c.sample = s = ml_collections.ConfigDict()
+    s.sampler = "sa_solver"  # rollout sampler: "sa_solver" | "euler_maruyama" | "ode" | "sde" | "cps"
+    s.num_steps = 14  # rollout sampling steps
+    s.noise_level = 0.4  # SA-Solver tau / SDE noise level a
+    s.noise_t_min = 0.3  # SA-Solver: stochastic only for noise_t_min <= t <= noise_t_max
+    s.noise_t_max = 0.9  # upper end of the stochastic window
+    s.shift = 3.0  # SD3 time shift of the sampling grid
+    s.guidance_scale = 1.0  # classifier-free guidance (1.0 = none; AWM uses none)
+    s.batch_size = 8  # rollout micro-batch per device (memory knob only; results do not depend on it)
+
+    c.advantages = a = ml_collections.ConfigDict()
+    a.std_mode = "global"  # "global": std over all rewards of the step; "group": per-prompt std
+    a.eps = 1e-4  # added to the std
+    a.clip = 5.0  # advantages clipped to [-clip, clip]
+    a.correct_threshold = 1.0  # reward >= this counts as "correct" (all-correct / all-wrong fractions)
+
+    c.awm = w = ml_collections.ConfigDict()
+    w.train_timesteps = 6  # K training times per sample
+    w.timestep_sampler = "discrete_wo_init"  # "discrete" | "discrete_wo_init" | "uniform" | "logit_normal"
+    w.timestep_fraction = 0.9  # discrete samplers: upper stratum bound int(num_steps * fraction)
+    w.weighting = "ghuber"  # w(t): "uniform" | "t" | "t2" | "ghuber"
+    w.ghuber_power = 0.25  # ghuber power p
+    w.beta = 0.001  # weight of KL to the reference (base) model, velocity space
+    w.ema_beta = 1.0  # weight of KL to the kl-EMA adapter (0 disables the kl-EMA term)
+    w.kl_elbo = False  # divide the KL terms by 2 sigma(t)^2
+    w.clip_range = 1.0  # PPO ratio clip c
+    w.advantage_max = 1.0  # A <- clip(A) / clip * advantage_max
+    w.on_policy = True  # logp_old = stopgrad(logp); False uses the sampling policy's logp
+    w.loss_type = "per_time"  # "per_time" | "mean_over_times" (ratio of the means over the K times)
+
+    c.flow_grpo = g = ml_collections.ConfigDict()
+    g.clip_range = 1e-4  # PPO clip
+    g.beta = 0.04  # KL weight
+    g.timestep_fraction = 0.99  # train the first int(num_steps * fraction) sampling steps
+    g.guidance_scale = 4.5  # CFG in sampling and training
+
+    c.ema = e = ml_collections.ConfigDict()
+    e.kl_decay_rate = 0.001  # kl-EMA decay d = min(kl_decay_max, kl_decay_rate * step)
+    e.kl_decay_max = 0.3  # cap of the kl-EMA decay
+    e.eval_ema = True  # keep an evaluation EMA of the adapter, decay min((1+s)/(10+s), eval_decay_max)
+    e.eval_decay_max = 0.99
+
+    c.reward = r = ml_collections.ConfigDict()
+    r.name = "geneval"  # name in awm_jax.rewards' registry
+    r.kwargs = ml_collections.ConfigDict()  # passed to awm_jax.rewards.get(name, **kwargs) (model paths)
+    r.retries = 2  # reward bridge retries per batch
+
+    c.eval = v = ml_collections.ConfigDict()
+    v.every = 50  # evaluate every N optimizer steps (0 = never; also at the last step)
+    v.num_steps = 40  # ODE steps
+    v.num_prompts = 0  # held-out prompts to evaluate (0 = all)
+    v.samples_per_prompt = 1  # images per eval prompt
+    v.use_ema = True  # evaluate with the eval-EMA adapter when it exists
+    v.grid_images = 16  # images in the PNG grid written per evaluation (0 = none)
+
+    c.train = t = ml_collections.ConfigDict()
+    t.micro_batch_size = 8  # training micro-batch per device (gradient accumulation inside one step)
+    t.max_nonfinite = 3  # stop after this many non-finite (skipped) updates in a row
+
+    c.checkpoint = k = ml_collections.ConfigDict()
+    k.every = 10  # save every N optimizer steps (and at the end / on SIGTERM)
+    k.keep = 3  # keep the last k checkpoints
+    k.async_save = True  # orbax asynchronous checkpointing
+
+    c.mesh = ms = ml_collections.ConfigDict()
+    ms.data = -1  # data-parallel axis size (-1 = all remaining devices)
+    ms.fsdp = 1  # parameter-sharded data parallel
+    ms.tensor = 1  # tensor parallel
+
+    c.log = lg = ml_collections.ConfigDict()
+    lg.tensorboard = True  # write TensorBoard event files (tensorboardX)
+    lg.progress = True  # tqdm progress bar with ETA
+    return c
+
+
+def _flow_grpo(c: ml_collections.ConfigDict, task: dict) -> None:
+    """The keys where Flow-GRPO differs from AWM (per-step SDE likelihoods, CFG, PPO clip)."""
+    c.algorithm = "flow_grpo"
+    c.sample.sampler = "sde"
+    c.sample.num_steps = 10
+    c.sample.noise_level = 0.7
+    c.sample.noise_t_min = 0.0
+    c.sample.noise_t_max = 1.0
+    c.sample.guidance_scale = c.flow_grpo.guidance_scale
+    c.flow_grpo.beta = task["grpo_beta"]
+
+
+def _paper(c: ml_collections.ConfigDict, task: dict) -> None:
+    """The AWM paper's settings (Sec. 5): Euler-Maruyama, K=4, w(t)=1, beta 0.4/0.4/0.01, no EMA term."""
+    c.sample.sampler = "euler_maruyama"
+    c.sample.noise_level = 0.7
+    c.sample.noise_t_min = 0.0
+    c.sample.noise_t_max = 1.0
+    c.awm.train_timesteps = 4
+    c.awm.weighting = "uniform"
+    c.awm.timestep_sampler = "discrete"
+    c.awm.beta = task["paper_beta"]
+    c.awm.ema_beta = 0.0
+
+
+def sd35m(task: str, algorithm: str = "awm", paper: bool = False) -> ml_collections.ConfigDict:
+    """SD3.5-Medium config for ``task`` in {geneval, ocr, pickscore}."""
+    t = _TASKS[task]
+    c = base_config()
+    c.model.path = "weights/sd3.5-medium/transformer"  # converted or diffusers dir
+    c.model.vae_path = "weights/sd3.5-medium/vae"
+    c.model.text_encoder_paths = (
+        "weights/sd3.5-medium/text_encoder",
+        "weights/sd3.5-medium/text_encoder_2",
+        "weights/sd3.5-medium/text_encoder_3",
+    )
+    c.data.prompts_per_step = t["prompts"]
+    c.data.train_format = t["fmt"]
+    c.data.eval_format = t["fmt"]
+    if task == "geneval":
+        c.data.train_prompts = "data/prompts/geneval_train_metadata.jsonl"
+        c.data.eval_prompts = "data/prompts/geneval_test_metadata.jsonl"
+    elif task == "ocr":
+        c.data.train_prompts = "data/prompts/ocr_train.txt"
+        c.data.eval_prompts = "data/prompts/ocr_test.txt"
+    else:
+        c.data.train_prompts = "data/prompts/pickscore_train.txt"
+        c.data.eval_prompts = "data/prompts/pickscore_test.txt"
+        c.advantages.correct_threshold = 1e9  # no notion of "correct" for a preference score
+    c.reward.name = t["reward"]
+    c.sample.noise_level = t["noise"]
+    c.awm.timestep_sampler = t["ts"]
+    c.awm.beta = t["beta"]
+    if paper:
+        _paper(c, t)
+    if algorithm == "flow_grpo":
+        _flow_grpo(c, t)
+    elif algorithm != "awm":
+        raise ValueError(f"unknown algorithm {algorithm!r}")
+    return c
+
+
+def toy(algorithm: str = "awm") -> ml_collections.ConfigDict:
+    """The embedded shapes world: runs end to end on a 2-core CPU in minutes."""
+    c = base_config()
+    c.model.kind = "toy"
+    c.model.path = "awm_jax/toy/assets/toy_mmdit"  # pretrained toy checkpoint ("" = random init)
+    c.model.dtype = "float32"
+    c.model.resolution = 32
+    c.lora.rank = 4
+    c.lora.alpha = 8.0
+    c.optim.lr = 1e-3
+    c.data.train_prompts = "toy:train"  # the toy world's built-in prompt split
+    c.data.eval_prompts = "toy:heldout"
+    c.data.train_format = "geneval"
+    c.data.eval_format = "geneval"
+    c.data.group_size = 8
+    c.data.prompts_per_step = 4
+    c.sample.num_steps = 10
+    c.sample.batch_size = 32
+    c.awm.train_timesteps = 2
+    c.awm.beta = 0.001
+    c.reward.name = "toy_geneval"
+    c.eval.every = 10
+    c.eval.num_steps = 40
+    c.eval.num_prompts = 16
+    c.eval.grid_images = 16
+    c.train.micro_batch_size = 32
+    c.checkpoint.every = 5
+    c.max_steps = 50
+    c.mesh.data = -1
+    if algorithm == "flow_grpo":
+        _flow_grpo(c, _TASKS["geneval"])
+        c.flow_grpo.guidance_scale = 1.0  # the toy text encoder has no empty-prompt embedding
+        c.sample.guidance_scale = 1.0
+    return c

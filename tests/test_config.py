@@ -1,0 +1,136 @@
+"""Config loading, overrides, validation and the shipped configs."""
+
+import glob
+import json
+import os
+import re
+
+import pytest
+
+from awm_jax import config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py")) if not p.endswith("awm_base.py"))
+
+
+def _load(name):
+    return config_lib.load_config(os.path.join(ROOT, "configs", name))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=os.path.basename)
+def test_every_shipped_config_loads_and_validates(path):
+    cfg = config_lib.load_config(path)
+    config_lib.validate(cfg)
+    assert cfg.data.group_size > 0 and cfg.max_steps > 0
+
+
+def test_shipped_set_is_complete():
+    names = {os.path.basename(p)[:-3] for p in SHIPPED}
+    for task in ("geneval", "ocr", "pickscore"):
+        for suffix in ("", "_paper", "_flow_grpo"):
+            assert f"sd35m_{task}{suffix}" in names
+    assert "toy" in names
+
+
+def test_public_code_defaults():
+    g, o, p = _load("sd35m_geneval.py"), _load("sd35m_ocr.py"), _load("sd35m_pickscore.py")
+    for c in (g, o, p):
+        assert c.algorithm == "awm" and c.data.group_size == 24
+        assert c.awm.train_timesteps == 6 and c.awm.weighting == "ghuber" and c.awm.ema_beta == 1.0
+        assert c.sample.sampler == "sa_solver" and c.sample.num_steps == 14
+        assert (c.lora.rank, c.lora.alpha, c.optim.lr) == (32, 64.0, 3e-4)
+    assert (g.awm.beta, o.awm.beta, p.awm.beta) == (0.001, 0.003, 0.0001)
+    assert (g.sample.noise_level, o.sample.noise_level, p.sample.noise_level) == (0.4, 0.4, 0.0)
+    assert (g.data.prompts_per_step, o.data.prompts_per_step, p.data.prompts_per_step) == (72, 72, 24)
+    assert (g.awm.timestep_sampler, p.awm.timestep_sampler) == ("discrete_wo_init", "discrete")
+
+
+def test_paper_variants():
+    betas = {"geneval": 0.4, "ocr": 0.4, "pickscore": 0.01}
+    for task, beta in betas.items():
+        c = _load(f"sd35m_{task}_paper.py")
+        assert c.sample.sampler == "euler_maruyama" and c.awm.train_timesteps == 4
+        assert c.awm.weighting == "uniform" and c.awm.beta == beta and c.awm.ema_beta == 0.0
+
+
+def _diff(a, b, prefix=""):
+    out = set()
+    for k in set(a) | set(b):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out |= _diff(va, vb, prefix + k + ".")
+        elif va != vb:
+            out.add(prefix + k)
+    return out
+
+
+def test_flow_grpo_differs_only_where_algorithms_differ():
+    for task in ("geneval", "ocr", "pickscore"):
+        a = _load(f"sd35m_{task}.py").to_dict()
+        b = _load(f"sd35m_{task}_flow_grpo.py").to_dict()
+        diff = _diff(a, b)
+        assert "algorithm" in diff and b["algorithm"] == "flow_grpo"
+        assert all(k == "algorithm" or k.startswith(("sample.", "flow_grpo.")) for k in diff), diff
+        assert b["sample"]["sampler"] == "sde" and b["sample"]["num_steps"] == 10
+
+
+def test_every_key_is_commented():
+    src = open(os.path.join(ROOT, "configs", "awm_base.py")).read()
+    body = src.split("def base_config")[1].split("    return c")[0].splitlines()
+    keys = 0
+    for prev, line in zip(body, body[1:]):
+        if re.match(r"^\s+\w+\.\w+ = ", line) and "ConfigDict()" not in line:
+            keys += 1
+            assert "#" in line or prev.strip().startswith("#"), f"undocumented config key: {line.strip()}"
+    assert keys > 60
+
+
+def test_overrides_typed():
+    cfg = _load("toy.py")
+    config_lib.apply_overrides(cfg, [("max_steps", "3"), ("optim.lr", "1e-2"), ("lora.full_finetune", "true"),
+                                     ("lora.targets", "to_q,to_k"), ("reward.name", "x")])
+    assert cfg.max_steps == 3 and cfg.optim.lr == 1e-2 and cfg.lora.full_finetune is True
+    assert cfg.lora.targets == ("to_q", "to_k") and cfg.reward.name == "x"
+    with pytest.raises(config_lib.ConfigError, match="expected an int"):
+        config_lib.apply_overrides(cfg, [("max_steps", "many")])
+
+
+def test_unknown_key_suggests_closest():
+    cfg = _load("toy.py")
+    with pytest.raises(config_lib.ConfigError, match=r"unknown config key 'optim\.lrr'.*'optim\.lr'"):
+        config_lib.apply_overrides(cfg, [("optim.lrr", "1")])
+    with pytest.raises(config_lib.ConfigError, match=r"'max_stepz'.*'max_steps'"):
+        config_lib.apply_overrides(cfg, [("max_stepz", "1")])
+    with pytest.raises(config_lib.ConfigError, match=r"'sampel\.num_steps'.*'sample\.num_steps'"):
+        config_lib.apply_overrides(cfg, [("sampel.num_steps", "1")])
+
+
+def test_validation_names_key():
+    cfg = _load("toy.py")
+    cfg.awm.weighting = "cubic"
+    with pytest.raises(config_lib.ConfigError, match="awm.weighting"):
+        config_lib.validate(cfg)
+    cfg = _load("toy.py")
+    cfg.data.group_size = 0
+    with pytest.raises(config_lib.ConfigError, match="data.group_size"):
+        config_lib.validate(cfg)
+    cfg = _load("sd35m_ocr_flow_grpo.py")
+    cfg.sample.sampler = "sa_solver"
+    with pytest.raises(config_lib.ConfigError, match="flow_grpo"):
+        config_lib.validate(cfg)
+
+
+def test_parse_args_and_save(tmp_path):
+    path, workdir, ov = config_lib.parse_args(
+        ["--config", "configs/toy.py", "--workdir=/w", "--config.max_steps=4", "--config.optim.lr", "0.1"])
+    assert (path, workdir, ov) == ("configs/toy.py", "/w", [("max_steps", "4"), ("optim.lr", "0.1")])
+    with pytest.raises(config_lib.ConfigError, match="--bogus"):
+        config_lib.parse_args(["--config", "a", "--workdir", "b", "--bogus=1"])
+    cfg = _load("toy.py")
+    config_lib.save_config(cfg, str(tmp_path))
+    assert json.load(open(tmp_path / "config.json"))["data"]["group_size"] == cfg.data.group_size
+
+
+def test_missing_config_file():
+    with pytest.raises(config_lib.ConfigError, match="nope.py"):
+        config_lib.load_config("/nonexistent/nope.py")
