@@ -106,7 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
     e.kl_decay_rate = 0.001  # kl-EMA decay d = min(kl_decay_max, kl_decay_rate * step)
     e.kl_decay_max = 0.3  # cap of the kl-EMA decay
     e.eval_ema = True  # keep an evaluation EMA of the adapter, decay min((1+s)/(10+s), eval_decay_max)
-    e.eval_decay_max = 0.99
+    e.eval_decay_max = 0.99  # cap of the eval-EMA decay
 
     c.reward = r = ml_collections.ConfigDict()
     r.name = "geneval"  # name in awm_jax.rewards' registry
