@@ -22,7 +22,10 @@ import re
 
 import numpy as np
 
-__all__ = ["PromptFileError", "PromptDataset", "load_prompts", "GroupedSampler", "ocr_target"]
+__all__ = [
+    "PromptFileError", "PromptDataset", "load_prompts", "load_dataset", "dataset_from_records",
+    "GroupedSampler", "ocr_target",
+]
 
 _QUOTED = re.compile(r'"([^"]+)"|\u201c([^\u201d]+)\u201d')
 
@@ -92,6 +95,15 @@ def load_prompts(path: str, fmt: str) -> PromptDataset:
     if not prompts:
         raise PromptFileError(f"{path}: no prompts (empty file)")
     return PromptDataset(prompts, metadata, source=path)
+
+
+def load_dataset(spec: str, fmt: str) -> PromptDataset:
+    """A prompt file (:func:`load_prompts`) or a built-in split ``"toy:<split>"`` of the shapes world."""
+    if spec.startswith("toy:"):
+        from awm_jax.toy.shapes import prompt_split
+
+        return dataset_from_records(prompt_split(spec[4:]), source=spec)
+    return load_prompts(spec, fmt)
 
 
 def dataset_from_records(records: list[dict], source: str) -> PromptDataset:
