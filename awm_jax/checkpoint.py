@@ -36,6 +36,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
+        self._saved: set[int] = set()
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def all_steps(self) -> list[int]:
@@ -45,8 +46,9 @@ class Checkpointer:
 
     def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
         """Save ``state`` (pytree of arrays) and ``meta`` (JSON-serialisable) at ``step`` (async)."""
-        if step in self._mngr.all_steps():
+        if step in self._saved or step in self._mngr.all_steps():
             return False
+        self._saved.add(step)
         state = jax.tree.map(lambda x: np.asarray(x) if not isinstance(x, jax.Array) else x, state)
         return self._mngr.save(
             step,
@@ -100,6 +102,7 @@ class Checkpointer:
                 n += 1
                 dst = f"{src}.corrupt{n}"
             os.rename(src, dst)
+        self._saved.discard(step)
         self._mngr.reload()
 
     def close(self) -> None:

@@ -1,0 +1,451 @@
+"""The trainer: ``python -m awm_jax.train --config configs/NAME.py --workdir DIR [--config.a.b=V ...]``.
+
+One optimizer step per "epoch" (as the public AWM code): pick ``prompts_per_step`` prompts, repeat
+each ``group_size`` times over all devices and hosts, roll out, decode, score through the reward
+bridge, compute group advantages over the globally gathered rewards, and run ONE train step on all
+rollouts (micro-batching inside). Every random draw derives from ``(seed, step)``, so a run resumed
+from a checkpoint logs exactly the steps of an uninterrupted one.
+
+Workdir outputs: ``config.json``, ``metrics.jsonl``, ``eval.jsonl``, ``tb/`` (TensorBoard),
+``samples/eval_*.png`` (grids with prompts), ``checkpoints/`` (orbax, keep-last-k). Running the same
+command again resumes. SIGTERM / SIGINT save a checkpoint and exit 0.
+
+The model, train step and reward come from a *components factory* (``config.components``,
+"module:function", default :func:`default_components`) so the loop is independent of the model family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from awm_jax import config_lib
+from awm_jax.checkpoint import Checkpointer
+from awm_jax.data import GroupedSampler, load_dataset
+from awm_jax.logging_lib import TrainLogger
+
+__all__ = ["Components", "default_components", "run", "main", "NonFiniteError"]
+
+log = logging.getLogger("awm_jax.train")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite (skipped) updates in a row."""
+
+
+@dataclasses.dataclass
+class Components:
+    """What the loop needs from a model family.
+
+    ``rollout`` / ``eval_rollout``: ``(params, base_state, prompt_embeds, pooled, key) -> dict`` with at
+    least ``"x0"`` (B,C,H,W) and, for Flow-GRPO, the trajectory fields the train step consumes.
+    ``train_step``: ``(state, base_state, batch, key) -> (state, metrics)``; ``metrics["finite"]`` False
+    means the update was skipped inside the step (state unchanged).
+    """
+
+    pipeline: Any  # text_encoder.encode, decode, latent_shape
+    state: Any  # initial TrainState pytree
+    base_state: Any  # frozen base weights
+    train_step: Callable
+    rollout: Callable
+    eval_rollout: Callable
+    scorer: Any  # reward scorer (images, prompts, metadata) -> (B,)
+    trainable_of: Callable[[Any], Any] = lambda s: s.trainable
+    eval_params_of: Callable[[Any], Any] | None = None  # eval-EMA weights (None: trainable_of)
+
+
+# ----------------------------------------------------------------------------- components
+
+
+def _load_pipeline(config):
+    if config.model.kind == "toy":
+        from awm_jax.toy.world import load_toy_pipeline
+
+        return load_toy_pipeline(config.model.path or None, seed=config.seed)
+    try:
+        mod = importlib.import_module("awm_jax.pipeline")
+    except ImportError as e:
+        raise RuntimeError(
+            "model.kind='sd35' needs awm_jax.pipeline.load_sd3_pipeline (not in this tree yet); "
+            f"model.path={config.model.path!r}"
+        ) from e
+    return mod.load_sd3_pipeline(config)
+
+
+def _make_mesh(config):
+    try:
+        from awm_jax import parallel
+    except ImportError:
+        return None
+    return parallel.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor)
+
+
+def default_components(config: ml_collections.ConfigDict) -> Components:
+    """Pipeline (toy or SD3.5) + ``awm_jax.rl.train_step`` + the configured reward, per the contracts."""
+    from awm_jax import rewards
+    from awm_jax.rl import train_step as ts
+
+    pipeline = _load_pipeline(config)
+    mesh = _make_mesh(config)
+    graphdef, base_state, state = ts.create_train_state(pipeline.transformer, config)
+    step = ts.make_train_step(graphdef, config, mesh)
+    rollout = ts.make_rollout_fn(graphdef, config, mesh)
+    eval_cfg = ml_collections.ConfigDict(config.to_dict())
+    eval_cfg.algorithm = "awm"  # eval sampler returns x0 only
+    eval_cfg.sample.sampler = "ode"
+    eval_cfg.sample.num_steps = config.eval.num_steps
+    eval_cfg.sample.noise_level = 0.0
+    eval_rollout = ts.make_rollout_fn(graphdef, eval_cfg, mesh)
+    scorer = rewards.get(config.reward.name, **config.reward.kwargs.to_dict())
+
+    def eval_params(s):
+        ema = getattr(s, "eval_ema", None)
+        return ema if (config.eval.use_ema and ema is not None) else s.trainable
+
+    return Components(pipeline, state, base_state, step, rollout, eval_rollout, scorer,
+                      eval_params_of=eval_params)
+
+
+def _resolve_factory(spec: str):
+    if ":" not in spec:
+        raise config_lib.ConfigError(f"config key 'components' = {spec!r}: expected 'module:function'")
+    mod, fn = spec.split(":", 1)
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise config_lib.ConfigError(f"config key 'components' = {spec!r} cannot be imported: {e}") from e
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+class _EmbedCache:
+    """Prompt -> (embeds, pooled) in memory; encodes each unique prompt once."""
+
+    def __init__(self, encoder, max_entries: int):
+        self.encoder, self.max_entries, self._d = encoder, max_entries, {}
+
+    def __call__(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._d))
+        if missing:
+            emb, pooled = self.encoder.encode(missing)
+            if len(self._d) + len(missing) > self.max_entries:
+                self._d.clear()
+            for i, p in enumerate(missing):
+                self._d[p] = (np.asarray(emb[i], np.float32), np.asarray(pooled[i], np.float32))
+        return (np.stack([self._d[p][0] for p in prompts]), np.stack([self._d[p][1] for p in prompts]))
+
+
+def _group_advantages(rewards: np.ndarray, groups: np.ndarray, config) -> np.ndarray:
+    """Per-prompt mean baseline over the global batch, then the algorithm's clipping."""
+    global_std = config.advantages.std_mode == "global"
+    try:
+        from awm_jax.rl import group_advantages
+
+        adv = np.asarray(group_advantages(rewards, groups, global_std=global_std), np.float64)
+    except ImportError:  # B's module not in the tree yet: same formula (REFERENCE.md section 2)
+        adv = np.zeros_like(rewards, np.float64)
+        std_all = rewards.std()
+        for g in np.unique(groups):
+            m = groups == g
+            std = std_all if global_std else rewards[m].std()
+            adv[m] = (rewards[m] - rewards[m].mean()) / (std + config.advantages.eps)
+    c = config.advantages.clip
+    adv = np.clip(adv, -c, c)
+    if config.algorithm == "awm":
+        adv = adv / c * config.awm.advantage_max
+    return adv.astype(np.float32)
+
+
+def _reward_stats(rewards: np.ndarray, groups: np.ndarray, threshold: float) -> dict:
+    zero, allc, allw, n = 0, 0, 0, 0
+    for g in np.unique(groups):
+        r = rewards[groups == g]
+        n += 1
+        zero += float(r.std() == 0)
+        allc += float((r >= threshold).all())
+        allw += float((r < threshold).all())
+    return dict(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()),
+                zero_std_frac=zero / n, all_correct_frac=allc / n, all_wrong_frac=allw / n)
+
+
+def _gather(x: np.ndarray) -> np.ndarray:
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _make_bridge(scorer, retries: int):
+    try:
+        from awm_jax.rewards.bridge import RewardBridge
+
+        return RewardBridge(scorer, retries=retries)
+    except ImportError:  # C's bridge not in the tree yet: synchronous scoring
+        class _Sync:
+            def score(self, images, prompts, metadata):
+                r = np.asarray(scorer(images, prompts, metadata), np.float32)
+                if not np.isfinite(r).all():
+                    raise RuntimeError(f"reward {type(scorer).__name__} returned non-finite values")
+                return r
+
+            def submit(self, images, prompts, metadata):
+                from concurrent.futures import Future
+
+                f = Future()
+                f.set_result(self.score(images, prompts, metadata))
+                return f
+
+        return _Sync()
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    size = max(1, min(size, n))
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _concat(outs: list[dict]) -> dict:
+    return {k: jnp.concatenate([jnp.asarray(o[k]) for o in outs], axis=0) for k in outs[0]}
+
+
+def _scalar(x) -> float:
+    return float(np.asarray(x).mean())
+
+
+class _Stop:
+    """SIGTERM/SIGINT -> finish the current step, checkpoint, exit 0."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        if threading_main():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, h in self._old.items():
+            signal.signal(sig, h)
+
+
+def threading_main() -> bool:
+    """True when running on the main thread (signal handlers can be installed)."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _rollout_epoch(comp, config, params, embed, sampler, dataset, bridge, step, key):
+    """Rollouts of one step on this process; returns (batch pieces, rewards, groups, timings)."""
+    idx, groups = sampler.local_indices(step, jax.process_index(), jax.process_count())
+    prompts, metadata = dataset.take(idx)
+    emb, pooled = embed(prompts)
+    chunk = config.sample.batch_size * jax.local_device_count()
+    outs, futures = [], []
+    base = jax.process_index() * len(idx)
+    for i, sl in enumerate(_chunks(len(idx), chunk)):
+        k = jax.random.fold_in(key, base // max(chunk, 1) + i)
+        out = comp.rollout(params, comp.base_state, jnp.asarray(emb[sl]), jnp.asarray(pooled[sl]), k)
+        images = np.asarray(comp.pipeline.decode(out["x0"]))
+        futures.append(bridge.submit(images, prompts[sl], metadata[sl]))  # scoring overlaps next chunk
+        outs.append(out)
+    rewards = np.concatenate([np.asarray(f.result(), np.float32) for f in futures])
+    batch = _concat(outs)
+    batch["prompt_embeds"], batch["pooled"] = jnp.asarray(emb), jnp.asarray(pooled)
+    return batch, rewards, groups
+
+
+def evaluate(comp, config, state, embed, eval_set, step: int):
+    """40-step ODE samples on held-out prompts; returns (record, images, captions)."""
+    n = config.eval.num_prompts or len(eval_set)
+    idx = np.repeat(np.arange(min(n, len(eval_set))), config.eval.samples_per_prompt)
+    prompts, metadata = eval_set.take(idx)
+    emb, pooled = embed(prompts)
+    params = (comp.eval_params_of or comp.trainable_of)(state)
+    key = jax.random.key(config.seed + 7919)  # same noise at every evaluation
+    images = []
+    for i, sl in enumerate(_chunks(len(idx), config.sample.batch_size * jax.local_device_count())):
+        out = comp.eval_rollout(params, comp.base_state, jnp.asarray(emb[sl]), jnp.asarray(pooled[sl]),
+                                jax.random.fold_in(key, i))
+        images.append(np.asarray(comp.pipeline.decode(out["x0"])))
+    images = np.concatenate(images)
+    rec: dict = {"step": step}
+    rewards = np.asarray(comp.scorer(images, prompts, metadata), np.float32)
+    rec["reward_mean"] = float(rewards.mean())
+    if hasattr(comp.scorer, "evaluate"):
+        res = comp.scorer.evaluate(images, prompts, metadata)
+        acc = np.asarray(res["accuracy"], np.float32)
+        rec["accuracy"] = float(acc.mean())
+        tags = res.get("tag")
+        if tags is not None:
+            for t in sorted(set(tags)):
+                m = np.asarray([x == t for x in tags])
+                rec[f"accuracy/{t}"] = float(acc[m].mean())
+    k = config.eval.grid_images
+    return rec, images[:k], prompts[:k]
+
+
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _state_leaves(state, rng_data):
+    """The checkpointed tree: the state's leaves (typed PRNG keys as key data) and the run's RNG."""
+    leaves = [jax.random.key_data(x) if _is_key(x) else x for x in jax.tree.leaves(state)]
+    return {"leaves": {f"{i:05d}": x for i, x in enumerate(leaves)}, "rng": rng_data}
+
+
+def _unflatten_state(template, tree):
+    leaves = [tree["leaves"][k] for k in sorted(tree["leaves"])]
+    out = [jax.random.wrap_key_data(jnp.asarray(x), impl=jax.random.key_impl(t)) if _is_key(t)
+           else jnp.asarray(x) for t, x in zip(jax.tree.leaves(template), leaves)]
+    return jax.tree.unflatten(jax.tree.structure(template), out)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Train per ``config`` in ``workdir`` (resuming if it holds checkpoints); return the final record."""
+    config_lib.validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    config_lib.save_config(config, workdir)
+    comp = _resolve_factory(config.components)(config)
+    dataset = load_dataset(config.data.train_prompts, config.data.train_format)
+    eval_set = None
+    if config.eval.every > 0 and config.data.eval_prompts:
+        eval_set = load_dataset(config.data.eval_prompts, config.data.eval_format)
+    sampler = GroupedSampler(len(dataset), config.data.prompts_per_step, config.data.group_size, config.seed)
+    embed = _EmbedCache(comp.pipeline.text_encoder, config.model.text_cache_size)
+    bridge = _make_bridge(comp.scorer, config.reward.retries)
+    rng = jax.random.key(config.seed)
+
+    # ---- resume
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+                        async_save=config.checkpoint.async_save)
+    state = comp.state
+    start, wall_prev, nonfinite = 0, 0.0, 0
+    restored = ckpt.restore_latest(_state_leaves(state, jax.random.key_data(rng)))
+    if restored is not None:
+        start, tree, meta = restored
+        state = _unflatten_state(state, tree)
+        rng = jax.random.wrap_key_data(jnp.asarray(tree["rng"]))
+        wall_prev, nonfinite = float(meta.get("wall_s", 0.0)), int(meta.get("nonfinite_in_a_row", 0))
+        if int(meta.get("data_position", start)) != start:
+            raise RuntimeError(f"checkpoint {start}: data position {meta['data_position']} != step {start}")
+    logger = TrainLogger(workdir, start, config.max_steps, tensorboard=config.log.tensorboard,
+                         progress=config.log.progress, is_main=jax.process_index() == 0)
+    if restored is not None:
+        logger.message(f"resumed from step {start} in {workdir}")
+
+    def save(step, force=False):
+        meta = {"step": step, "data_position": step, "wall_s": wall_prev + time.time() - t_run,
+                "nonfinite_in_a_row": nonfinite, "seed": config.seed}
+        ckpt.save(step, _state_leaves(state, jax.random.key_data(rng)), meta, force=force)
+
+    t_run = time.time()
+    guarded: bool | None = None  # does the train step report metrics["finite"]?
+    last: dict = {}
+    step = start
+    try:
+        with _Stop() as stop:
+            for step in range(start + 1, config.max_steps + 1):
+                t0 = time.time()
+                key = jax.random.fold_in(rng, step)
+                k_roll, k_train = jax.random.split(key)
+                batch, rewards_local, groups_local = _rollout_epoch(
+                    comp, config, comp.trainable_of(state), embed, sampler, dataset, bridge, step, k_roll)
+                rewards = _gather(rewards_local)
+                groups = _gather(groups_local)
+                adv = _group_advantages(rewards.astype(np.float64), groups, config)
+                n_local = len(rewards_local)
+                batch["advantages"] = jnp.asarray(adv[jax.process_index() * n_local:][:n_local])
+                backup = None
+                if guarded is not True:  # keep a copy until we know the step skips non-finite updates
+                    backup = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
+                state, metrics = comp.train_step(state, comp.base_state, batch, k_train)
+                metrics = {k: np.asarray(v) for k, v in metrics.items()}
+                loss = _scalar(metrics.get("loss", np.nan))
+                if "finite" in metrics:
+                    guarded = True
+                    finite = bool(np.asarray(metrics["finite"]).all())
+                else:
+                    guarded = False
+                    finite = math.isfinite(loss)
+                    if not finite:
+                        state = backup
+                nonfinite = 0 if finite else nonfinite + 1
+                dt = time.time() - t0
+                rec = {"step": step, **_reward_stats(rewards, groups, config.advantages.correct_threshold),
+                       "loss": loss, "policy_loss": _scalar(metrics.get("policy_loss", np.nan)),
+                       "kl": _scalar(metrics.get("kl", np.nan)), "skipped": not finite,
+                       "samples_per_s": len(rewards) / dt, "wall_s": wall_prev + time.time() - t_run}
+                for k, v in metrics.items():
+                    if k not in rec and k != "finite" and np.asarray(v).size == 1:
+                        rec[k] = _scalar(v)
+                logger.log_step(rec)
+                last = rec
+                if not finite:
+                    logger.message(f"step {step}: non-finite loss/gradient, update skipped "
+                                   f"({nonfinite} in a row)")
+                    if nonfinite >= config.train.max_nonfinite:
+                        save(step, force=True)
+                        raise NonFiniteError(
+                            f"{nonfinite} non-finite updates in a row (train.max_nonfinite="
+                            f"{config.train.max_nonfinite}); stopped at step {step}")
+                if eval_set is not None and (step % config.eval.every == 0 or step == config.max_steps):
+                    rec_e, imgs, caps = evaluate(comp, config, state, embed, eval_set, step)
+                    logger.log_eval(rec_e, imgs, caps)
+                if step % config.checkpoint.every == 0 or step == config.max_steps:
+                    save(step)
+                if stop.requested:
+                    save(step, force=True)
+                    logger.message(f"signal received: checkpoint at step {step} saved, exiting")
+                    break
+    finally:
+        ckpt.close()
+        logger.close()
+    return last
+
+
+def main(argv=None) -> int:
+    """Command-line entry point; returns the process exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        path, workdir, overrides = config_lib.parse_args(argv)
+        config = config_lib.load_config(path)
+        config_lib.apply_overrides(config, overrides)
+        config_lib.validate(config)
+    except config_lib.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        run(config, workdir)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
