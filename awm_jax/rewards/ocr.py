@@ -46,7 +46,9 @@ def ocr_reward(recognized: str, target: str) -> float:
 class OCRScorer:
     """OCR reward. Config: optional ``det_model_path`` / ``rec_model_path`` / ``cls_model_path``
     (ONNX files; default: the models shipped in the rapidocr wheel), ``min_confidence`` (0.0),
-    ``use_angle_cls`` (False, as the reference)."""
+    ``use_angle_cls`` (False, as the reference), ``det_limit_side_len`` / ``det_limit_type``
+    (the detector's resize rule; rapidocr's default 736 / "min" upsamples 512 px images, 512 /
+    "max" keeps them and is about twice as fast on CPU)."""
 
     def __init__(
         self,
@@ -56,12 +58,18 @@ class OCRScorer:
         min_confidence: float = 0.0,
         use_angle_cls: bool = False,
         intra_op_num_threads: int = -1,
+        det_limit_side_len: int = 736,
+        det_limit_type: str = "min",
     ):
         try:
             from rapidocr_onnxruntime import RapidOCR
         except ImportError as e:  # pragma: no cover - installed in this project
             raise RewardConfigError("ocr: the 'rapidocr-onnxruntime' package is not installed") from e
-        kwargs: dict[str, Any] = {"intra_op_num_threads": intra_op_num_threads}
+        if det_limit_type not in ("min", "max"):
+            raise RewardConfigError(f"ocr: det_limit_type must be 'min' or 'max', got {det_limit_type!r}")
+        kwargs: dict[str, Any] = {"intra_op_num_threads": intra_op_num_threads,
+                                  "det_limit_side_len": int(det_limit_side_len),
+                                  "det_limit_type": det_limit_type}
         for key, path in (("det_model_path", det_model_path), ("rec_model_path", rec_model_path),
                           ("cls_model_path", cls_model_path)):
             if path is not None:
@@ -69,6 +77,7 @@ class OCRScorer:
         self.min_confidence = float(min_confidence)
         self.use_angle_cls = bool(use_angle_cls)
         self.engine = RapidOCR(**kwargs)
+        self.engine.text_score = self.min_confidence  # rapidocr drops lines below 0.5 by default
 
     def recognize(self, image: np.ndarray) -> str:
         """Concatenated text of every line above ``min_confidence`` in one uint8 (H,W,3) RGB image."""
