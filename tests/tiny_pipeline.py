@@ -1,8 +1,9 @@
 """Reusable builder of a tiny random diffusers SD3 pipeline folder (offline, seconds on a CPU).
 
-``build_tiny_sd3_pipeline(path, seed=0)`` writes, with ``save_pretrained``, the folder layout of a real
-SD3 / SD3.5 pipeline (``model_index.json``, ``transformer/``, ``vae/``, ``scheduler/``, ``text_encoder{,_2,_3}/``,
-``tokenizer{,_2,_3}/``) such that ``StableDiffusion3Pipeline.from_pretrained(path)`` loads it.
+``build_tiny_sd3_pipeline(path, seed=0)`` writes, with ``save_pretrained``, the folder layout of a
+real SD3 / SD3.5 pipeline (``model_index.json``, ``transformer/``, ``vae/``, ``scheduler/``,
+``text_encoder{,_2,_3}/``, ``tokenizer{,_2,_3}/``) such that
+``StableDiffusion3Pipeline.from_pretrained(path)`` loads it.
 
 Everything is built locally: the CLIP tokenizers from a byte-level BPE vocabulary + merges written
 here (``tokenizer_2`` pads with ``"!"`` like SD3's CLIP-G tokenizer), the T5 tokenizer from a Unigram
@@ -82,7 +83,8 @@ def _t5_tokenizer():
         vocab_size=160, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", shrinking_factor=0.75
     )
     tok.train_from_iterator(corpus, trainer=trainer)
-    pieces = [(p, float(s)) for p, s in json.loads(tok.to_str())["model"]["vocab"]]
+    # Scores rounded: the trainer's float sums are not bit-reproducible run to run.
+    pieces = [(p, round(float(s), 3)) for p, s in json.loads(tok.to_str())["model"]["vocab"]]
     if [p for p, _ in pieces[:3]] != ["<pad>", "</s>", "<unk>"]:
         raise RuntimeError(f"unexpected special-token order in the trained Unigram vocab: {pieces[:3]}")
     return T5TokenizerFast(vocab=pieces, extra_ids=100, model_max_length=512)
