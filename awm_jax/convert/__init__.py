@@ -95,8 +95,8 @@ def _open(src: str | os.PathLike, model: str, want_flax: bool | None):
     config = read_config(model_dir)
     flax = is_flax_folder(config)
     if want_flax is not None and flax != want_flax:
-        kind = "an awm-jax Flax" if flax else "a diffusers"
-        raise ConversionError(f"{model_dir}: is {kind} folder; expected the other format for this direction")
+        kind, want = ("an awm-jax Flax", "a diffusers") if flax else ("a diffusers", "an awm-jax Flax")
+        raise ConversionError(f"{model_dir}: is {kind} folder; this conversion needs {want} folder")
     if flax and config[FORMAT_KEY].get("model") != conv.NAME:
         got = config[FORMAT_KEY].get("model")
         raise ConversionError(f"{model_dir}/config.json: Flax folder of model {got!r}, not {conv.NAME!r}")

@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Convert model weights between diffusers folders and awm-jax Flax folders.
+
+    python tools/convert_weights.py to-flax --model sd3 --src DIFFUSERS_DIR --dst FLAX_DIR
+    python tools/convert_weights.py to-diffusers --model sd3 --src FLAX_DIR --dst DIFFUSERS_DIR
+
+``--src`` may also be a full pipeline folder (the model's subfolder, e.g. ``transformer/``, is used).
+Models come from the registry in ``awm_jax.convert`` (``--model`` lists them). Errors print one line
+and exit with status 2. New subcommands (e.g. ``--merge-lora``, ``export-lora``) register in ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+from collections.abc import Callable
+
+try:  # run as a script from a checkout without `pip install -e .`
+    import awm_jax  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+
+
+def parse_size(text: str) -> int:
+    """``"2GB"`` / ``"500MiB"`` / ``"1000"`` -> bytes."""
+    t = text.strip().upper()
+    for unit in sorted(SIZE_UNITS, key=len, reverse=True):
+        if t.endswith(unit):
+            num = t[: -len(unit)].strip()
+            break
+    else:
+        unit, num = "B", t
+    try:
+        value = int(float(num) * SIZE_UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 2GB, 500MiB)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    from awm_jax.convert import CONVERTERS
+
+    p.add_argument("--model", required=True, help=f"model kind, one of {sorted(CONVERTERS)}")
+    p.add_argument("--src", required=True, help="source folder (model or pipeline folder)")
+    p.add_argument("--dst", required=True, help="destination folder (created)")
+    p.add_argument("--max-shard-size", type=parse_size, default="2GB", help="max bytes per shard (2GB)")
+
+
+def _run_to_flax(args: argparse.Namespace) -> str:
+    from awm_jax.convert import to_flax
+
+    return str(to_flax(args.src, args.dst, args.model, max_shard_bytes=args.max_shard_size))
+
+
+def _run_to_diffusers(args: argparse.Namespace) -> str:
+    from awm_jax.convert import to_diffusers
+
+    return str(to_diffusers(args.src, args.dst, args.model, max_shard_bytes=args.max_shard_size))
+
+
+# name -> (help, add_arguments(parser), run(args) -> output path)
+COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "to-flax": ("diffusers folder -> awm-jax Flax folder", _add_common, _run_to_flax),
+    "to-diffusers": ("awm-jax Flax folder -> diffusers folder", _add_common, _run_to_diffusers),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser with one subparser per entry of ``COMMANDS``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_, add_args, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_)
+        add_args(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the subcommand; known errors print one ``error: ...`` line and return 2."""
+    from awm_jax.convert import ConversionError
+
+    args = build_parser().parse_args(argv)
+    t0 = time.time()
+    try:
+        out = args.run(args)
+    except (ConversionError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({time.time() - t0:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
