@@ -93,9 +93,10 @@ def _t5_tokenizer():
 def build_tiny_sd3_pipeline(path: str | os.PathLike, seed: int = 0, *, with_t5: bool = True) -> pathlib.Path:
     """Write a tiny random SD3 pipeline to ``path`` (created if needed) and return it as a Path.
 
-    Deterministic given ``seed``. ``with_t5=False`` writes ``text_encoder_3``/``tokenizer_3`` as null
-    (diffusers then uses zeros for the T5 block). Load with
-    ``StableDiffusion3Pipeline.from_pretrained(path)``. Sizes: see ``TINY``.
+    Deterministic given ``seed``. Load with ``StableDiffusion3Pipeline.from_pretrained(path)``.
+    ``with_t5=False`` writes ``text_encoder_3``/``tokenizer_3`` as null (diffusers then uses zeros for
+    the T5 block; it needs ``from_pretrained(path, text_encoder_3=None, tokenizer_3=None)`` for such a
+    folder). Sizes: see ``TINY``.
     """
     import torch
     from diffusers import (

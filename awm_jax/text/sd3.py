@@ -33,8 +33,6 @@ __all__ = ["SD3TextEncoders"]
 
 logger = logging.getLogger(__name__)
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin")
-
 
 def _read_json(path: pathlib.Path) -> dict:
     if not path.is_file():
@@ -67,8 +65,9 @@ def _transformers_class(cls_name: str, root: pathlib.Path, component: str):
     return cls
 
 
-def _weights_signature(folder: pathlib.Path) -> list[tuple[str, int]]:
-    return sorted((p.name, p.stat().st_size) for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+def _files_signature(folder: pathlib.Path) -> list[tuple[str, int, int]]:
+    """(name, size, mtime_ns) of every file of a component folder: cheap, no hashing of GB of weights."""
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
 
 
 class SD3TextEncoders:
@@ -217,8 +216,7 @@ class SD3TextEncoders:
         for sub in subs:
             d = root / sub
             if d.is_dir() and (sub[-1] != "3" or enc_t5 is not None):
-                cfg = d / "config.json"
-                parts[sub] = [cfg.read_text() if cfg.is_file() else None, _weights_signature(d)]
+                parts[sub] = _files_signature(d)
         parts["vocab"] = [len(t) for t in (tok_l, tok_g, tok_t5) if t is not None]
         fp = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
         return cls(
