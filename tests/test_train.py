@@ -62,56 +62,63 @@ class _Scorer:
         return {"accuracy": (r > 0.5).astype(np.float32), "tag": [m.get("tag", "x") for m in metadata]}
 
 
+def _cheap_noise(key, shape):
+    """Deterministic pseudo-noise from a key (cheap to compile, unlike threefry on a loaded CPU)."""
+    k = jax.random.key_data(key).astype(jnp.float32)
+    n = np.prod(shape)
+    return jnp.sin(jnp.arange(n, dtype=jnp.float32) * (k[0] % 1013 + 1.618) + k[1] % 997).reshape(shape)
+
+
+@jax.jit
+def _mock_rollout(params, base, emb, pooled, key):
+    mean = (pooled @ params["w"])[:, :, None, None]
+    return {"x0": mean + 0.5 * _cheap_noise(key, (emb.shape[0], 3, 4, 4))}
+
+
+@jax.jit
+def _mock_step(state, base, batch, key, inject_nan):
+    def loss_fn(w):
+        pred = (batch["pooled"] @ w)[:, :, None, None]
+        noise = 0.01 * _cheap_noise(key, pred.shape)
+        logp = -jnp.mean((batch["x0"] - pred - noise) ** 2, axis=(1, 2, 3))
+        pl = -jnp.mean(batch["advantages"] * logp)
+        kl = jnp.mean((w - base["w0"]) ** 2)
+        return pl + 0.01 * kl, (pl, kl)
+
+    (loss, (pl, kl)), g = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable["w"])
+    loss = jnp.where(inject_nan, jnp.nan, loss)
+    finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(g))
+    w = state.trainable["w"] - 0.5 * g + jnp.where(finite, 0.0, jnp.nan)
+    new = MockState(state.step + 1, {"w": w}, {"w": 0.5 * state.eval_ema["w"] + 0.5 * w})
+    guarded = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+    return new, guarded, {"loss": loss, "policy_loss": pl, "kl": kl, "finite": finite}
+
+
 def mock_components(config):
     """A 12-parameter 'model': x0 = pooled @ w + noise; SGD on an advantage-weighted regression."""
-
-    def rollout(params, base, emb, pooled, key):
-        mean = (pooled @ params["w"])[:, :, None, None]
-        return {"x0": mean + 0.5 * jax.random.normal(key, (emb.shape[0], 3, 4, 4))}
-
     calls = [0]
 
     def train_step(state, base, batch, key):
         calls[0] += 1
         if MOCK["sleep"]:
             time.sleep(MOCK["sleep"])
-
-        def loss_fn(w):
-            pred = (batch["pooled"] @ w)[:, :, None, None]
-            noise = 0.01 * jax.random.normal(key, pred.shape)
-            logp = -jnp.mean((batch["x0"] - pred - noise) ** 2, axis=(1, 2, 3))
-            pl = -jnp.mean(batch["advantages"] * logp)
-            kl = jnp.mean((w - base["w0"]) ** 2)
-            return pl + 0.01 * kl, (pl, kl)
-
-        (loss, (pl, kl)), g = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable["w"])
-        if calls[0] in MOCK["nan_calls"]:
-            loss = loss * jnp.nan
-        finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(g))
-        w = state.trainable["w"] - 0.5 * g
+        new, guarded, metrics = _mock_step(state, base, batch, key, calls[0] in MOCK["nan_calls"])
         if MOCK["report_finite"]:
-            w = jnp.where(finite, w, state.trainable["w"])
-        ema = 0.5 * state.eval_ema["w"] + 0.5 * w
-        new = MockState(state.step + 1, {"w": w}, {"w": ema})
-        metrics = {"loss": loss, "policy_loss": pl, "kl": kl}
-        if MOCK["report_finite"]:
-            metrics["finite"] = finite
-            new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-        else:
-            new = MockState(new.step, {"w": jnp.where(jnp.isfinite(loss), w, jnp.nan)}, new.eval_ema)
-        return new, metrics
+            return guarded, metrics
+        metrics.pop("finite")
+        return new, metrics  # an unguarded step: NaN weights after a bad update
 
     w0 = jax.random.normal(jax.random.key(config.seed), (4, 3)) * 0.1
     state = MockState(jnp.zeros((), jnp.int32), {"w": w0}, {"w": w0})
-    return train.Components(_Pipeline(), state, {"w0": w0}, train_step, rollout, rollout, _Scorer(),
-                            eval_params_of=lambda s: s.eval_ema)
+    return train.Components(_Pipeline(), state, {"w0": w0}, train_step, _mock_rollout, _mock_rollout,
+                            _Scorer(), eval_params_of=lambda s: s.eval_ema)
 
 
 def _cfg(**over):
     cfg = config_lib.load_config(TOY)
-    base = {"components": "test_train:mock_components", "data.group_size": "4", "data.prompts_per_step": "3",
-            "sample.batch_size": "1", "eval.every": "2", "eval.num_prompts": "4", "checkpoint.every": "1",
-            "checkpoint.async_save": "false", "log.progress": "false", "max_steps": "4"}
+    base = {"components": "test_train:mock_components", "data.group_size": "4",
+            "data.prompts_per_step": "4", "sample.batch_size": "1", "eval.samples_per_prompt": "2",
+            "eval.every": "2", "eval.num_prompts": "4", "checkpoint.every": "1", "checkpoint.async_save": "false", "log.progress": "false", "max_steps": "4"}
     base.update({k.replace("__", "."): str(v) for k, v in over.items()})
     config_lib.apply_overrides(cfg, list(base.items()))
     return cfg
@@ -204,14 +211,15 @@ def _cli(wd, *extra):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), ROOT]))
     args = [sys.executable, "-m", "awm_jax.train", "--config", TOY, "--workdir", wd,
             "--config.components=test_train:mock_components", "--config.data.group_size=4",
-            "--config.data.prompts_per_step=3", "--config.eval.every=0", "--config.log.progress=false",
+            "--config.data.prompts_per_step=4", "--config.sample.batch_size=1",
+            "--config.eval.every=0", "--config.log.progress=false",
             "--config.checkpoint.every=1000", *extra]
     return args, env
 
 
 def test_sigterm_saves_and_exits_zero(tmp_path):
     wd = str(tmp_path)
-    args, env = _cli(wd, "--config.max_steps=100000")
+    args, env = _cli(wd, "--config.max_steps=100000", "--config.train.max_nonfinite=1")
     proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     path = os.path.join(wd, "metrics.jsonl")
     deadline = time.time() + 120
