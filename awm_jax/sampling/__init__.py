@@ -1,1 +1,47 @@
-"""awm_jax.sampling."""
+"""awm_jax.sampling: model-agnostic flow-matching samplers (t = 1 is noise, ``x_t = (1 - t) x0 + t eps``).
+
+Grids (host numpy): :func:`sd3_grid` (diffusers ``FlowMatchEulerDiscreteScheduler`` shift grid),
+:func:`flux_grid` / :func:`calculate_shift` (FLUX dynamic shift), :func:`awm_sa_solver_grid` (AWM tweaks).
+Steps: :func:`euler_step`, :func:`flow_grpo_sde_step` / :func:`flow_grpo_sde_log_prob`, :func:`cps_step` /
+:func:`cps_log_prob`, :func:`sa_solver_coefficients`.
+Samplers (jitted ``lax.scan``): :func:`sample_ode`, :func:`sample_sde`, :func:`sample_cps`,
+:func:`sample_sa_solver`; :func:`classifier_free_guidance` wraps a conditional model into a velocity_fn.
+"""
+
+from awm_jax.sampling.samplers import (
+    classifier_free_guidance,
+    init_latents,
+    sample_cps,
+    sample_ode,
+    sample_sa_solver,
+    sample_sde,
+)
+from awm_jax.sampling.schedules import (
+    awm_sa_solver_grid,
+    calculate_shift,
+    check_grid,
+    dynamic_shift_times,
+    flux_grid,
+    flux_image_seq_len,
+    sd3_grid,
+    shift_times,
+)
+from awm_jax.sampling.steps import (
+    cps_log_prob,
+    cps_step,
+    data_prediction,
+    euler_step,
+    flow_grpo_sde_log_prob,
+    flow_grpo_sde_mean,
+    flow_grpo_sde_step,
+    sa_solver_coefficients,
+    sde_std,
+)
+
+__all__ = [
+    "awm_sa_solver_grid", "calculate_shift", "check_grid", "classifier_free_guidance", "cps_log_prob",
+    "cps_step", "data_prediction", "dynamic_shift_times", "euler_step", "flow_grpo_sde_log_prob",
+    "flow_grpo_sde_mean", "flow_grpo_sde_step", "flux_grid", "flux_image_seq_len", "init_latents",
+    "sa_solver_coefficients", "sample_cps", "sample_ode", "sample_sa_solver", "sample_sde", "sd3_grid",
+    "sde_std", "shift_times",
+]
