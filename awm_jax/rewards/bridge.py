@@ -46,7 +46,7 @@ import numpy as np
 
 from awm_jax.rewards.base import RewardError
 
-__all__ = ["PendingRewards", "RewardBridge", "RewardError", "gather_rewards", "local_rows"]
+__all__ = ["PendingRewards", "RewardBridge", "RewardError", "gather_rewards", "local_rows", "shard_rows"]
 
 
 def local_rows(images: Any) -> tuple[np.ndarray, np.ndarray, int]:
@@ -61,6 +61,11 @@ def local_rows(images: Any) -> tuple[np.ndarray, np.ndarray, int]:
     if not isinstance(images, jax.Array) or images.is_fully_addressable:
         host = np.asarray(images)
         return np.arange(host.shape[0]), host, host.shape[0]
+    return shard_rows(images)
+
+
+def shard_rows(images: Any) -> tuple[np.ndarray, np.ndarray, int]:
+    """``local_rows`` from the addressable shards (each distinct batch-row range copied once)."""
     global_b = images.shape[0]
     pieces: dict[tuple[int, int], np.ndarray] = {}
     for shard in images.addressable_shards:
