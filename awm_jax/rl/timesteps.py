@@ -1,0 +1,79 @@
+"""Training-time samplers for AWM: which ``t`` each of the K forward passes per sample uses.
+
+All return ``(K, B)`` float32 times in (0, 1); ``discrete*`` and ``logit_normal`` share each time across
+the batch (one per stratum, as the public code does), ``uniform`` draws per (time, sample).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from awm_jax.sampling.schedules import shift_times
+
+KINDS = ("discrete", "discrete_wo_init", "uniform", "logit_normal")
+
+
+def discrete_strata(num_steps: int, num_times: int, fraction: float,
+                    with_init: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Integer stratum bounds ``(lower, upper)`` on the sampler grid indices.
+
+    ``linspace(start, int(num_steps * fraction), K + 1)`` truncated to ints, ``start = 0`` for
+    ``discrete`` and ``1`` for ``discrete_wo_init``; stratum k draws an index in ``[lower_k, upper_k)``
+    (``lower_k`` itself when the stratum is empty).
+    """
+    top = int(num_steps * fraction)
+    start = 0 if with_init else 1
+    if top <= start:
+        raise ValueError(f"int(num_steps * timestep_fraction) = {top} must exceed {start} "
+                         f"(num_steps={num_steps}, timestep_fraction={fraction})")
+    b = np.linspace(start, top, num_times + 1, dtype=np.float32).astype(np.int64)
+    return b[:-1], b[1:]
+
+
+def sample_train_timesteps(key, kind: str, num_times: int, batch_size: int, *, grid=None,
+                           timestep_fraction: float = 0.9, shift: float = 3.0,
+                           uniform_range=(0.2, 1.0), logit_mean: float = 0.0, logit_std: float = 1.0,
+                           min_t: float = 0.01) -> jnp.ndarray:
+    """Draw K training times per sample ``-> (K, B)`` float32.
+
+    - ``discrete`` / ``discrete_wo_init``: stratified grid indices (:func:`discrete_strata`), ``t = grid[i]``;
+      ``grid`` is the *unmodified* sampler grid (e.g. ``sd3_grid(14)``; the AWM code indexes the
+      scheduler's timesteps / 1000, not the SA-Solver-tweaked grid).
+    - ``uniform``: stratified ``U(uniform_range)`` per (time, sample), strata shuffled over K per sample,
+      then the SD3 ``shift`` (the public code's "uniform"; ``uniform_range=(0, 1), shift=1`` is plain U(0,1)).
+    - ``logit_normal``: stratified normal quantiles, shuffled, ``sigmoid(m + s u)``, shifted, ``>= min_t``.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"timestep sampler {kind!r} unknown; expected one of {KINDS}")
+    k_, b_ = int(num_times), int(batch_size)
+    if k_ < 1 or b_ < 1:
+        raise ValueError(f"num_times and batch_size must be >= 1, got {num_times}, {batch_size}")
+    ku, kp = jax.random.split(key)
+    if kind.startswith("discrete"):
+        if grid is None:
+            raise ValueError(f"timestep sampler {kind!r} needs the sampler grid")
+        g = np.asarray(grid, np.float64)
+        lo, hi = discrete_strata(g.shape[0] - 1, k_, timestep_fraction, kind == "discrete")
+        if hi.max() >= g.shape[0]:
+            raise ValueError(f"stratum bound {hi.max()} outside the grid of {g.shape[0]} points")
+        u = jax.random.uniform(ku, (k_,))
+        idx = jnp.asarray(lo) + jnp.floor(u * jnp.asarray(hi - lo, jnp.float32)).astype(jnp.int32)
+        t = jnp.asarray(g, jnp.float32)[idx]
+        return jnp.broadcast_to(t[:, None], (k_, b_))
+    if kind == "uniform":
+        u = (jnp.arange(k_)[:, None] + jax.random.uniform(ku, (k_, b_))) / k_
+        u = jax.random.permutation(kp, u, axis=0, independent=True)
+        lo, hi = uniform_range
+        return shift_times(lo + u * (hi - lo), shift).astype(jnp.float32)
+    u = (jnp.arange(k_) + jax.random.uniform(ku, (k_,))) / k_
+    z = jax.scipy.stats.norm.ppf(jnp.clip(u, 1e-7, 1 - 1e-7))
+    z = jax.random.permutation(kp, z)
+    t = jnp.maximum(shift_times(jax.nn.sigmoid(logit_mean + logit_std * z), shift), min_t)
+    return jnp.broadcast_to(t[:, None], (k_, b_)).astype(jnp.float32)
+
+
+def sample_train_noise(key, num_times: int, x0) -> jnp.ndarray:
+    """Fresh ``N(0, I)`` noise per (time, sample) ``-> (K, B, C, H, W)`` float32."""
+    return jax.random.normal(key, (int(num_times), *x0.shape), jnp.float32)
