@@ -4,8 +4,8 @@
 generated from the config: patch embedding (conv, + the persistent sin-cos ``pos_embed`` buffer when
 ``pos_embed_max_size`` is set), timestep / pooled-text embedders, caption projection, the joint blocks
 (AdaLayerNormZero or, for ``dual_attention_layers``, SD35AdaLayerNormZeroX; optional ``attn2``;
-``qk_norm`` None / ``"rms_norm"`` / ``"layer_norm"``; the last block is context-pre-only: its context
-norm is AdaLayerNormContinuous and it has no ``to_add_out`` / ``ff_context``), the final
+``qk_norm`` None / ``"rms_norm"`` / ``"layer_norm"`` / ``"fp32_layer_norm"`` (no parameters); the
+last block is context-pre-only: its context norm is AdaLayerNormContinuous and it has no ``to_add_out`` / ``ff_context``), the final
 AdaLayerNormContinuous and ``proj_out``. The Flax module tree mirrors diffusers' names, so prefixes
 coincide; :func:`key_map` expands the modules into per-tensor rules (see ``awm_jax.convert.keymap``).
 
@@ -25,7 +25,7 @@ NAME = "sd3"
 SUBFOLDER = "transformer"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 CLASS_NAMES = ("SD3Transformer2DModel",)
-QK_NORMS = (None, "rms_norm", "layer_norm")
+QK_NORMS = (None, "rms_norm", "layer_norm", "fp32_layer_norm")
 
 # diffusers' SD3Transformer2DModel defaults (used for fields a config.json leaves out)
 DEFAULTS: dict[str, Any] = {
@@ -78,7 +78,7 @@ def _dims(config: Mapping[str, Any] | Any) -> _Dims:
 
 
 def _qk_norm(prefix: str, kind: str | None, head_dim: int) -> list[Module]:
-    if kind is None:
+    if kind in (None, "fp32_layer_norm"):  # fp32_layer_norm has no affine parameters
         return []
     if kind == "rms_norm":
         return [same(prefix, "rms_norm", dim=head_dim)]
