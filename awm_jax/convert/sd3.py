@@ -6,8 +6,9 @@ generated from the config: patch embedding (conv, + the persistent sin-cos ``pos
 (AdaLayerNormZero or, for ``dual_attention_layers``, SD35AdaLayerNormZeroX; optional ``attn2``;
 ``qk_norm`` None / ``"rms_norm"`` / ``"layer_norm"`` / ``"fp32_layer_norm"`` (no parameters); the
 last block is context-pre-only: its context norm is AdaLayerNormContinuous and it has no
-``to_add_out`` / ``ff_context``), the final AdaLayerNormContinuous and ``proj_out``. The Flax module tree mirrors diffusers' names, so prefixes
-coincide; :func:`key_map` expands the modules into per-tensor rules (see ``awm_jax.convert.keymap``).
+``to_add_out`` / ``ff_context``), the final AdaLayerNormContinuous and ``proj_out``. The Flax module
+tree mirrors diffusers' names, so prefixes coincide; :func:`key_map` expands the modules into
+per-tensor rules (see ``awm_jax.convert.keymap``).
 
 Flax keys are *per-layer* paths (``transformer_blocks.3.attn.to_q.kernel``); a model built with
 ``scan_layers=True`` is filled through the model's own stack helpers.
