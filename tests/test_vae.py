@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import awm_jax  # noqa: F401  (flax settings)
-from awm_jax.convert import vae as vae_convert
+from awm_jax import convert
+from awm_jax.convert.keymap import ConversionError
 from awm_jax.models.vae import (
     VAEConfig,
     latents_to_images_uint8,
@@ -127,12 +128,12 @@ def test_round_trip_bit_exact(tmp_path, dtype):
 
     ref = _tiny_diffusers_vae(16, False, 0.0609, seed=1).to(getattr(torch, dtype))
     ref.save_pretrained(tmp_path / "pipe" / "vae")  # a pipeline-style folder
-    vae_convert.to_flax(tmp_path / "pipe", tmp_path / "flax")
+    convert.to_flax(tmp_path / "pipe", tmp_path / "flax", "vae")
     cfg = json.loads((tmp_path / "flax" / "config.json").read_text())
-    assert cfg["awm_jax"] == {"format": "flax", "model": "vae"}
-    vae_convert.to_diffusers(tmp_path / "flax", tmp_path / "back")
-    orig = tmp_path / "pipe" / "vae" / vae_convert.DIFFUSERS_WEIGHTS
-    back = tmp_path / "back" / vae_convert.DIFFUSERS_WEIGHTS
+    assert cfg["awm_jax"]["format"] == "flax" and cfg["awm_jax"]["model"] == "vae"
+    convert.to_diffusers(tmp_path / "flax", tmp_path / "back", "vae")
+    orig = tmp_path / "pipe" / "vae" / "diffusion_pytorch_model.safetensors"
+    back = tmp_path / "back" / "diffusion_pytorch_model.safetensors"
     with safe_open(str(orig), "pt") as a, safe_open(str(back), "pt") as b:
         assert sorted(a.keys()) == sorted(b.keys())
         for k in a.keys():
@@ -159,7 +160,7 @@ def test_round_trip_bit_exact(tmp_path, dtype):
 def _resave_without(folder, drop=None, add=None, reshape=None):
     from safetensors.torch import load_file, save_file
 
-    f = folder / vae_convert.DIFFUSERS_WEIGHTS
+    f = folder / "diffusion_pytorch_model.safetensors"
     sd = load_file(str(f))
     if drop:
         del sd[drop]
@@ -178,18 +179,20 @@ def _resave_without(folder, drop=None, add=None, reshape=None):
 def test_conversion_errors_name_the_key(tmp_path, case, key, match):
     _tiny_diffusers_vae(16, False, 0.0609).save_pretrained(tmp_path)
     _resave_without(tmp_path, **{{"missing": "drop", "extra": "add", "shape": "reshape"}[case]: key})
-    with pytest.raises(vae_convert.ConversionError, match=match) as e:
+    with pytest.raises(ConversionError, match=match) as e:
         load_vae(tmp_path)
     assert key in str(e.value)
-    with pytest.raises(vae_convert.ConversionError):
-        vae_convert.to_flax(tmp_path, tmp_path / "out")
+    with pytest.raises(ConversionError, match=match):
+        convert.to_flax(tmp_path, tmp_path / "out", "vae")
 
 
 def test_config_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ConversionError, match="nowhere"):
         load_vae(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="unsupported block types"):
         VAEConfig(down_block_types=("CrossAttnDownBlock2D",))
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
-    with pytest.raises(ValueError, match="UNet2DModel"):
+    with pytest.raises(ConversionError, match="UNet2DModel"):
         load_vae(tmp_path)
+    with pytest.raises(ConversionError, match="unknown model 'vea'"):
+        convert.to_flax(tmp_path, tmp_path / "out", "vea")

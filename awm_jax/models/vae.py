@@ -472,4 +472,4 @@ def load_vae(path: str | pathlib.Path, dtype=None, param_dtype=None) -> Autoenco
     """
     from awm_jax.convert import vae as vae_convert
 
-    return vae_convert.load(resolve_vae_dir(path), dtype=dtype, param_dtype=param_dtype)
+    return vae_convert.load(path, dtype=dtype, param_dtype=param_dtype)
