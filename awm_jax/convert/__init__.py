@@ -48,6 +48,7 @@ from awm_jax.convert.keymap import ConversionError, KeyMap
 
 CONVERTERS: dict[str, str] = {
     "sd3": "awm_jax.convert.sd3",
+    "vae": "awm_jax.convert.vae",
 }
 FLAX_WEIGHTS = "model"
 FORMAT_KEY = "awm_jax"
