@@ -134,7 +134,8 @@ def test_geneval_plumbing(models, det):
     assert ev["tag"] == ["color_attr", "position", "counting"]
     np.testing.assert_allclose(ev["score"], r)
     assert ev["accuracy"].shape == ev["strict_accuracy"].shape == (3,)
-    assert np.all(ev["strict_accuracy"] <= ev["accuracy"] + (ev["strict_accuracy"] > 0))
+    want_exact = [float(R.reward_score(d, m)[0]) for d, m in zip(dets, META)]
+    np.testing.assert_array_equal(ev["strict_accuracy"], want_exact)
     want_acc = [float(R.geneval_correct(d, m)[0]) for d, m in zip(dets, META)]
     np.testing.assert_array_equal(ev["accuracy"], want_acc)
     assert ev["reason"] == [R.geneval_correct(d, m)[1] for d, m in zip(dets, META)]
@@ -151,6 +152,11 @@ def test_geneval_masks_and_class_names(models):
     for o in objs:  # the box is the mask's bounding box
         ys, xs = np.nonzero(o["mask"])
         assert o["box"] == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    assert "stop sign" in g.detector.class_names
+    from awm_jax.rewards.geneval import _load_class_names
+
+    coco = {0: "mouse", 1: "dog", 2: "remote"}
+    assert _load_class_names(None, coco) == ["computer mouse", "dog", "tv remote"]
     renamed = [f"thing{i}" for i in range(len(COCO_LIKE))]
     g2 = get("geneval", detector_path=models["detr"], clip_path=models["clip"], class_names=renamed)
     assert g2.detector.class_names == renamed

@@ -4,7 +4,9 @@ Detector (``detector_path``): any transformers ``AutoModelForObjectDetection`` f
 boxes only) or a ``Mask2FormerForUniversalSegmentation`` folder (instance masks; the reference uses
 Mask2Former Swin-S on COCO); its processor is loaded from the same folder. Class names come from
 the detector's ``id2label`` unless ``class_names`` (a list, or a text file with one name a line)
-overrides them -- GenEval's prompts use COCO names such as ``"dining table"``.
+overrides them -- GenEval's prompts use COCO names such as ``"dining table"``, except ``mouse``,
+``keyboard`` and ``remote``, which are renamed to GenEval's ``computer mouse``, ``computer keyboard``
+and ``tv remote`` when the names come from ``id2label``.
 
 Colour classifier (``clip_path``): CLIP zero-shot over ``COLORS`` with three templates per class,
 on each object crop (the object's mask composited on a ``#999`` grey background when the detector
@@ -30,11 +32,13 @@ from awm_jax.rewards.clip_utils import image_features, load_clip, text_features
 
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 TEMPLATES = ("a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object")
+# COCO label names (as in transformers COCO checkpoints' id2label) that GenEval's prompts spell differently
+COCO_TO_GENEVAL = {"mouse": "computer mouse", "keyboard": "computer keyboard", "remote": "tv remote"}
 
 
 def _load_class_names(class_names: Any, id2label: dict) -> list[str]:
     if class_names is None:
-        return [id2label[i] for i in sorted(id2label)]
+        return [COCO_TO_GENEVAL.get(id2label[i], id2label[i]) for i in sorted(id2label)]
     if isinstance(class_names, (str, os.PathLike)):
         path = os.fspath(class_names)
         if not os.path.isfile(path):

@@ -1,0 +1,276 @@
+"""Reward scorer throughput on this machine, the bridge's overhead, and pure_callback vs host step.
+
+    python benchmarks/rewards_throughput.py [--quick] [--no-clip-l] [--out benchmarks/results/rewards.md]
+
+Measures images/s per scorer (OCR for real on 512x512 rendered text; JPEG; PickScore, aesthetic
+and GenEval with tiny random models and, unless --no-clip-l, PickScore/aesthetic with a random
+CLIP-L-shaped model), the RewardBridge overhead against calling the scorer directly, and a
+rollout+reward loop done three ways (jax.pure_callback inside the jitted rollout, serial host
+step, host step overlapped with the next rollout via RewardBridge.submit). Offline: every model is
+random and built locally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"
+TEXTS = ["Spring Collection 2024", "Step Goal Achieved", "Forever Yours", "Try Our New Burger",
+         "Lost City Near", "Fresh Bakery Daily", "Welcome Home", "Open 24 Hours"]
+
+
+def render(text: str, size: int = 512) -> np.ndarray:
+    """Black text on white, font shrunk until the line fits."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+    for fs in range(56, 11, -2):
+        font = ImageFont.truetype(FONT, fs) if os.path.exists(FONT) else ImageFont.load_default(size=fs)
+        x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
+        if x1 - x0 <= size - 40:
+            break
+    draw.text(((size - (x1 - x0)) // 2 - x0, (size - (y1 - y0)) // 2 - y0), text, fill="black", font=font)
+    return np.asarray(img)
+
+
+def timeit(fn, reps: int, warmup: int = 1) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def machine() -> str:
+    import jax
+    import torch
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+            f"Python {platform.python_version()}, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), "
+            f"jax {jax.__version__} ({jax.devices()[0].platform}), load average {load[0]:.1f} "
+            f"(shared with other jobs: numbers are noisy)")
+
+
+def bench_scorers(tmp: str, quick: bool, clip_l: bool) -> list[tuple[str, str, float]]:
+    from awm_jax.rewards import get
+    from awm_jax.rewards.tiny import (
+        save_tiny_aesthetic,
+        save_tiny_clip,
+        save_tiny_detr,
+        save_tiny_mask2former,
+    )
+
+    rows = []
+    b = 4 if quick else 8
+    texts = (TEXTS * 2)[:b]
+    ocr_imgs = np.stack([render(t) for t in texts])
+    ocr_prompts = [f'a sign that says "{t}"' for t in texts]
+    rand = np.random.default_rng(0).integers(0, 256, (b, 512, 512, 3), dtype=np.uint8)
+    reps = 1 if quick else 2
+
+    for label, kw in (("ocr (rapidocr, det 736/min = default)", {}),
+                      ("ocr (rapidocr, det 512/max)", {"det_limit_side_len": 512, "det_limit_type": "max"})):
+        s = get("ocr", **kw)
+        r = s(ocr_imgs, ocr_prompts)
+        t = timeit(lambda s=s: s(ocr_imgs, ocr_prompts), reps)
+        rows.append((label, f"512x512, B={b}, mean reward {r.mean():.3f}", b / t))
+    for name in ("jpeg_compressibility",):
+        s = get(name)
+        rows.append((name, f"512x512 random, B={b}", b / timeit(lambda s=s: s(rand, ["x"] * b), reps + 2)))
+
+    clip = save_tiny_clip(os.path.join(tmp, "clip"))
+    head = save_tiny_aesthetic(os.path.join(tmp, "head.safetensors"), dim=16)
+    det = save_tiny_detr(os.path.join(tmp, "detr"))
+    m2f = save_tiny_mask2former(os.path.join(tmp, "m2f"))
+    prompts = ["a photo of a dog"] * b
+    s = get("pickscore", model_path=clip)
+    t = timeit(lambda: s(rand, prompts), reps)
+    rows.append(("pickscore (tiny random CLIP, 32 px)", f"512x512 input, B={b}", b / t))
+    s = get("aesthetic", clip_path=clip, head_path=head)
+    t = timeit(lambda: s(rand, prompts), reps)
+    rows.append(("aesthetic (tiny random CLIP, 32 px)", f"512x512 input, B={b}", b / t))
+    meta = [{"tag": "color_attr", "include": [{"class": "dog", "count": 1, "color": "red"},
+                                              {"class": "cat", "count": 1, "color": "blue"}]}] * b
+    for label, path in (("geneval (tiny random DETR + CLIP, 64 px)", det),
+                        ("geneval (tiny random Mask2Former + CLIP, 64 px)", m2f)):
+        s = get("geneval", detector_path=path, clip_path=clip, threshold=0.0)
+        t = timeit(lambda s=s: s(rand, prompts, meta), reps)
+        rows.append((label, f"512x512 input, B={b}, threshold 0", b / t))
+
+    if clip_l:
+        import torch
+        from transformers import CLIPConfig, CLIPModel
+
+        from awm_jax.rewards.tiny import _byte_vocab
+
+        proc_dir = save_tiny_clip(os.path.join(tmp, "clip224"), image_size=224, patch=14)
+        cfg = CLIPConfig(
+            text_config=dict(vocab_size=len(_byte_vocab()), hidden_size=768, intermediate_size=3072,
+                             num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77),
+            vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                               num_attention_heads=16, image_size=224, patch_size=14),
+            projection_dim=768)
+        torch.manual_seed(0)
+        big = CLIPModel(cfg).eval()
+        bl = 2 if quick else 4
+        s = get("pickscore", model_path=proc_dir)
+        s.model = big  # random CLIP-L-shaped weights (the processor of proc_dir is 224 px)
+        t = timeit(lambda: s(rand[:bl], prompts[:bl]), 1)
+        rows.append(("pickscore (random CLIP-L shape, 224 px)", f"512x512 input, B={bl}", bl / t))
+        head768 = save_tiny_aesthetic(os.path.join(tmp, "h768.safetensors"), 768)
+        s = get("aesthetic", clip_path=proc_dir, head_path=head768)
+        s.model = big
+        t = timeit(lambda: s(rand[:bl], prompts[:bl]), 1)
+        rows.append(("aesthetic (random CLIP-L shape + 768 head, 224 px)", f"512x512 input, B={bl}", bl / t))
+    return rows
+
+
+def bench_bridge(quick: bool) -> list[tuple[str, float]]:
+    """ms per batch: scorer direct vs bridge.score vs bridge.submit().result()."""
+    from awm_jax.rewards import get
+    from awm_jax.rewards.bridge import RewardBridge
+
+    imgs = np.random.default_rng(1).integers(0, 256, (8, 256, 256, 3), dtype=np.uint8)
+    prompts = ["x"] * 8
+    s = get("jpeg_compressibility")
+    reps = 5 if quick else 20
+    out = [("jpeg scorer called directly (8 x 256x256)", 1e3 * timeit(lambda: s(imgs, prompts), reps))]
+    with RewardBridge(s, name="jpeg") as bridge:
+        out.append(("RewardBridge.score", 1e3 * timeit(lambda: bridge.score(imgs, prompts), reps)))
+        t = timeit(lambda: bridge.submit(imgs, prompts).result(), reps)
+        out.append(("RewardBridge.submit(...).result()", 1e3 * t))
+        import jax.numpy as jnp
+
+        x = jnp.asarray(imgs)
+        t = timeit(lambda: bridge.score(x, prompts), reps)
+        out.append(("RewardBridge.score on a jax.Array", 1e3 * t))
+    return out
+
+
+def _callback_case(label, scorer, rollout, keys, b, quick):
+    """One scorer: ms per batch for the three ways of combining rollout and reward."""
+    import jax
+    import jax.numpy as jnp
+
+    from awm_jax.rewards.bridge import RewardBridge
+
+    prompts = ["x"] * b
+
+    def host_cb(imgs):
+        return np.asarray(scorer(np.asarray(imgs), prompts, None), np.float32)
+
+    @jax.jit
+    def fused(key):
+        imgs = rollout(key)
+        return imgs, jax.pure_callback(host_cb, jax.ShapeDtypeStruct((b,), jnp.float32), imgs)
+
+    def run_callback():
+        for k in keys:
+            jax.block_until_ready(fused(k)[1])
+
+    def run_serial():
+        bridge = RewardBridge(scorer)
+        for k in keys:
+            bridge.score(rollout(k), prompts)
+
+    def run_overlap():
+        with RewardBridge(scorer) as bridge:
+            pending = None
+            for k in keys:
+                imgs = rollout(k)  # dispatched asynchronously
+                if pending is not None:
+                    pending.result()
+                pending = bridge.submit(imgs, prompts)
+            pending.result()
+
+    t_roll = timeit(lambda: rollout(keys[0]).block_until_ready(), 3)
+    host_imgs = np.asarray(rollout(keys[0]))
+    t_score = timeit(lambda: scorer(host_imgs, prompts, None), 3)
+    out = []
+    for name, fn in (("pure_callback inside jit", run_callback), ("host step, serial", run_serial),
+                     ("host step, overlapped (submit)", run_overlap)):
+        out.append((label, name, 1e3 * timeit(fn, 2 if quick else 3) / len(keys)))
+    out.append((label, f"reference: rollout alone {1e3 * t_roll:.0f} ms, scorer alone {1e3 * t_score:.0f} ms",
+                None))
+    return out
+
+
+def bench_callback(quick: bool) -> list[tuple[str, str, float | None]]:
+    """Rollout + reward per batch: pure_callback inside jit vs host step (serial / overlapped)."""
+    import jax
+    import jax.numpy as jnp
+
+    from awm_jax.rewards import get
+
+    b, n_batches = 8, (3 if quick else 6)
+    w = jax.random.normal(jax.random.key(0), (128, 128)) / 12
+
+    @jax.jit
+    def rollout(key):
+        x = jax.random.normal(key, (b, 128, 128, 3))
+        x = jax.lax.fori_loop(0, 10, lambda _, x: jnp.tanh(jnp.einsum("bhwc,wv->bhvc", x, w)), x)
+        return ((x + 1) * 127.5).astype(jnp.uint8)
+
+    def slow_server(images, prompts, metadata):  # a remote / accelerator scorer: latency, idle host
+        time.sleep(0.15)
+        return np.zeros(len(prompts), np.float32)
+
+    keys = list(jax.random.split(jax.random.key(1), n_batches))
+    out = _callback_case("jpeg (host CPU)", get("jpeg_compressibility"), rollout, keys, b, quick)
+    out += _callback_case("remote-server-like scorer (150 ms latency)", slow_server, rollout, keys, b, quick)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer images / repetitions")
+    ap.add_argument("--no-clip-l", action="store_true", help="skip the random CLIP-L-shaped model")
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap.add_argument("--out", default=os.path.join(here, "results", "rewards.md"))
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        scorers = bench_scorers(tmp, args.quick, not args.no_clip_l)
+    bridge = bench_bridge(args.quick)
+    cb = bench_callback(args.quick)
+
+    lines = ["# Reward scorer throughput", "",
+             f"Machine: {machine()}.", "",
+             f"Command: `python benchmarks/rewards_throughput.py{' --quick' if args.quick else ''}"
+             f"{' --no-clip-l' if args.no_clip_l else ''}` "
+             f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).",
+             "", "## Scorers", "", "| scorer | input | images/s |", "|---|---|---|"]
+    lines += [f"| {n} | {i} | {v:.2f} |" for n, i, v in scorers]
+    lines += ["", "## Bridge overhead (median ms per batch)", "", "| path | ms |", "|---|---|"]
+    lines += [f"| {n} | {v:.2f} |" for n, v in bridge]
+    lines += ["", "## Rollout + reward: pure_callback vs host step (ms per batch of 8, 128x128)", "",
+              "| scorer | method | ms/batch |", "|---|---|---|"]
+    lines += [f"| {s} | {m} | {'' if v is None else f'{v:.1f}'} |" for s, m, v in cb]
+    text = "\n".join(lines) + "\n"
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
