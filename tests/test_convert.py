@@ -197,6 +197,17 @@ def test_save_flax_and_read_flax_params(tmp_path, sd35m_dir):
     assert set(again) == set(params)
     for k, v in params.items():
         assert again[k].dtype == v.dtype and again[k].tobytes() == np.ascontiguousarray(v).tobytes(), k
+    # a Flax folder written from a model (config without _class_name, no pos_embed buffer) converts to a
+    # diffusers folder that diffusers loads: the buffer is recomputed from the config
+    bare = {k: v for k, v in config.items() if not k.startswith("_")}
+    save_flax(params, bare, tmp_path / "flax2", "sd3")
+    to_diffusers(tmp_path / "flax2", tmp_path / "back", "sd3")
+    assert json.loads((tmp_path / "back/config.json").read_text())["_class_name"] == "SD3Transformer2DModel"
+    got = SD3Transformer2DModel.from_pretrained(tmp_path / "back").state_dict()
+    ref = SD3Transformer2DModel.from_pretrained(sd35m_dir).state_dict()
+    assert got.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6 if k == "pos_embed.pos_embed" else 0)
 
 
 # ----------------------------------------------------------------------------------------------------

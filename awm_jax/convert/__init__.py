@@ -10,7 +10,9 @@ Registry
 * ``DIFFUSERS_WEIGHTS: str`` -- the diffusers weight base name (``"diffusion_pytorch_model"``);
 * ``CLASS_NAMES: tuple[str, ...]`` -- accepted diffusers ``_class_name`` values (empty: don't check);
 * ``key_map(config: dict) -> awm_jax.convert.keymap.KeyMap`` -- built from the diffusers config dict
-  (generate a ``module_map(config)`` of ``keymap.Module`` s and expand it with ``KeyMap.from_modules``).
+  (generate a ``module_map(config)`` of ``keymap.Module`` s and expand it with ``KeyMap.from_modules``);
+* optionally ``default_tensor(config: dict, diffusers_key: str) -> np.ndarray | None`` -- values of
+  ``optional`` rules (recomputable buffers) that ``to_diffusers`` fills in when a Flax folder omits them.
 
 Adding a model = writing such a module and one line in ``CONVERTERS``. Everything else (folder
 resolution, validation, streaming, sharding, config handling, the CLI) is generic.
@@ -124,10 +126,31 @@ def to_diffusers(src: str | os.PathLike, dst: str | os.PathLike, model: str,
     """Convert the Flax folder ``src`` back into a diffusers model folder ``dst``."""
     conv, _, config, reader = _open(src, model, want_flax=True)
     with reader:
-        entries, get = conv.key_map(config).converter(reader, "to_diffusers")
+        km = conv.key_map(config)
+        entries, get = km.converter(reader, "to_diffusers")
+        entries, get = _with_defaults(conv, config, km, entries, get)
         write_sharded(dst, conv.DIFFUSERS_WEIGHTS, entries, get, max_shard_bytes, metadata={"format": "pt"})
     write_config(dst, _diffusers_config(config))
     return pathlib.Path(dst)
+
+
+def _with_defaults(conv: ModuleType, config: Mapping[str, Any], km: KeyMap, entries: list, get):
+    """Add the optional diffusers tensors a Flax folder left out (e.g. the recomputable ``pos_embed``
+    buffer) when the converter can compute them (``default_tensor(config, diffusers_key)``), in the
+    dtype of the other tensors, so the output loads in diffusers."""
+    fn = getattr(conv, "default_tensor", None)
+    have = {e[0] for e in entries}
+    missing = [r for r in km.rules if r.optional and r.diffusers_key not in have]
+    if fn is None or not missing:
+        return entries, get
+    dtype = entries[0][1] if entries else np.dtype(np.float32)
+    extra = {}
+    for r in missing:
+        value = fn(_diffusers_config(config), r.diffusers_key)
+        if value is not None:
+            extra[r.diffusers_key] = np.asarray(value).astype(dtype).reshape(r.diffusers_shape)
+    entries = list(entries) + [(k, v.dtype, v.shape) for k, v in extra.items()]
+    return entries, lambda key: extra[key] if key in extra else get(key)
 
 
 def read_flax_params(
@@ -167,6 +190,8 @@ def save_flax(params: Mapping[str, Any], config: Mapping[str, Any], dst: str | o
     """
     conv = get_converter(model)
     config = _diffusers_config(config)
+    if getattr(conv, "CLASS_NAMES", ()) and "_class_name" not in config:  # e.g. SD3Config.to_dict()
+        config = {"_class_name": conv.CLASS_NAMES[0], **config}
     src = DictSource({k: np.asarray(v) for k, v in params.items()}, name=f"<{model} params>")
     plan = conv.key_map(config).plan(src, "to_diffusers")
     entries = [(r.flax_key, dt, r.flax_shape) for r, _, dt, _ in plan]

@@ -156,3 +156,12 @@ def module_map(config: Mapping[str, Any] | Any) -> list[Module]:
 def key_map(config: Mapping[str, Any] | Any) -> KeyMap:
     """The per-tensor, invertible key map of an SD3/SD3.5 transformer with this config."""
     return KeyMap.from_modules(module_map(config), name=NAME)
+
+
+def default_tensor(config: Mapping[str, Any], diffusers_key: str):
+    """Values of optional tensors a Flax folder may omit: the ``pos_embed.pos_embed`` sin-cos table."""
+    if diffusers_key != "pos_embed.pos_embed":
+        return None
+    from awm_jax.models.mmdit import SD3Config, pos_embed_table  # lazy: pulls in jax/flax
+
+    return pos_embed_table(SD3Config.from_dict(dict(config)))
