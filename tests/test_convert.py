@@ -262,6 +262,8 @@ def test_bad_flax_folder_and_model_errors(tmp_path, sd35m_dir):
     del params["transformer_blocks.0.attn2.to_out.0.kernel"]
     with pytest.raises(ConversionError, match=r"missing .*'transformer_blocks\.0\.attn2\.to_out\.0\.kernel'"):
         save_flax(params, config, tmp_path / "flax", "sd3")
+    with pytest.raises(ConversionError, match="is the source folder"):
+        to_flax(sd35m_dir, sd35m_dir, "sd3")
     with pytest.raises(ConversionError, match="no config.json"):
         to_flax(tmp_path, tmp_path / "y", "sd3")
     assert get_converter("sd3") is sd3

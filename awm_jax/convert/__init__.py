@@ -91,10 +91,12 @@ def _check_class(conv: ModuleType, config: Mapping[str, Any], where: pathlib.Pat
         raise ConversionError(f"{where}/config.json: _class_name {cls!r} is not a {conv.NAME} model {names}")
 
 
-def _open(src: str | os.PathLike, model: str, want_flax: bool | None):
+def _open(src: str | os.PathLike, model: str, want_flax: bool | None, dst: str | os.PathLike | None = None):
     """(converter, model_dir, config, reader) for a diffusers / pipeline / Flax folder."""
     conv = get_converter(model)
     model_dir = resolve_model_dir(src, conv.SUBFOLDER)
+    if dst is not None and pathlib.Path(dst).resolve() in (model_dir.resolve(), pathlib.Path(src).resolve()):
+        raise ConversionError(f"destination {dst} is the source folder; choose another --dst")
     config = read_config(model_dir)
     flax = is_flax_folder(config)
     if want_flax is not None and flax != want_flax:
@@ -111,7 +113,7 @@ def _open(src: str | os.PathLike, model: str, want_flax: bool | None):
 def to_flax(src: str | os.PathLike, dst: str | os.PathLike, model: str,
             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> pathlib.Path:
     """Convert a diffusers model folder (or a pipeline folder) ``src`` into the Flax folder ``dst``."""
-    conv, _, config, reader = _open(src, model, want_flax=False)
+    conv, _, config, reader = _open(src, model, want_flax=False, dst=dst)
     with reader:
         entries, get = conv.key_map(config).converter(reader, "to_flax")
         write_sharded(dst, FLAX_WEIGHTS, entries, get, max_shard_bytes, metadata={"format": "flax"})
@@ -124,7 +126,7 @@ def to_flax(src: str | os.PathLike, dst: str | os.PathLike, model: str,
 def to_diffusers(src: str | os.PathLike, dst: str | os.PathLike, model: str,
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> pathlib.Path:
     """Convert the Flax folder ``src`` back into a diffusers model folder ``dst``."""
-    conv, _, config, reader = _open(src, model, want_flax=True)
+    conv, _, config, reader = _open(src, model, want_flax=True, dst=dst)
     with reader:
         km = conv.key_map(config)
         entries, get = km.converter(reader, "to_diffusers")
