@@ -1,0 +1,169 @@
+"""The SD3 / SD3.5 pipeline: host text encoders + Flax MMDiT + Flax VAE, with Euler ODE sampling.
+
+``load_sd3(pipeline_dir)`` returns an :class:`SD3Pipeline` fulfilling the trainer's pipeline contract
+(``text_encoder.encode``, ``transformer``, ``decode``, ``latent_shape``) and able to sample images the
+way diffusers' ``StableDiffusion3Pipeline`` does (flow-matching Euler on the shifted sigma grid, optional
+classifier-free guidance with the empty prompt as negative).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from awm_jax.models.vae import AutoencoderKL, latents_to_images_uint8, make_decode_fn
+
+
+def _scheduler_shift(root: pathlib.Path) -> float:
+    path = root / "scheduler" / "scheduler_config.json"
+    if not path.exists():
+        return 3.0  # the SD3 / SD3.5 default
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+    if cfg.get("use_dynamic_shifting"):
+        raise ValueError(f"{path}: use_dynamic_shifting=True is not supported by the SD3 pipeline")
+    return float(cfg.get("shift", 1.0))
+
+
+@dataclasses.dataclass
+class SD3Pipeline:
+    """SD3 pipeline components and sampling (see the module docstring).
+
+    ``height``/``width`` are the image size (default: transformer ``sample_size`` x VAE factor, as diffusers).
+    """
+
+    transformer: nnx.Module
+    vae: AutoencoderKL
+    text_encoder: Any
+    shift: float
+    height: int
+    width: int
+    _decode_fn: Callable | None = dataclasses.field(default=None, repr=False)
+    _velocity: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae.config.downsample_factor
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of one latent."""
+        f = self.vae_scale_factor
+        return (self.transformer.config.in_channels, self.height // f, self.width // f)
+
+    def decode(self, latents: jax.Array) -> jax.Array:
+        """Model-space latents (B, C, h, w) -> uint8 images (B, H, W, 3) (jitted; callable inside jit)."""
+        if self._decode_fn is None:
+            self._decode_fn = make_decode_fn(self.vae)
+        return self._decode_fn(latents)
+
+    def decode_pure(self, vae_state, latents: jax.Array) -> jax.Array:
+        """Decode with explicit VAE state (``nnx.state(self.vae)``): for callers that jit it themselves."""
+        return latents_to_images_uint8(nnx.merge(nnx.graphdef(self.vae), vae_state), latents)
+
+    def velocity_fn(self, guidance_scale: float = 1.0) -> Callable:
+        """``velocity_fn(x, t, context)`` for ``awm_jax.sampling`` with ``context = (state, cond, uncond)``.
+
+        ``state`` is the transformer's ``nnx.state``; ``cond``/``uncond`` are ``(prompt_embeds, pooled)``
+        (``uncond`` is ignored when ``guidance_scale == 1``). ``t`` in [0, 1] -> timestep ``1000 t``.
+        Cached per guidance scale so the samplers' jit cache is reused.
+        """
+        scale = float(guidance_scale)
+        if scale in self._velocity:
+            return self._velocity[scale]
+        graphdef = nnx.graphdef(self.transformer)
+
+        def model(state, x, t, embeds, pooled):
+            m = nnx.merge(graphdef, state)
+            return m(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled,
+                     timestep=1000.0 * t).astype(jnp.float32)
+
+        def velocity(x, t, context):
+            state, (emb, pooled), uncond = context
+            if scale == 1.0:
+                return model(state, x, t, emb, pooled)
+            emb_u, pooled_u = uncond
+            v = model(state, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                      jnp.concatenate([emb_u, emb]), jnp.concatenate([pooled_u, pooled]))
+            v_u, v_c = jnp.split(v, 2)
+            return v_u + scale * (v_c - v_u)
+
+        self._velocity[scale] = velocity
+        return velocity
+
+    def sample_latents(self, prompts: Sequence[str], *, num_steps: int = 40, guidance_scale: float = 1.0,
+                       key: jax.Array | None = None, latents: jax.Array | None = None,
+                       negative_prompt: str = "") -> jax.Array:
+        """Euler ODE sampling -> final model-space latents (B, C, h, w) float32.
+
+        Initial noise: ``latents`` if given, else ``N(0, I)`` drawn with ``key``.
+        """
+        from awm_jax.sampling import init_latents, sample_ode, sd3_grid
+
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("sample_latents: no prompts")
+        if latents is None:
+            if key is None:
+                raise ValueError("sample_latents: give a PRNG key or initial latents")
+            latents = init_latents(key, len(prompts), self.latent_shape)
+        latents = jnp.asarray(latents, jnp.float32)
+        if latents.shape != (len(prompts), *self.latent_shape):
+            raise ValueError(f"sample_latents: latents shape {tuple(latents.shape)} != "
+                             f"{(len(prompts), *self.latent_shape)}")
+        emb, pooled = self.text_encoder.encode(prompts)
+        cond = (jnp.asarray(emb), jnp.asarray(pooled))
+        uncond = cond
+        if guidance_scale != 1.0:
+            emb_u, pooled_u = self.text_encoder.encode([negative_prompt] * len(prompts))
+            uncond = (jnp.asarray(emb_u), jnp.asarray(pooled_u))
+        grid = sd3_grid(num_steps, self.shift)
+        context = (nnx.state(self.transformer), cond, uncond)
+        return sample_ode(self.velocity_fn(guidance_scale), latents, grid, context)
+
+    def __call__(self, prompts: Sequence[str], **kwargs) -> np.ndarray:
+        """Sample and decode: uint8 images (B, H, W, 3) as numpy (kwargs of :meth:`sample_latents`)."""
+        return np.asarray(self.decode(self.sample_latents(prompts, **kwargs)))
+
+
+def load_sd3(pipeline_dir: str | pathlib.Path, *, height: int | None = None, width: int | None = None,
+             dtype: Any = None, max_sequence_length: int = 128, load_t5: bool = True,
+             text_encoder: Any = None, **transformer_kwargs: Any) -> SD3Pipeline:
+    """Load a diffusers SD3 / SD3.5 pipeline folder as an :class:`SD3Pipeline`.
+
+    ``dtype``: compute dtype of transformer and VAE (None: float32). ``max_sequence_length``: T5 tokens.
+    ``text_encoder``: use this encoder instead of loading the folder's (e.g. a cached prompt set).
+    Transformer/VAE may also be converted Flax folders placed at ``transformer/`` / ``vae/``.
+    """
+    from awm_jax.models import load_transformer, load_vae
+
+    root = pathlib.Path(pipeline_dir)
+    if not (root / "model_index.json").exists():
+        raise FileNotFoundError(f"{root}: not a diffusers pipeline folder (no model_index.json)")
+    transformer = load_transformer(root, dtype=dtype, **transformer_kwargs)
+    vae = load_vae(root, dtype=dtype)
+    if text_encoder is None:
+        from awm_jax.text.sd3 import SD3TextEncoders
+
+        text_encoder = SD3TextEncoders.from_pipeline_dir(root, max_sequence_length=max_sequence_length,
+                                                         load_t5=load_t5)
+    f = vae.config.downsample_factor
+    default = transformer.config.sample_size * f
+    height, width = height or default, width or default
+    patch = transformer.config.patch_size
+    for name, v in (("height", height), ("width", width)):
+        if v % (f * patch):
+            raise ValueError(f"load_sd3: {name}={v} must be a multiple of {f * patch} "
+                             f"(VAE factor {f} x patch size {patch})")
+    return SD3Pipeline(transformer=transformer, vae=vae, text_encoder=text_encoder,
+                       shift=_scheduler_shift(root), height=int(height), width=int(width))
