@@ -152,3 +152,19 @@ def test_sde_marginals_match_ode_and_closed_form():
     assert abs(ode.var() - SD**2) < 0.03 * SD**2
     # the SDE really is stochastic: the end point is not the ODE map of the initial noise
     assert np.abs(ode - lat[:, -1]).mean() > 0.05
+
+
+def test_sa_solver_stochastic_marginals_on_gaussian_toy():
+    # with tau > 0 the SA-Solver output keeps the law of E[x0 | x_t] at t = grid[-2] (here ~N(M, v))
+    n = 100_000
+    g = S.awm_sa_solver_grid(S.sd3_grid(120, 3.0))  # enough steps for this sharp toy (14 steps: ~20% off)
+    x = S.init_latents(jax.random.key(2), n, (1, 1, 1))
+    outs = [np.asarray(S.sample_sa_solver(gauss_velocity, jax.random.key(3), x, g, tau)).ravel()
+            for tau in (0.0, 0.8)]
+    t = g[-2]
+    var_t = (1 - t) ** 2 * SD**2 + t**2
+    var_ref = ((1 - t) * SD**2) ** 2 / var_t
+    for out in outs:
+        assert abs(out.mean() - M) < 5 * np.sqrt(var_ref / n) + 0.005
+        assert abs(out.var() / var_ref - 1) < 0.04, (out.var(), var_ref)
+    assert np.abs(outs[0] - outs[1]).mean() > 0.05  # tau really injects noise

@@ -86,8 +86,8 @@ def velocity_kl(v, v_other, t, elbo: bool = False):
 
 
 def noised_latents(x0, times, noise):
-    """``x_t = (1 - t) x0 + t eps`` for all K times ``-> (K, B, C, H, W)`` float32."""
-    t = times.astype(jnp.float32)[..., None, None, None]
+    """``x_t = (1 - t) x0 + t eps`` for all K times ``-> (K, B, *x0.shape[1:])`` float32 (any latent rank)."""
+    t = times.astype(jnp.float32).reshape(times.shape + (1,) * (x0.ndim - 1))
     return (1.0 - t) * x0.astype(jnp.float32)[None] + t * noise.astype(jnp.float32)
 
 
