@@ -249,3 +249,17 @@ def test_classifier_free_guidance():
     np.testing.assert_allclose(S.classifier_free_guidance(model, 1.0)(x, t, (cond, uncond)), vc)
     with pytest.raises(TypeError, match="concrete"):
         jax.jit(lambda g: S.sample_ode(lambda x, t: x, x, g))(jnp.linspace(1, 0, 3))
+
+
+def test_sample_final_dispatch():
+    x = S.init_latents(jax.random.key(0), 2, (1, 2, 2))
+    key = jax.random.key(1)
+    out = S.sample_final("ode", gauss_velocity, key, x, num_steps=4)
+    np.testing.assert_array_equal(out, S.sample_ode(gauss_velocity, x, S.sd3_grid(4)))
+    sa = S.sample_final("sa_solver", gauss_velocity, key, x, num_steps=4, noise_level=0.4)
+    ref = S.sample_sa_solver(gauss_velocity, key, x, S.awm_sa_solver_grid(S.sd3_grid(4)), 0.4)
+    np.testing.assert_array_equal(sa, ref)
+    em = S.sample_final("euler_maruyama", gauss_velocity, key, x, num_steps=4, noise_level=0.7)
+    np.testing.assert_array_equal(em, S.sample_sde(gauss_velocity, key, x, S.sd3_grid(4), 0.7)["final"])
+    with pytest.raises(ValueError, match="unknown"):
+        S.sample_final("ddim", gauss_velocity, key, x, num_steps=4)

@@ -5,13 +5,16 @@ Grids (host numpy): :func:`sd3_grid` (diffusers ``FlowMatchEulerDiscreteSchedule
 Steps: :func:`euler_step`, :func:`flow_grpo_sde_step` / :func:`flow_grpo_sde_log_prob`, :func:`cps_step` /
 :func:`cps_log_prob`, :func:`sa_solver_coefficients`.
 Samplers (jitted ``lax.scan``): :func:`sample_ode`, :func:`sample_sde`, :func:`sample_cps`,
-:func:`sample_sa_solver`; :func:`classifier_free_guidance` wraps a conditional model into a velocity_fn.
+:func:`sample_sa_solver`, :func:`sample_final` (by config name);
+:func:`classifier_free_guidance` wraps a conditional model into a velocity_fn.
 """
 
 from awm_jax.sampling.samplers import (
+    SAMPLERS,
     classifier_free_guidance,
     init_latents,
     sample_cps,
+    sample_final,
     sample_ode,
     sample_sa_solver,
     sample_sde,
@@ -42,6 +45,7 @@ __all__ = [
     "awm_sa_solver_grid", "calculate_shift", "check_grid", "classifier_free_guidance", "cps_log_prob",
     "cps_step", "data_prediction", "dynamic_shift_times", "euler_step", "flow_grpo_sde_log_prob",
     "flow_grpo_sde_mean", "flow_grpo_sde_step", "flux_grid", "flux_image_seq_len", "init_latents",
-    "sa_solver_coefficients", "sample_cps", "sample_ode", "sample_sa_solver", "sample_sde", "sd3_grid",
+    "SAMPLERS", "sa_solver_coefficients", "sample_cps", "sample_final", "sample_ode", "sample_sa_solver",
+    "sample_sde", "sd3_grid",
     "sde_std", "shift_times",
 ]

@@ -179,3 +179,29 @@ def sample_sa_solver(velocity_fn: Callable, key, x_init, grid, noise_level: floa
     co = S.sa_solver_coefficients(g, noise_level, t_window)
     coeffs = {k: jnp.asarray(v) for k, v in co.items()}
     return _sa_core(velocity_fn, key, x_init, jnp.float32(g[0]), coeffs, context)
+
+
+SAMPLERS = ("sa_solver", "euler_maruyama", "sde", "ode", "cps")
+
+
+def sample_final(sampler: str, velocity_fn: Callable, key, x_init, *, num_steps: int, shift: float = 3.0,
+                 noise_level: float = 0.0, t_window=(0.3, 0.9), context: Any = None):
+    """Final clean latents from a named rollout sampler (what AWM trains on) on the SD3 shift grid.
+
+    ``sa_solver``: :func:`sample_sa_solver` on ``awm_sa_solver_grid(sd3_grid(num_steps, shift))``;
+    ``euler_maruyama`` / ``sde``: the Flow-GRPO SDE (:func:`sample_sde`, its ``final``); ``cps``:
+    :func:`sample_cps`; ``ode``: :func:`sample_ode`.  (Training times index the *untweaked* grid.)
+    """
+    from awm_jax.sampling.schedules import awm_sa_solver_grid, sd3_grid
+
+    g = sd3_grid(num_steps, shift)
+    if sampler == "sa_solver":
+        g = awm_sa_solver_grid(g)
+        return sample_sa_solver(velocity_fn, key, x_init, g, noise_level, t_window, context)
+    if sampler in ("euler_maruyama", "sde"):
+        return sample_sde(velocity_fn, key, x_init, g, noise_level, context)["final"]
+    if sampler == "cps":
+        return sample_cps(velocity_fn, key, x_init, g, noise_level, context)["final"]
+    if sampler == "ode":
+        return sample_ode(velocity_fn, x_init, g, context)
+    raise ValueError(f"sampler {sampler!r} unknown; expected one of {SAMPLERS}")
