@@ -144,8 +144,8 @@ def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool 
     if timesteps.ndim != 1:
         raise ValueError(f"timestep_embedding: timesteps must be 1-D, got shape {timesteps.shape}")
     half = dim // 2
-    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - downscale_freq_shift)
-    emb = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    emb = timesteps.astype(jnp.float32)[:, None] * jnp.asarray(_frequencies(half, downscale_freq_shift,
+                                                                            max_period))[None, :]
     emb = scale * emb
     emb = jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], axis=-1)
     if flip_sin_to_cos:
@@ -153,6 +153,15 @@ def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool 
     if dim % 2 == 1:
         emb = jnp.pad(emb, ((0, 0), (0, 1)))
     return emb
+
+
+@functools.lru_cache(maxsize=16)
+def _frequencies(half: int, downscale_freq_shift: float, max_period: float) -> np.ndarray:
+    # float32 exponent exactly as diffusers forms it, then a correctly rounded exp (host constant):
+    # XLA's float32 exp differs from torch's in the last ulp, which matters for sin(1000 * f).
+    exponent = (np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)
+                / np.float32(half - downscale_freq_shift))
+    return np.exp(exponent.astype(np.float64)).astype(np.float32)
 
 
 def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:

@@ -467,6 +467,10 @@ def _check_inputs(cfg: SD3Config, x, ctx, pooled):
     if x.shape[2] % cfg.patch_size or x.shape[3] % cfg.patch_size:
         raise ValueError(f"SD3Transformer2DModel: latent size {x.shape[2:]} not divisible by "
                          f"patch_size {cfg.patch_size}")
+    m, p = cfg.pos_embed_max_size, cfg.patch_size
+    if m is not None and (x.shape[2] // p > m or x.shape[3] // p > m):
+        raise ValueError(f"SD3Transformer2DModel: latent {x.shape[2]}x{x.shape[3]} is a patch grid of "
+                         f"{x.shape[2] // p}x{x.shape[3] // p}, larger than pos_embed_max_size={m}")
     if ctx.ndim != 3 or ctx.shape[0] != x.shape[0] or ctx.shape[2] != cfg.joint_attention_dim:
         raise ValueError(f"SD3Transformer2DModel: encoder_hidden_states shape {ctx.shape} must be "
                          f"({x.shape[0]},T,{cfg.joint_attention_dim})")

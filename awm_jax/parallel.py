@@ -1,0 +1,138 @@
+"""Device meshes, THE logical-axis rule table, and multi-host helpers.
+
+Parameters carry *logical* axis names as metadata (``sharding_names``, stored by Flax as
+``out_sharding``); :data:`LOGICAL_AXIS_RULES` maps each name to mesh axes of the 3-axis mesh
+``("data", "fsdp", "tensor")``. :func:`logical_to_mesh_sharding` turns a model state (or its
+``jax.eval_shape`` abstract) into a pytree of ``NamedSharding`` s. A mesh axis is used at most once per
+array, and a dimension whose size is not divisible by its mesh axes is replicated instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis (str), tuple of mesh axes, or None (replicated)
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("conv_in", None),
+    ("conv_out", None),
+    ("norm", None),
+    ("lora_rank", None),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
+    """A ``("data", "fsdp", "tensor")`` mesh with Auto axis types; ``data=-1`` takes the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    for name, v in (("fsdp", fsdp), ("tensor", tensor)):
+        if v < 1:
+            raise ValueError(f"make_mesh: {name}={v} must be >= 1")
+    if data == -1:
+        if n % (fsdp * tensor):
+            raise ValueError(f"make_mesh: {n} devices not divisible by fsdp*tensor={fsdp * tensor}")
+        data = n // (fsdp * tensor)
+    if data * fsdp * tensor != n:
+        raise ValueError(f"make_mesh: data*fsdp*tensor={data}*{fsdp}*{tensor} != {n} devices")
+    arr = np.asarray(devices, dtype=object).reshape(data, fsdp, tensor)
+    return Mesh(arr, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def _rules_dict(rules) -> dict:
+    d = {}
+    for name, axes in rules:
+        d[name] = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    return d
+
+
+def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int] | None, mesh: Mesh,
+                    rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
+    """PartitionSpec for one array from its logical ``names`` (unknown names raise, naming them)."""
+    if names is None:
+        return PartitionSpec()
+    table = _rules_dict(rules)
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(names):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in table:
+            raise ValueError(f"logical axis name {name!r} has no rule in LOGICAL_AXIS_RULES "
+                             f"({sorted(table)})")
+        axes = tuple(a for a in table[name] if a in mesh.shape and a not in used and mesh.shape[a] > 1)
+        size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        if axes and shape is not None and shape[i] % size:
+            axes = ()
+        used.update(axes)
+        spec.append(None if not axes else (axes[0] if len(axes) == 1 else axes))
+    return PartitionSpec(*spec)
+
+
+def _names_of(var) -> tuple | None:
+    for k in ("out_sharding", "sharding_names", "sharding"):
+        if var.has_metadata(k) and var.get_metadata(k) is not None:
+            return tuple(var.get_metadata(k))
+    return None
+
+
+def logical_to_mesh_sharding(state, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    """Pytree of ``NamedSharding`` (same structure as ``state``) from each Variable's logical axis names."""
+
+    def one(var):
+        value = var.get_value() if isinstance(var, nnx.Variable) else var
+        shape = getattr(value, "shape", None)
+        names = _names_of(var) if isinstance(var, nnx.Variable) else None
+        if names is not None and shape is not None and len(names) != len(shape):
+            raise ValueError(f"sharding names {names} do not match array shape {shape}")
+        sh = NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
+        return var.replace(value=sh) if isinstance(var, nnx.Variable) else sh
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_model_state(state, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    """``jax.device_put`` every array of ``state`` onto ``mesh`` per its logical names."""
+    shardings = logical_to_mesh_sharding(state, mesh, rules)
+    return jax.device_put(state, shardings)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Sharding of a batch-leading array of rank ``ndim`` (batch over ``data`` x ``fsdp``)."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Fully replicated sharding on ``mesh``."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def process_allgather(x, tiled: bool = False):
+    """Gather a (possibly multi-host, sharded) pytree to every host as numpy arrays.
+
+    Single-process: returns ``np.asarray`` of the (global) arrays. Multi-process: wraps
+    ``jax.experimental.multihost_utils.process_allgather``.
+    """
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, x)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(x, tiled=tiled)
+
+
+def is_main_process() -> bool:
+    """True on process 0 (logging / checkpoint-writing host)."""
+    return jax.process_index() == 0
