@@ -25,7 +25,31 @@ __all__ = [
     "save_config",
     "parse_args",
     "flat_keys",
+    "ARCHS",
+    "transformer_config",
 ]
+
+# diffusers SD3Transformer2DModel configs of the architectures configs may name (REFERENCE.md section 7).
+ARCHS = {
+    "sd3.5-medium": dict(
+        sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
+        dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+    ),
+}
+
+
+def transformer_config(cfg: ml_collections.ConfigDict) -> dict:
+    """The SD3 transformer config dict named by ``model.arch`` ("toy": the toy world's default)."""
+    arch = cfg.model.arch
+    if arch == "toy":
+        from awm_jax.toy.world import DEFAULT_TRANSFORMER_CONFIG
+
+        return dict(DEFAULT_TRANSFORMER_CONFIG)
+    if arch not in ARCHS:
+        raise ConfigError(f"config key 'model.arch' = {arch!r} is not one of {sorted(ARCHS) + ['toy']}")
+    return dict(ARCHS[arch])
 
 
 class ConfigError(ValueError):

@@ -34,6 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = m = ml_collections.ConfigDict()
     m.kind = "sd35"  # "sd35" (converted SD3.5 weights) | "toy" (the embedded shapes world)
+    m.arch = "sd3.5-medium"  # transformer architecture (awm_jax.config_lib.ARCHS); weights must match
     m.path = ""  # directory of the transformer weights (converted or diffusers); "" = toy random init
     m.vae_path = ""  # VAE weights directory (sd35)
     m.text_encoder_paths = ("", "", "")  # CLIP-L, CLIP-G, T5-XXL directories (sd35)
@@ -207,6 +208,7 @@ def toy(algorithm: str = "awm") -> ml_collections.ConfigDict:
     """The embedded shapes world: runs end to end on a 2-core CPU in minutes."""
     c = base_config()
     c.model.kind = "toy"
+    c.model.arch = "toy"
     c.model.path = "awm_jax/toy/assets/toy_mmdit"  # pretrained toy checkpoint ("" = random init)
     c.model.dtype = "float32"
     c.model.resolution = 32

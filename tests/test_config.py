@@ -1,10 +1,12 @@
 """Config loading, overrides, validation and the shipped configs."""
 
+import functools
 import glob
 import json
 import os
 import re
 
+import jax
 import pytest
 
 from awm_jax import config_lib
@@ -134,3 +136,36 @@ def test_parse_args_and_save(tmp_path):
 def test_missing_config_file():
     with pytest.raises(config_lib.ConfigError, match="nope.py"):
         config_lib.load_config("/nonexistent/nope.py")
+
+
+@functools.cache
+def _abstract_sizes(arch_items, rank, alpha, targets):
+    """(base params, LoRA params) of the abstract model (nnx.eval_shape: no weights, no FLOPs)."""
+    from flax import nnx
+
+    from awm_jax.models.lora import LoRAConfig, LoRAParam
+    from awm_jax.models.mmdit import SD3Config, SD3Transformer2DModel
+
+    tcfg = SD3Config.from_dict(dict(arch_items))
+    lora = LoRAConfig(rank=rank, alpha=alpha, target_modules=targets)
+    # scan_layers: stacked blocks trace once (same parameter count as the per-layer layout, much faster)
+    model = nnx.eval_shape(lambda: SD3Transformer2DModel(tcfg, rngs=nnx.Rngs(0), lora=lora, scan_layers=True))
+    n_lora = sum(x.size for x in jax.tree.leaves(nnx.state(model, LoRAParam)))
+    n_all = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return n_all - n_lora, n_lora
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=os.path.basename)
+def test_model_shapes_from_config(path):
+    """Build every config's transformer + LoRA abstractly (jax.eval_shape, no weights) and check sizes."""
+    cfg = config_lib.load_config(path)
+    arch = config_lib.transformer_config(cfg)
+    items = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in arch.items()))
+    n_base, n_lora = _abstract_sizes(items, cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets))
+    if cfg.model.arch == "sd3.5-medium":
+        assert arch["num_layers"] == 24 and arch["num_attention_heads"] * arch["attention_head_dim"] == 1536
+        assert 2.2e9 < n_base < 2.3e9, n_base  # SD3.5 Medium transformer: 2.24B parameters
+        # r=32 on 8 attention projections of 24 blocks (+ 13 dual-attention ones), ~24M
+        assert 20e6 < n_lora < 30e6, n_lora
+    else:
+        assert n_base < 20e6 and n_lora > 0
