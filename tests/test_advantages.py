@@ -65,3 +65,22 @@ def test_reward_stats():
     assert st["all_wrong_frac"] == pytest.approx(2 / 4)
     st = reward_stats(r, g, correct_threshold=0.5)
     assert st["all_correct_frac"] == pytest.approx(2 / 4) and st["all_wrong_frac"] == pytest.approx(1 / 4)
+
+
+def test_stat_tracker_history_and_clear():
+    from awm_jax.rl import PerPromptStatTracker
+
+    rng = np.random.RandomState(4)
+    r1, r2 = rng.rand(8), rng.rand(8)
+    p = np.array(["a", "b"] * 4)
+    tr = PerPromptStatTracker(global_std=True)
+    np.testing.assert_allclose(tr.update(p, r1), group_advantages(r1, p), rtol=1e-12)
+    a2 = tr.update(p, r2)  # baseline now uses both epochs' rewards of the prompt
+    for q in ("a", "b"):
+        m = p == q
+        hist = np.concatenate([r1[m], r2[m]])
+        np.testing.assert_allclose(a2[m], (r2[m] - hist.mean()) / (r2.std() + 1e-4), rtol=1e-12)
+    tr.clear()
+    np.testing.assert_allclose(tr.update(p, r2), group_advantages(r2, p), rtol=1e-12)
+    tg = PerPromptStatTracker(global_std=False)
+    np.testing.assert_allclose(tg.update(p, r1), group_advantages(r1, p, global_std=False), rtol=1e-12)

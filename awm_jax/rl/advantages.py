@@ -41,6 +41,37 @@ def group_advantages(rewards, group_ids, global_std: bool = True, eps: float = 1
     return (centered / (std + eps)).astype(r.dtype)
 
 
+class PerPromptStatTracker:
+    """Stateful per-prompt tracker: baselines use every reward seen for a prompt since :meth:`clear`.
+
+    ``update(prompts, rewards)`` returns ``(r - mean_prompt_history) / (std + eps)`` with the std of the
+    current rewards (``global_std``) or of the prompt's history.  Right after ``clear()`` (the public code
+    clears every epoch) this equals :func:`group_advantages`.
+    """
+
+    def __init__(self, global_std: bool = True, eps: float = 1e-4):
+        self.global_std, self.eps = bool(global_std), float(eps)
+        self.history: dict = {}
+
+    def update(self, prompts, rewards) -> np.ndarray:
+        r, _ = _as_inputs(rewards, np.asarray(prompts))
+        r64 = r.astype(np.float64)
+        keys = [p if isinstance(p, (str, int)) else str(p) for p in np.asarray(prompts).tolist()]
+        for k, x in zip(keys, r64):
+            self.history.setdefault(k, []).append(float(x))
+        out = np.empty_like(r64)
+        for k in set(keys):
+            m = np.array([kk == k for kk in keys])
+            h = np.asarray(self.history[k])
+            std = r64.std() if self.global_std else h.std()
+            out[m] = (r64[m] - h.mean()) / (std + self.eps)
+        return out.astype(r.dtype)
+
+    def clear(self) -> None:
+        """Forget all prompt histories."""
+        self.history = {}
+
+
 def awm_clip_advantages(advantages, clip: float = 5.0, advantage_max: float = 1.0):
     """AWM clip and rescale: ``clip(A, -clip, clip) / clip * advantage_max`` (np or jnp)."""
     if clip <= 0:
