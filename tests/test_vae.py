@@ -13,8 +13,9 @@ import awm_jax  # noqa: F401  (flax settings)
 from awm_jax import convert
 from awm_jax.convert.keymap import ConversionError
 from awm_jax.models.vae import (
+    DiagonalGaussian,
     VAEConfig,
-    latents_to_images_uint8,
+    images_uint8_to_latents,
     load_vae,
     make_decode_fn,
 )
@@ -45,14 +46,29 @@ def _rel(a, ref):
     return float(np.max(np.abs(a - ref)) / np.max(np.abs(ref)))
 
 
+_PAIRS = {}
+
+
+def _pair(name, tmp_path_factory):
+    if name not in _PAIRS:
+        lc, quant, shift = LAYOUTS[name]
+        ref = _tiny_diffusers_vae(lc, quant, shift)
+        folder = tmp_path_factory.mktemp(f"vae_{name}")
+        ref.save_pretrained(folder)
+        _PAIRS[name] = (name, ref, load_vae(folder), folder)
+    return _PAIRS[name]
+
+
 @pytest.fixture(scope="module", params=sorted(LAYOUTS))
 def pair(request, tmp_path_factory):
     """(layout name, diffusers vae, Flax vae loaded from its save_pretrained folder, folder)."""
-    lc, quant, shift = LAYOUTS[request.param]
-    ref = _tiny_diffusers_vae(lc, quant, shift)
-    folder = tmp_path_factory.mktemp(f"vae_{request.param}")
-    ref.save_pretrained(folder)
-    return request.param, ref, load_vae(folder), folder
+    return _pair(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def sd3_pair(tmp_path_factory):
+    """The 16-channel SD3/FLUX-layout pair only (for the tests that need one layout)."""
+    return _pair("sd3", tmp_path_factory)
 
 
 def test_encode_decode_parity(pair):
@@ -75,6 +91,8 @@ def test_encode_decode_parity(pair):
     # posterior samples: reproducible per key, distinct across keys, mean + std * eps
     s1, s2 = ours.sample(jax.random.key(1)), ours.sample(jax.random.key(2))
     np.testing.assert_array_equal(s1, ours.sample(jax.random.key(1)))
+    post = DiagonalGaussian(mean=ours.mean[:, :1], logvar=ours.logvar[:, :1])  # a plain pytree
+    assert jax.tree.leaves(post)[0].shape == (2, 1, 8, 12)
     assert float(jnp.abs(s1 - s2).max()) > 0
     eps = (s1 - ours.mean) / ours.std
     assert abs(float(eps.std()) - 1.0) < 0.2
@@ -97,13 +115,10 @@ def test_latents_to_images_uint8_matches_diffusers_postprocess(pair):
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
 
 
-def test_decode_fn_jitted_and_sharded(pair):
-    name, _, vae, _ = pair
-    lc = LAYOUTS[name][0]
-    latents = jnp.asarray(np.random.RandomState(4).randn(8, lc, 4, 4).astype(np.float32))
-    eager = np.asarray(latents_to_images_uint8(vae, latents[:1]))  # eager == jitted
+def test_decode_fn_sharded(sd3_pair):
+    _, _, vae, _ = sd3_pair
+    latents = jnp.asarray(np.random.RandomState(4).randn(8, 16, 4, 4).astype(np.float32))
     jitted = np.asarray(make_decode_fn(vae)(latents))
-    assert np.abs(jitted[:1].astype(int) - eager.astype(int)).max() <= 1
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))
     out = make_decode_fn(vae, mesh)(latents)
     assert out.sharding.spec[0] == ("data", "fsdp")
@@ -120,6 +135,29 @@ def test_params_have_logical_axis_names(pair):
         names = meta.get("sharding_names", meta.get("out_sharding"))
         assert names is not None and len(names) == v.get_value().ndim, path
         assert set(names) <= allowed, (path, names)
+
+
+def test_images_uint8_to_latents(sd3_pair):
+    _, ref, vae, _ = sd3_pair
+    images = np.random.RandomState(6).randint(0, 256, (2, 16, 8, 3)).astype(np.uint8)
+    x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        want = (ref.encode(x).latent_dist.mean - ref.config.shift_factor) * ref.config.scaling_factor
+    got = nnx.jit(images_uint8_to_latents)(vae, jnp.asarray(images))
+    assert got.shape == (2, 16, 8, 4)
+    assert _rel(got, want.numpy()) <= 1e-5
+
+
+def test_bfloat16_compute(sd3_pair):
+    _, ref, _, folder = sd3_pair
+    vae = load_vae(folder, dtype=jnp.bfloat16)
+    z = np.random.RandomState(5).randn(1, 16, 4, 4).astype(np.float32)
+    with torch.no_grad():
+        want = ref.decode(torch.from_numpy(z)).sample.numpy()
+    got = nnx.jit(lambda m, z: m.decode(z))(vae, jnp.asarray(z))
+    assert got.dtype == jnp.bfloat16
+    assert _rel(got.astype(jnp.float32), want) <= 5e-2
+    assert vae.decoder.conv_in.kernel.get_value().dtype == jnp.float32  # storage stays as loaded
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
