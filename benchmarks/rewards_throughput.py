@@ -119,10 +119,13 @@ def bench_scorers(tmp: str, quick: bool, clip_l: bool) -> list[tuple[str, str, f
 
         from awm_jax.rewards.tiny import _byte_vocab
 
+        vocab = _byte_vocab()
         proc_dir = save_tiny_clip(os.path.join(tmp, "clip224"), image_size=224, patch=14)
         cfg = CLIPConfig(
-            text_config=dict(vocab_size=len(_byte_vocab()), hidden_size=768, intermediate_size=3072,
-                             num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77),
+            text_config=dict(vocab_size=len(vocab), hidden_size=768, intermediate_size=3072,
+                             num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                             bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                             pad_token_id=vocab["<|endoftext|>"]),
             vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                num_attention_heads=16, image_size=224, patch_size=14),
             projection_dim=768)
@@ -133,9 +136,11 @@ def bench_scorers(tmp: str, quick: bool, clip_l: bool) -> list[tuple[str, str, f
         s.model = big  # random CLIP-L-shaped weights (the processor of proc_dir is 224 px)
         t = timeit(lambda: s(rand[:bl], prompts[:bl]), 1)
         rows.append(("pickscore (random CLIP-L shape, 224 px)", f"512x512 input, B={bl}", bl / t))
-        head768 = save_tiny_aesthetic(os.path.join(tmp, "h768.safetensors"), 768)
-        s = get("aesthetic", clip_path=proc_dir, head_path=head768)
-        s.model = big
+        from awm_jax.rewards.aesthetic import load_head
+
+        s = get("aesthetic", clip_path=proc_dir, head_path=head)
+        s.model = big  # the matching 768-wide head replaces the tiny one
+        s.head = load_head(save_tiny_aesthetic(os.path.join(tmp, "h768.safetensors"), 768), 768)
         t = timeit(lambda: s(rand[:bl], prompts[:bl]), 1)
         rows.append(("aesthetic (random CLIP-L shape + 768 head, 224 px)", f"512x512 input, B={bl}", bl / t))
     return rows
@@ -237,6 +242,29 @@ def bench_callback(quick: bool) -> list[tuple[str, str, float | None]]:
     return out
 
 
+NOTES = """
+## Notes
+
+- The machine is shared by several jobs (see the load average above), so absolute numbers are
+  pessimistic and noisy by tens of percent; compare rows of one run only.
+- OCR is the real rapidocr engine on rendered text (mean reward 1.0 = every target read). Its
+  detector resizes the short side to 736 by default (upsampling 512 px images); `det_limit_type="max"`
+  with 512 keeps the size and is faster at equal accuracy on this text.
+- Tiny random models measure plumbing (processor, PIL crops, Python loops), not model cost; the
+  random CLIP-L-shaped rows give the order of magnitude of the real PickScore / aesthetic CLIP
+  on this CPU (PickScore's real CLIP-H is about 3x the FLOPs of CLIP-L).
+- Bridge overhead: `RewardBridge.score` against the direct call is within the run-to-run noise
+  (a few ms per batch here); the bridge adds one host copy, input checks, a finiteness check and,
+  for `submit`, a thread hand-off.
+- pure_callback vs host step: a `jax.pure_callback` runs the scorer inside the jitted program, so
+  the next rollout cannot start until scoring ends (cost ~ rollout + score). The overlapped host
+  step (`submit` batch i, dispatch rollout i+1, then `result()`) costs ~ max(rollout, score)
+  when the scorer does not compete for the same CPU cores (the latency-bound row: a remote reward
+  server or a scorer on another accelerator). With a CPU-bound scorer on 2 shared cores there is
+  nothing to overlap with, and all three are equal within noise.
+"""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer images / repetitions")
@@ -265,7 +293,7 @@ def main() -> None:
     lines += ["", "## Rollout + reward: pure_callback vs host step (ms per batch of 8, 128x128)", "",
               "| scorer | method | ms/batch |", "|---|---|---|"]
     lines += [f"| {s} | {m} | {'' if v is None else f'{v:.1f}'} |" for s, m, v in cb]
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n" + NOTES
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(text)
