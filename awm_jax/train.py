@@ -101,14 +101,20 @@ def default_components(config: ml_collections.ConfigDict) -> Components:
     pipeline = _load_pipeline(config)
     mesh = _make_mesh(config)
     graphdef, base_state, state = ts.create_train_state(pipeline.transformer, config)
-    step = ts.make_train_step(graphdef, config, mesh)
-    rollout = ts.make_rollout_fn(graphdef, config, mesh)
+    negative = None
+    if config.sample.guidance_scale != 1.0:  # CFG (Flow-GRPO): empty-prompt embeddings
+        neg_e, neg_p = pipeline.text_encoder.encode([""])
+        negative = (jnp.asarray(neg_e[:1]), jnp.asarray(neg_p[:1]))
+    shape = tuple(pipeline.latent_shape)
+    step = ts.make_train_step(graphdef, config, mesh, negative=negative)
+    rollout = ts.make_rollout_fn(graphdef, config, mesh, latent_shape=shape, negative=negative)
     eval_cfg = ml_collections.ConfigDict(config.to_dict())
-    eval_cfg.algorithm = "awm"  # eval sampler returns x0 only
+    eval_cfg.algorithm = "awm"  # the evaluation sampler returns x0 only: a deterministic 40-step ODE
     eval_cfg.sample.sampler = "ode"
     eval_cfg.sample.num_steps = config.eval.num_steps
     eval_cfg.sample.noise_level = 0.0
-    eval_rollout = ts.make_rollout_fn(graphdef, eval_cfg, mesh)
+    eval_cfg.sample.guidance_scale = 1.0
+    eval_rollout = ts.make_rollout_fn(graphdef, eval_cfg, mesh, latent_shape=shape)
     scorer = rewards.get(config.reward.name, **config.reward.kwargs.to_dict())
 
     def eval_params(s):
@@ -194,7 +200,7 @@ def _make_bridge(scorer, retries: int):
     try:
         from awm_jax.rewards.bridge import RewardBridge
 
-        return RewardBridge(scorer, retries=retries)
+        return RewardBridge(scorer, retries=retries, gather=False)  # the trainer gathers globally
     except ImportError:  # C's bridge not in the tree yet: synchronous scoring
         class _Sync:
             def score(self, images, prompts, metadata):

@@ -118,7 +118,8 @@ def _cfg(**over):
     cfg = config_lib.load_config(TOY)
     base = {"components": "test_train:mock_components", "data.group_size": "4",
             "data.prompts_per_step": "4", "sample.batch_size": "1", "eval.samples_per_prompt": "2",
-            "eval.every": "2", "eval.num_prompts": "4", "checkpoint.every": "1", "checkpoint.async_save": "false", "log.progress": "false", "max_steps": "4"}
+            "eval.every": "2", "eval.num_prompts": "4", "checkpoint.every": "1",
+            "checkpoint.async_save": "false", "log.progress": "false", "max_steps": "4"}
     base.update({k.replace("__", "."): str(v) for k, v in over.items()})
     config_lib.apply_overrides(cfg, list(base.items()))
     return cfg
