@@ -76,3 +76,30 @@ def test_load_sd3_errors(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         load_sd3(tmp_path)
+
+
+def test_load_sd3_pipeline_from_trainer_config(pipes):
+    import ml_collections
+
+    from awm_jax.pipelines import load_sd3_pipeline
+
+    path, _, ours = pipes
+    c = ml_collections.ConfigDict()
+    c.model = dict(kind="sd35", path=str(path / "transformer"), vae_path=str(path / "vae"),
+                   text_encoder_paths=tuple(str(path / s) for s in ("text_encoder", "text_encoder_2",
+                                                                     "text_encoder_3")),
+                   max_sequence_length=MAX_SEQ, resolution=32, dtype="float32", param_dtype="float32")
+    pipe = load_sd3_pipeline(c)
+    assert pipe.latent_shape == (16, 16, 16) and (pipe.height, pipe.width) == (32, 32)
+    emb, pooled = pipe.text_encoder.encode(["a red cat"])
+    assert emb.shape == (1, 77 + MAX_SEQ, 48) and pooled.shape == (1, 40)
+    np.testing.assert_array_equal(emb, ours.text_encoder.encode(["a red cat"])[0])
+    k = ours.transformer.context_embedder.kernel.get_value()
+    np.testing.assert_array_equal(np.asarray(pipe.transformer.context_embedder.kernel.get_value()), k)
+    c.model.text_encoder_paths = ("/elsewhere/text_encoder", "", "")
+    with pytest.raises(ValueError, match="/elsewhere/text_encoder"):
+        load_sd3_pipeline(c)
+    c.model.text_encoder_paths = ("", "", "")
+    c.model.resolution = 30
+    with pytest.raises(ValueError, match="height=30"):
+        load_sd3_pipeline(c)

@@ -157,13 +157,67 @@ def load_sd3(pipeline_dir: str | pathlib.Path, *, height: int | None = None, wid
 
         text_encoder = SD3TextEncoders.from_pipeline_dir(root, max_sequence_length=max_sequence_length,
                                                          load_t5=load_t5)
+    return assemble(root, transformer, vae, text_encoder, height, width)
+
+
+def assemble(root: pathlib.Path, transformer: nnx.Module, vae: AutoencoderKL, text_encoder: Any,
+             height: int | None, width: int | None) -> SD3Pipeline:
+    """An :class:`SD3Pipeline` from loaded parts (checks the image size; shift from ``root/scheduler``)."""
+    if transformer.config.in_channels != vae.config.latent_channels:
+        raise ValueError(f"{root}: transformer in_channels {transformer.config.in_channels} != VAE "
+                         f"latent_channels {vae.config.latent_channels}")
     f = vae.config.downsample_factor
     default = transformer.config.sample_size * f
     height, width = height or default, width or default
     patch = transformer.config.patch_size
     for name, v in (("height", height), ("width", width)):
         if v % (f * patch):
-            raise ValueError(f"load_sd3: {name}={v} must be a multiple of {f * patch} "
+            raise ValueError(f"SD3 pipeline: {name}={v} must be a multiple of {f * patch} "
                              f"(VAE factor {f} x patch size {patch})")
     return SD3Pipeline(transformer=transformer, vae=vae, text_encoder=text_encoder,
                        shift=_scheduler_shift(root), height=int(height), width=int(width))
+
+
+_TEXT_SUBFOLDERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def _pipeline_root(model_path: str) -> pathlib.Path:
+    p = pathlib.Path(model_path)
+    for cand in (p, p.parent):
+        if (cand / "model_index.json").exists():
+            return cand
+    raise FileNotFoundError(f"config model.path={model_path!r}: neither it nor its parent is a diffusers "
+                            "pipeline folder (model_index.json); the SD3 pipeline needs the tokenizers there")
+
+
+def load_sd3_pipeline(config) -> SD3Pipeline:
+    """The trainer's entry: an :class:`SD3Pipeline` from ``config.model`` (ConfigDict or dict).
+
+    Reads ``model.path`` (the pipeline folder or its ``transformer/``, diffusers or converted Flax),
+    ``model.vae_path`` ("" = ``<root>/vae``), ``model.text_encoder_paths`` (must be ``<root>/text_encoder*``
+    or "": the tokenizers are read from the same pipeline folder), ``model.resolution``, ``model.dtype``,
+    ``model.param_dtype``, ``model.max_sequence_length``, optional ``model.scan_layers`` / ``remat_policy``.
+    """
+    from awm_jax.models import load_transformer, load_vae
+    from awm_jax.text.sd3 import SD3TextEncoders
+
+    m = config["model"] if isinstance(config, dict) else config.model
+    get = (lambda k, d=None: m.get(k, d))
+    if not get("path"):
+        raise ValueError("config model.path is empty: give the SD3 pipeline folder (or its transformer/)")
+    root = _pipeline_root(get("path"))
+    paths = tuple(get("text_encoder_paths", ()) or ())
+    for sub, given in zip(_TEXT_SUBFOLDERS, paths, strict=False):
+        if given and pathlib.Path(given).resolve() != (root / sub).resolve():
+            raise ValueError(f"config model.text_encoder_paths entry {given!r} is not {root / sub}: text "
+                             "encoders and tokenizers are loaded from the pipeline folder of model.path")
+    dtype = None if get("dtype", "float32") == "float32" else jnp.dtype(get("dtype"))
+    param_dtype = jnp.dtype(get("param_dtype", "float32"))
+    kw = {k: get(k) for k in ("scan_layers", "remat_policy") if get(k) is not None}
+    transformer = load_transformer(get("path"), dtype=dtype, param_dtype=param_dtype, **kw)
+    vae = load_vae(get("vae_path") or root)
+    load_t5 = len(paths) < 3 or bool(paths[2])
+    text = SD3TextEncoders.from_pipeline_dir(root, max_sequence_length=int(get("max_sequence_length", 128)),
+                                             load_t5=load_t5)
+    res = get("resolution")
+    return assemble(root, transformer, vae, text, res, res)
