@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import pathlib
 from collections.abc import Sequence
@@ -431,31 +430,6 @@ def make_decode_fn(vae: AutoencoderKL, mesh: jax.sharding.Mesh | None = None,
 
 # ----------------------------------------------------------------------------------------------
 # loading
-
-
-def resolve_vae_dir(path: str | pathlib.Path) -> pathlib.Path:
-    """A VAE folder (``config.json`` + weights) from a VAE folder or a pipeline folder with ``vae/``."""
-    p = pathlib.Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"VAE path {p} does not exist")
-    if (p / "vae" / "config.json").exists():
-        return p / "vae"
-    if (p / "config.json").exists():
-        return p
-    raise FileNotFoundError(f"{p}: neither a VAE folder (config.json) nor a pipeline folder with vae/")
-
-
-def read_vae_config(path: str | pathlib.Path) -> VAEConfig:
-    """``VAEConfig`` from a VAE/pipeline folder's ``config.json`` (diffusers or converted Flax)."""
-    cfg_path = resolve_vae_dir(path) / "config.json"
-    try:
-        d = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: invalid JSON: {e}") from e
-    cls = d.get("_class_name", "AutoencoderKL")
-    if cls != "AutoencoderKL":
-        raise ValueError(f"{cfg_path}: _class_name {cls!r} is not AutoencoderKL")
-    return VAEConfig.from_dict(d, source=str(cfg_path))
 
 
 def abstract_vae(config: VAEConfig, *, dtype=None, param_dtype=jnp.float32) -> AutoencoderKL:
