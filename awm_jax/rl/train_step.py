@@ -1,0 +1,732 @@
+"""The jitted, sharded AWM / Flow-GRPO train step, the train state and the rollout samplers.
+
+Contract (used by ``awm_jax.train``)::
+
+    graphdef, base_state, state = create_train_state(model, config)
+    step = make_train_step(graphdef, config, mesh)     # (state, base_state, batch, key) -> (state, metrics)
+    rollout = make_rollout_fn(graphdef, config, mesh)  # (trainable, base_state, embeds, pooled, key) -> dict
+
+**Parameters.** LoRA mode (default): the transformer is (re)built with adapters on ``config.lora.targets``
+(rank, alpha, Gaussian ``A``, zero ``B``; compute dtype ``config.model.dtype``); ``state.trainable`` is the
+fp32 LoRA state, ``base_state`` the frozen base weights.  The reference model is the *same* graphdef merged
+with the LoRA state whose ``B`` is zeroed (no second copy of the weights) and the kl-EMA adapter is a second
+LoRA state.  Full fine-tuning (``config.lora.full_finetune``): ``trainable`` = every parameter (fp32) and
+``base_state`` is a frozen copy used as the reference, so parameter memory is ~ 3x (policy + reference +
+kl-EMA) plus 2x for Adam plus 1x for the eval EMA: about 7 fp32 copies of the model (SD3.5-M, 2.5 B params:
+~70 GB), against 1 copy + 7 copies of the adapters (~0.1 GB) with LoRA.
+
+**Step.** One call = one optimizer step on all rollouts of an epoch: the batch of N samples is split into
+M equal micro-batches (``config.train.micro_batch_size`` per batch shard) and, optionally, the K training
+times (``config.train.scan_times``; AWM ``per_time`` loss only) into K chunks; a ``lax.scan`` accumulates the
+fp32 gradients of the chunk losses and their mean is clipped (global norm) and applied with AdamW.  Then the
+kl-EMA and eval-EMA are updated.  A non-finite loss or gradient leaves the whole state unchanged
+(``metrics["finite"] = False``).  The state is donated; training noise and times are drawn per sample from
+``key`` so results do not depend on the micro-batching or the mesh.
+
+AWM batch: ``x0 (N,C,H,W), prompt_embeds (N,T,D), pooled (N,P), advantages (N,)`` (already clipped), optional
+``times (K,N)``, ``noise (K,N,C,H,W)`` and ``logp_old (K,N)`` (all three needed for an external ``logp_old``).
+Off-policy (``config.awm.on_policy = False``) without ``logp_old``: it is computed inside the step with the
+kl-EMA adapter (the public code's off-policy mode also samples with that adapter: roll out with
+``state.kl_ema``).  Flow-GRPO batch: the :func:`make_rollout_fn` trajectory (``latents (N,S+1,C,H,W)``,
+``log_probs``, ``timesteps``, ``next_timesteps`` (N,S)) + embeddings + advantages.  CFG (guidance != 1) needs
+the empty-prompt embeddings: ``negative=(embeds (1,T,D), pooled (1,P))`` for both factories.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from awm_jax import parallel
+from awm_jax.models.lora import LoRAConfig, LoRAParam
+from awm_jax.rl import awm as awm_lib
+from awm_jax.rl import ema as ema_lib
+from awm_jax.rl import grpo as grpo_lib
+from awm_jax.rl.timesteps import sample_train_timesteps
+from awm_jax.sampling import samplers
+from awm_jax.sampling.samplers import classifier_free_guidance, init_latents
+from awm_jax.sampling.schedules import awm_sa_solver_grid, sd3_grid
+
+ALGORITHMS = ("awm", "flow_grpo")
+ROLLOUT_SAMPLERS = ("sa_solver", "euler_maruyama", "ode", "sde", "cps")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (a pytree; checkpointed as is)."""
+
+    step: jax.Array  # int32 scalar: optimizer steps completed
+    trainable: Any  # LoRA state (or all params when full fine-tuning), fp32
+    opt_state: Any  # optax AdamW state
+    kl_ema: Any = None  # kl-EMA adapter (same structure as trainable) or None
+    eval_ema: Any = None  # evaluation EMA or None
+
+
+# ------------------------------------------------------------------------------------------ set-up
+
+
+def _get(cfg, key: str, default=None):
+    return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+
+
+def _dtype(name) -> Any:
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        return name
+    if name not in _DTYPES:
+        raise ValueError(f"config key model.dtype = {name!r}: expected one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def _full(config) -> bool:
+    return bool(_get(config.lora, "full_finetune", False))
+
+
+def _algorithm(config) -> str:
+    a = str(config.algorithm)
+    if a not in ALGORITHMS:
+        raise ValueError(f"config key algorithm = {a!r}: expected one of {ALGORITHMS}")
+    return a
+
+
+def _needs_kl_ema(config) -> bool:
+    return _algorithm(config) == "awm" and (float(config.awm.ema_beta) != 0 or not bool(config.awm.on_policy))
+
+
+def lora_config(config) -> LoRAConfig:
+    """:class:`LoRAConfig` from ``config.lora`` (only ``init = "gaussian"`` exists)."""
+    if str(_get(config.lora, "init", "gaussian")) != "gaussian":
+        raise ValueError(f"config key lora.init = {config.lora.init!r}: only 'gaussian' is implemented")
+    return LoRAConfig(rank=int(config.lora.rank), alpha=float(config.lora.alpha),
+                      target_modules=tuple(config.lora.targets))
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW (constant lr), from ``config.optim``."""
+    o = config.optim
+    return optax.chain(
+        optax.clip_by_global_norm(float(o.max_grad_norm)),
+        optax.adamw(float(o.lr), b1=float(o.b1), b2=float(o.b2), eps=float(o.eps),
+                    weight_decay=float(o.weight_decay)),
+    )
+
+
+def _flat_paths(state) -> set:
+    return {p for p, _ in nnx.to_flat_state(state)}
+
+
+def _rebuild(model, config, lora: LoRAConfig | None, seed: int):
+    """Graphdef (+ initial LoRA state) of ``model`` rebuilt with ``lora`` and the configured compute dtype."""
+    from awm_jax.models.mmdit import SD3Transformer2DModel
+
+    if not isinstance(model, SD3Transformer2DModel):
+        return None
+    dtype = _dtype(_get(config.model, "dtype", None)) or model.dtype
+
+    def build():
+        return SD3Transformer2DModel(model.config, rngs=nnx.Rngs(seed), dtype=dtype,
+                                     param_dtype=model.param_dtype, scan_layers=model.scan_layers,
+                                     remat_policy=model.remat_policy, lora=lora)
+
+    abstract = nnx.eval_shape(build)
+    if lora is None:
+        graphdef, _ = nnx.split(abstract, nnx.Param)
+        return graphdef, None
+    graphdef, abs_lora, _ = nnx.split(abstract, LoRAParam, nnx.Param)
+    return graphdef, init_lora(abs_lora, int(lora.rank), seed)
+
+
+def init_lora(abstract_lora, rank: int, seed: int):
+    """Fresh adapters for an (abstract) LoRA state: ``lora_a ~ N(0, 1/r^2)`` (std ``1/r``), ``lora_b = 0``."""
+    key = jax.random.key(seed)
+    flat = []
+    for i, (path, var) in enumerate(nnx.to_flat_state(abstract_lora)):
+        dtype = var.dtype if hasattr(var, "dtype") else jnp.float32
+        if _key_str(path[-1]) == "lora_b":
+            value = jnp.zeros(var.shape, dtype)
+        else:
+            z = jax.random.normal(jax.random.fold_in(key, i), var.shape, jnp.float32)
+            value = (z / rank).astype(dtype)
+        flat.append((path, var.replace(value=value)))
+    return nnx.from_flat_state(flat)
+
+
+def _key_str(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def zero_lora_b(lora_state):
+    """``lora_state`` with every ``lora_b`` zeroed (the reference model: adapters become no-ops).
+
+    (``awm_jax.models.lora.zero_lora`` tests only the last path key, which for an ``nnx.State`` leaf is the
+    Variable's ``value`` attribute, so it zeroes nothing; this version looks for ``lora_b`` in the path.)
+    """
+    def zero(path, x):
+        return jnp.zeros_like(x) if any(_key_str(k) == "lora_b" for k in path) else x
+
+    return jax.tree_util.tree_map_with_path(zero, lora_state)
+
+
+def _to_f32(tree):
+    return jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), tree)
+
+
+def create_train_state(model: nnx.Module, config, *, seed: int | None = None):
+    """``(graphdef, base_state, TrainState)`` for ``model`` per ``config`` (see the module docstring).
+
+    An ``SD3Transformer2DModel`` is rebuilt abstractly with the configured LoRA targets and compute dtype
+    (its base weights are reused, not copied); a model that already carries LoRA adapters keeps them.
+    """
+    seed = int(_get(config, "seed", 0) if seed is None else seed)
+    tx = make_optimizer(config)
+    if _full(config):
+        rebuilt = _rebuild(model, config, None, seed)
+        graphdef, params = nnx.split(model, nnx.Param)
+        if rebuilt is not None:
+            graphdef = rebuilt[0]
+        base_state = params  # the frozen reference
+        trainable = _to_f32(params)
+    else:
+        has_lora = bool(jax.tree.leaves(nnx.state(model, LoRAParam)))
+        if has_lora:
+            graphdef, trainable, base_state = nnx.split(model, LoRAParam, nnx.Param)
+        else:
+            rebuilt = _rebuild(model, config, lora_config(config), seed)
+            if rebuilt is None:
+                raise ValueError(f"{type(model).__name__} has no LoRAParam adapters and cannot be rebuilt "
+                                 "with config.lora; build it with LoRA or set lora.full_finetune")
+            graphdef, trainable = rebuilt
+            base_state = nnx.state(model, nnx.Param)
+            _, _, abs_base = nnx.split(nnx.merge(graphdef, trainable, base_state), LoRAParam, nnx.Param)
+            if _flat_paths(abs_base) != _flat_paths(base_state):
+                raise ValueError("model parameters do not match the rebuilt LoRA model's base parameters")
+        trainable = _to_f32(trainable)
+    kl = ema_lib.init_ema(trainable) if _needs_kl_ema(config) else None
+    ev = ema_lib.init_ema(trainable) if bool(_get(config.ema, "eval_ema", True)) else None
+    state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=tx.init(trainable),
+                       kl_ema=kl, eval_ema=ev)
+    return graphdef, base_state, state
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+def _model_fn(graphdef, full: bool) -> Callable:
+    """``fn(params, base, x, t01, embeds, pooled) -> v`` (timestep = 1000 t)."""
+
+    def fn(params, base, x, t, emb, pooled):
+        model = nnx.merge(graphdef, params) if full else nnx.merge(graphdef, params, base)
+        return model(hidden_states=x, encoder_hidden_states=emb, pooled_projections=pooled,
+                     timestep=jnp.asarray(t, jnp.float32) * 1000.0)
+
+    return fn
+
+
+def _ref_params(trainable, base, full: bool):
+    """Reference-model parameters: the frozen base (full) or the adapters with ``B = 0`` (LoRA)."""
+    return base if full else zero_lora_b(trainable)
+
+
+def _velocity(model_fn, params, base, cond, neg, scale: float) -> Callable:
+    """2-argument velocity closure ``(x, t) -> v`` with classifier-free guidance when ``scale != 1``."""
+    def cond_fn(x, t, c):
+        return model_fn(params, base, x, t, *c)
+
+    if scale == 1.0:
+        return lambda x, t: cond_fn(x, t, cond)
+    if neg is None:
+        raise ValueError(f"guidance_scale={scale} needs the empty-prompt embeddings: "
+                         "pass negative=(embeds, pooled)")
+    b = cond[0].shape[0]
+    uncond = tuple(jnp.broadcast_to(u, (b, *u.shape[1:])).astype(c.dtype) for u, c in zip(neg, cond))
+    cfg = classifier_free_guidance(cond_fn, scale)
+    return lambda x, t: cfg(x, t, (cond, uncond))
+
+
+# ------------------------------------------------------------------------------------------ sharding
+
+
+def _state_shardings(tree, mesh: Mesh | None):
+    if mesh is None:
+        return None
+    return parallel.logical_to_mesh_sharding(tree, mesh)
+
+
+def _batch_spec(mesh: Mesh, x) -> NamedSharding:
+    return parallel.batch_sharding(mesh, np.ndim(x))
+
+
+def _n_shards(mesh: Mesh | None) -> int:
+    return 1 if mesh is None else int(mesh.shape["data"] * mesh.shape["fsdp"])
+
+
+def _place(tree, shardings):
+    """``device_put`` the leaves whose sharding differs (no copy for already-placed leaves)."""
+    if shardings is None:
+        return tree
+
+    def one(x, s):
+        return x if getattr(x, "sharding", None) == s else jax.device_put(x, s)
+
+    return jax.tree.map(one, tree, shardings)
+
+
+_PLACED: list = []  # [(source tree, shardings, placed tree)], most recent first
+
+
+def _place_cached(tree, shardings):
+    """``_place`` for the unchanging base state: one device copy shared by every step / rollout function."""
+    if shardings is None:
+        return tree
+    leaves = jax.tree.leaves(shardings)
+    for src, sh, out in _PLACED:
+        if src is tree and sh == leaves:
+            return out
+    out = _place(tree, shardings)
+    _PLACED.insert(0, (tree, leaves, out))
+    del _PLACED[4:]
+    return out
+
+
+def _constrain(x, mesh: Mesh | None, axis: int = 0):
+    """Shard ``x``'s ``axis`` over (data, fsdp) (inside jit), if a mesh is given."""
+    if mesh is None:
+        return x
+    spec = [None] * x.ndim
+    spec[axis] = ("data", "fsdp")
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+
+# ------------------------------------------------------------------------------------------ micro-batches
+
+
+def micro_batch_size(n: int, config, mesh: Mesh | None) -> int:
+    """Global micro-batch: the largest divisor of ``n`` that is <= micro_batch_size x batch shards and a
+    multiple of the batch shards."""
+    shards = _n_shards(mesh)
+    target = max(1, int(config.train.micro_batch_size)) * shards
+    for d in range(min(n, target), 0, -1):
+        if n % d == 0 and d % shards == 0:
+            return d
+    raise ValueError(f"batch of {n} samples cannot be split over {shards} batch shards (mesh data x fsdp); "
+                     f"make the number of rollouts per step a multiple of {shards}")
+
+
+def _split_micro(x, m: int, axis: int = 0):
+    """``(..., N, ...) -> (M, ..., N/M, ...)`` with micro-batch j = samples {i M + j} (keeps shards local)."""
+    x = jnp.moveaxis(x, axis, 0)
+    x = x.reshape(x.shape[0] // m, m, *x.shape[1:])
+    x = jnp.swapaxes(x, 0, 1)  # (M, mb, ...)
+    return jnp.moveaxis(x, 1, axis + 1)
+
+
+def _per_sample_noise(key, idx, num_times: int, shape):
+    """``(K, b, *shape)`` N(0, 1) noise; sample ``n`` from ``fold_in(key, n)`` (micro-batch invariant)."""
+    def one(i):
+        return jax.random.normal(jax.random.fold_in(key, i), (num_times, *shape), jnp.float32)
+
+    z = jax.vmap(one)(idx)
+    return jnp.swapaxes(z, 0, 1)
+
+
+_MIN_KEYS = ("ratio_min",)
+_MAX_KEYS = ("ratio_max",)
+
+
+def _accumulate(loss_and_grad: Callable, params, chunks, num: int):
+    """``lax.scan`` over ``num`` chunks: mean of gradients (fp32) and of aux scalars (min/max for extrema)."""
+    def body(carry, chunk):
+        g_acc, a_acc = carry
+        (_, aux), g = loss_and_grad(params, chunk)
+        g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+        new = {}
+        for k, v in aux.items():
+            v = jnp.asarray(v, jnp.float32)
+            new[k] = jnp.minimum(a_acc[k], v) if k in _MIN_KEYS else (
+                jnp.maximum(a_acc[k], v) if k in _MAX_KEYS else a_acc[k] + v)
+        return (g_acc, new), None
+
+    g0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    aux_shape = jax.eval_shape(lambda: loss_and_grad(params, jax.tree.map(lambda c: c[0], chunks))[0][1])
+    a0 = {k: jnp.full((), jnp.inf if k in _MIN_KEYS else (-jnp.inf if k in _MAX_KEYS else 0.0), jnp.float32)
+          for k in aux_shape}
+    (g, a), _ = jax.lax.scan(body, (g0, a0), chunks)
+    g = jax.tree.map(lambda x: x / num, g)
+    a = {k: (v if k in _MIN_KEYS + _MAX_KEYS else v / num) for k, v in a.items()}
+    return g, a
+
+
+# ------------------------------------------------------------------------------------------ losses
+
+
+def _awm_grid(config) -> np.ndarray:
+    return sd3_grid(int(config.sample.num_steps), float(config.sample.shift))
+
+
+def _awm_chunks(batch, key, config, mesh, shape_k: int):
+    """Stacked per-chunk inputs ``(num_chunks, ...)`` of the AWM step and the number of chunks."""
+    w = config.awm
+    x0 = batch["x0"]
+    n = x0.shape[0]
+    k_t, k_n = jax.random.split(key)
+    times = batch.get("times")
+    if times is None:
+        times = sample_train_timesteps(k_t, str(w.timestep_sampler), shape_k, n, grid=_awm_grid(config),
+                                       timestep_fraction=float(w.timestep_fraction),
+                                       shift=float(config.sample.shift))
+    mb = micro_batch_size(n, config, mesh)
+    m = n // mb
+    c = {"x0": x0, "emb": batch["prompt_embeds"], "pooled": batch["pooled"],
+         "adv": jnp.asarray(batch["advantages"], jnp.float32), "idx": jnp.arange(n, dtype=jnp.int32)}
+    c = {k: _split_micro(v, m) for k, v in c.items()}
+    c["times"] = _split_micro(times.astype(jnp.float32), m, axis=1)  # (M, K, mb)
+    if batch.get("noise") is not None:
+        c["noise"] = _split_micro(batch["noise"], m, axis=1)
+    if batch.get("logp_old") is not None:
+        c["logp_old"] = _split_micro(batch["logp_old"], m, axis=1)
+    c = {k: _constrain(v, mesh, axis=2 if k in ("times", "noise", "logp_old") else 1) for k, v in c.items()}
+    scan_times = bool(_get(config.train, "scan_times", False))
+    if scan_times and str(w.loss_type) != "per_time":
+        raise ValueError("config key train.scan_times needs awm.loss_type = 'per_time'")
+    if not scan_times:
+        return c, m, shape_k, k_n
+    # (M, K, mb, ...) -> (M * K, 1, mb, ...): one chunk per (micro-batch, time)
+    out = {}
+    for k, v in c.items():
+        if k in ("times", "noise", "logp_old"):
+            out[k] = v.reshape(m * shape_k, 1, *v.shape[2:])
+        else:
+            out[k] = jnp.repeat(v, shape_k, axis=0)
+    out["time_index"] = jnp.tile(jnp.arange(shape_k, dtype=jnp.int32), m)
+    return out, m * shape_k, 1, k_n
+
+
+def _awm_loss_fn(graphdef, config, mesh, full: bool, num_times: int, k_noise) -> Callable:
+    """``(params, (base, kl_ema, chunk)) -> ((loss, aux), grads)`` for one AWM chunk."""
+    w = config.awm
+    model_fn = _model_fn(graphdef, full)
+    on_policy = bool(w.on_policy)
+    k_total = int(w.train_timesteps)
+
+    def loss(params, base, kl_ema, ch):
+        x0 = _constrain(ch["x0"].astype(jnp.float32), mesh)
+        cond = (_constrain(ch["emb"], mesh), _constrain(ch["pooled"], mesh))
+        times = ch["times"]
+        if "noise" in ch:
+            noise = ch["noise"]
+        else:
+            z = _per_sample_noise(k_noise, ch["idx"], k_total, x0.shape[1:])  # (K_total, mb, ...)
+            noise = z if "time_index" not in ch else jax.lax.dynamic_slice_in_dim(z, ch["time_index"], 1, 0)
+        noise = _constrain(noise, mesh, axis=1)
+        rep = awm_lib.repeat_over_times(cond, num_times)
+
+        def vf(p):
+            return lambda x, t: model_fn(p, base, x, t, *rep)
+
+        logp_old = ch.get("logp_old")
+        if logp_old is None and not on_policy:
+            logp_old = jax.lax.stop_gradient(_awm_logp(vf(kl_ema), x0, times, noise, w))
+        ref = vf(_ref_params(params, base, full)) if float(w.beta) != 0 else None
+        ema = vf(kl_ema) if (kl_ema is not None and float(w.ema_beta) != 0) else None
+        return awm_lib.awm_loss(
+            vf(params), x0, ch["adv"], times, noise, velocity_fn_ref=ref, velocity_fn_ema=ema,
+            logp_old=logp_old, weighting=str(w.weighting), ghuber_power=float(w.ghuber_power),
+            clip_range=float(w.clip_range), beta=float(w.beta), ema_beta=float(w.ema_beta),
+            kl_elbo=bool(w.kl_elbo), loss_type=str(w.loss_type), fold_times=True)
+
+    return loss
+
+
+def _awm_logp(vf, x0, times, noise, w):
+    k, b = times.shape
+    xt = awm_lib.noised_latents(x0, times, noise)
+    v = vf(xt.reshape(k * b, *xt.shape[2:]), times.reshape(-1)).astype(jnp.float32)
+    x0k = jnp.broadcast_to(x0[None], xt.shape).reshape(k * b, *x0.shape[1:])
+    lp = awm_lib.awm_log_prob(v, noise.reshape(k * b, *noise.shape[2:]), x0k, times.reshape(-1),
+                              str(w.weighting), float(w.ghuber_power))
+    return lp.reshape(k, b)
+
+
+def _grpo_chunks(batch, config, mesh):
+    """Stacked per-(micro-batch, train step) inputs of the Flow-GRPO step."""
+    lat = batch["latents"]
+    n, s_plus = lat.shape[0], lat.shape[1]
+    s_train = grpo_lib.num_train_steps(s_plus - 1, float(config.flow_grpo.timestep_fraction))
+    mb = micro_batch_size(n, config, mesh)
+    m = n // mb
+    per_sample = {"emb": batch["prompt_embeds"], "pooled": batch["pooled"],
+                  "adv": jnp.asarray(batch["advantages"], jnp.float32)}
+    per_step = {"x": lat[:, :s_train], "x_next": lat[:, 1:s_train + 1],
+                "lp_old": batch["log_probs"][:, :s_train],
+                "t": batch["timesteps"][:, :s_train], "t_next": batch["next_timesteps"][:, :s_train]}
+    c = {k: jnp.repeat(_split_micro(v, m), s_train, axis=0) for k, v in per_sample.items()}  # (M*S, mb, ...)
+    for k, v in per_step.items():
+        v = jnp.swapaxes(_split_micro(v, m), 1, 2)  # (M, S, mb, ...)
+        c[k] = v.reshape(m * s_train, *v.shape[2:])
+    return {k: _constrain(v, mesh, axis=1) for k, v in c.items()}, m * s_train
+
+
+def _grpo_loss_fn(graphdef, config, mesh, full: bool, t1: float, kind: str) -> Callable:
+    g = config.flow_grpo
+    model_fn = _model_fn(graphdef, full)
+    scale = float(g.guidance_scale)
+
+    def loss(params, base, neg, ch):
+        cond = (_constrain(ch["emb"], mesh), _constrain(ch["pooled"], mesh))
+        adv = ch["adv"]
+        ref = None
+        if float(g.beta) != 0:
+            ref = _velocity(model_fn, _ref_params(params, base, full), base, cond, neg, scale)
+        return grpo_lib.flow_grpo_step_loss(
+            _velocity(model_fn, params, base, cond, neg, scale), _constrain(ch["x"], mesh),
+            _constrain(ch["x_next"], mesh), ch["t"], ch["t_next"], adv, ch["lp_old"],
+            noise_level=float(config.sample.noise_level), t1=t1, clip_range=float(g.clip_range),
+            beta=float(g.beta), velocity_fn_ref=ref, mask=(adv != 0).astype(jnp.float32), kind=kind)
+
+    return loss
+
+
+# ------------------------------------------------------------------------------------------ the step
+
+
+def _make_grads(graphdef, config, mesh: Mesh | None) -> Callable:
+    """``grads(state, base, batch, key, neg) -> (mean gradients (fp32), mean aux)`` (traceable)."""
+    algo = _algorithm(config)
+    full = _full(config)
+    if algo == "awm":
+        num_k = int(config.awm.train_timesteps)
+        if num_k < 1:
+            raise ValueError(f"config key awm.train_timesteps = {num_k} must be >= 1")
+    else:
+        sampler = str(config.sample.sampler)
+        if sampler not in ("sde", "cps"):
+            raise ValueError(f"Flow-GRPO trains SDE/CPS trajectories; sample.sampler = {sampler!r}")
+        t1 = float(sd3_grid(int(config.sample.num_steps), float(config.sample.shift))[1])
+
+    def grads(state: TrainState, base, batch, key, neg):
+        if algo == "awm":
+            chunks, num, k_chunk, k_noise = _awm_chunks(batch, key, config, mesh, num_k)
+            loss_fn = _awm_loss_fn(graphdef, config, mesh, full, k_chunk, k_noise)
+            ctx = state.kl_ema
+        else:
+            chunks, num = _grpo_chunks(batch, config, mesh)
+            loss_fn = _grpo_loss_fn(graphdef, config, mesh, full, t1, sampler)
+            ctx = neg
+        vg = jax.value_and_grad(lambda p, ch: loss_fn(p, base, ctx, ch), has_aux=True)
+        return _accumulate(vg, state.trainable, chunks, num)
+
+    return grads
+
+
+def make_grad_fn(graphdef, config, mesh: Mesh | None = None, *, negative=None) -> Callable:
+    """Jitted ``grad_fn(state, base_state, batch, key) -> (grads, aux)``: the accumulated gradient the train
+    step applies (same placement rules; for tests, debugging and gradient-noise studies)."""
+    inner = _make_grads(graphdef, config, mesh)
+    return _placed_call(jax.jit(inner), config, mesh, negative, donate=False)
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def make_train_step(graphdef, config, mesh: Mesh | None = None, *, negative=None,
+                    max_traces: int | None = None) -> Callable:
+    """The jitted train step ``step(state, base_state, batch, key) -> (state, metrics)`` (module docstring).
+
+    ``mesh``: a ``(data, fsdp, tensor)`` mesh (``awm_jax.parallel.make_mesh``) or None (default device).
+    ``negative``: empty-prompt ``(embeds (1,T,D), pooled (1,P))`` for CFG in Flow-GRPO training.
+    ``max_traces``: wrap the step in ``chex.assert_max_traces`` (raises on an unexpected re-trace).
+    ``metrics``: loss, policy_loss, kl, (kl_ema), ratio/clip statistics, grad_norm, finite, step.
+    """
+    _algorithm(config)
+    tx = make_optimizer(config)
+    o, e = config.optim, config.ema
+    kl_rate, kl_max = float(e.kl_decay_rate), float(e.kl_decay_max)
+    grads_fn = _make_grads(graphdef, config, mesh)
+
+    def step(state: TrainState, base, batch, key, neg):
+        params = state.trainable
+        grads, aux = grads_fn(state, base, batch, key, neg)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(aux["loss"]) & _all_finite(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        new_step = state.step + 1
+        kl = state.kl_ema
+        if kl is not None:
+            kl = ema_lib.kl_ema_update(kl, new_params, new_step, kl_rate, kl_max)
+        ev = state.eval_ema
+        if ev is not None:
+            ev = ema_lib.eval_ema_update(ev, new_params, new_step, float(e.eval_decay_max))
+        new = TrainState(new_step, new_params, opt_state, kl, ev)
+        out = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+        metrics = dict(aux)
+        metrics.update(grad_norm=grad_norm, finite=finite, step=out.step, lr=jnp.float32(o.lr),
+                       kl_ema_decay=ema_lib.kl_ema_decay(new_step, kl_rate, kl_max))
+        return out, metrics
+
+    if max_traces is not None:
+        import chex
+
+        step = chex.assert_max_traces(step, n=int(max_traces))
+
+    def factory(st_sh, rep):
+        kw = {} if mesh is None else {"out_shardings": (st_sh, rep)}
+        return jax.jit(step, donate_argnums=(0,), **kw)
+
+    return _placed_call(factory, config, mesh, negative, donate=True)
+
+
+def _placed_call(jitted, config, mesh: Mesh | None, negative, donate: bool) -> Callable:
+    """Wrap a jitted ``f(state, base, batch, key, neg)``: checks the batch and places every input on the
+    mesh (state per the logical rules, batch over (data, fsdp), the unchanging base state once).
+    With ``donate``, ``jitted`` is a factory ``(state_shardings, replicated) -> jitted function``."""
+    algo = _algorithm(config)
+    cache: dict = {}
+
+    def run(state, base_state, batch: dict, key):
+        batch = {k: jnp.asarray(v) for k, v in batch.items() if v is not None}
+        _check_batch(batch, algo)
+        if "fn" not in cache:
+            st_sh = _state_shardings(state, mesh)
+            rep = None if mesh is None else parallel.replicated(mesh)
+            cache["sh"] = (st_sh, _state_shardings(base_state, mesh), rep)
+            cache["fn"] = jitted(st_sh, rep) if donate else jitted
+        st_sh, base_sh, rep = cache["sh"]
+        state = _place(state, st_sh)
+        base = _place_cached(base_state, base_sh)
+        if mesh is not None:
+            batch = {k: _place(v, _batch_spec(mesh, v) if k not in ("times", "noise", "logp_old")
+                               else NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"))))
+                     for k, v in batch.items()}
+            key = jax.device_put(key, rep)
+        neg = None if negative is None else tuple(jnp.asarray(x) for x in negative)
+        return cache["fn"](state, base, batch, key, neg)
+
+    return run
+
+
+_AWM_KEYS = ("x0", "prompt_embeds", "pooled", "advantages")
+_GRPO_KEYS = ("latents", "log_probs", "timesteps", "next_timesteps", "prompt_embeds", "pooled", "advantages")
+
+
+def _check_batch(batch: dict, algo: str) -> None:
+    need = _AWM_KEYS if algo == "awm" else _GRPO_KEYS
+    missing = [k for k in need if k not in batch]
+    if missing:
+        raise KeyError(f"{algo} train batch lacks keys {missing} (has {sorted(batch)})")
+    n = batch["advantages"].shape[0]
+    for k in need:
+        if batch[k].shape[0] != n:
+            raise ValueError(f"{algo} train batch: {k} has leading size {batch[k].shape[0]}, advantages {n}")
+    if algo == "awm":
+        extra = [k for k in ("times", "noise", "logp_old") if k in batch]
+        if "logp_old" in extra and not {"times", "noise"} <= set(extra):
+            raise ValueError("batch['logp_old'] needs the 'times' and 'noise' it was computed with")
+
+
+# ------------------------------------------------------------------------------------------ rollouts
+
+
+def _graph_config(graphdef):
+    """The model's static ``config`` attribute recorded in ``graphdef`` (first one found), or None."""
+    for item in getattr(graphdef, "attributes", ()):
+        if isinstance(item, tuple) and len(item) == 2 and item[0] == "config":
+            value = getattr(item[1], "value", None)
+            if value is not None and hasattr(value, "in_channels"):
+                return value
+    return None
+
+
+def _latent_shape(graphdef, config, latent_shape):
+    if latent_shape is not None:
+        return tuple(int(x) for x in latent_shape)
+    model_cfg = _graph_config(graphdef)
+    if model_cfg is None:
+        raise ValueError("make_rollout_fn: cannot infer the latent shape; pass latent_shape=(C, h, w)")
+    if str(_get(config.model, "kind", "sd35")) == "toy":
+        return (int(model_cfg.in_channels), int(model_cfg.sample_size), int(model_cfg.sample_size))
+    side = int(config.model.resolution) // 8
+    return (int(model_cfg.in_channels), side, side)
+
+
+def make_rollout_fn(graphdef, config, mesh: Mesh | None = None, *, latent_shape=None,
+                    negative=None) -> Callable:
+    """Jitted sampler ``rollout(trainable, base_state, prompt_embeds, pooled, key) -> dict``.
+
+    ``config.sample.sampler``: ``sa_solver`` (AWM code: 14-step AWM SA-Solver grid, ``noise_level`` in
+    ``[noise_t_min, noise_t_max]``), ``euler_maruyama`` / ``sde`` (Flow-GRPO SDE), ``cps``, ``ode`` (e.g. the
+    40-step evaluation sampler).  AWM returns ``{"x0"}``; Flow-GRPO (``sde``/``cps``) also returns the
+    trajectory ``latents (B,S+1,C,H,W), log_probs, timesteps, next_timesteps (B,S)``.  CFG when
+    ``sample.guidance_scale != 1`` (needs ``negative``).  ``latent_shape`` defaults to the toy model's
+    ``(C, sample_size, sample_size)`` or ``(C, resolution/8, resolution/8)``.
+    """
+    algo = _algorithm(config)
+    s = config.sample
+    sampler = str(s.sampler)
+    if sampler not in ROLLOUT_SAMPLERS:
+        raise ValueError(f"config key sample.sampler = {sampler!r}: expected one of {ROLLOUT_SAMPLERS}")
+    if algo == "flow_grpo" and sampler not in ("sde", "cps"):
+        raise ValueError(f"Flow-GRPO rollouts need sample.sampler 'sde' or 'cps', got {sampler!r}")
+    full = _full(config)
+    shape = _latent_shape(graphdef, config, latent_shape)
+    grid = sd3_grid(int(s.num_steps), float(s.shift))
+    level, scale = float(s.noise_level), float(s.guidance_scale)
+    model_fn = _model_fn(graphdef, full)
+
+    def velocity_fn(x, t, ctx):  # one object for the samplers' static argument (no re-trace)
+        params, base, cond, neg = ctx
+        return _velocity(model_fn, params, base, cond, neg, scale)(x, t)
+
+    def core(params, base, emb, pooled, key, neg, m):
+        emb, pooled = _constrain(emb, m), _constrain(pooled, m)
+        k0, k1 = jax.random.split(key)
+        x = _constrain(init_latents(k0, emb.shape[0], shape), m)
+        ctx = (params, base, (emb, pooled), neg)
+        if sampler == "sa_solver":
+            window = (float(s.noise_t_min), float(s.noise_t_max))
+            sa_grid = awm_sa_solver_grid(grid)
+            return {"x0": samplers.sample_sa_solver(velocity_fn, k1, x, sa_grid, level, window, context=ctx)}
+        if sampler == "ode" or level == 0.0:
+            return {"x0": samplers.sample_ode(velocity_fn, x, grid, context=ctx)}
+        fn = samplers.sample_cps if sampler == "cps" else samplers.sample_sde
+        traj = fn(velocity_fn, k1, x, grid, level, context=ctx)
+        if algo == "awm":
+            return {"x0": traj["final"]}
+        return {"x0": traj["final"], "latents": traj["latents"], "log_probs": traj["log_probs"],
+                "timesteps": traj["timesteps"], "next_timesteps": traj["next_timesteps"]}
+
+    cache: dict = {}
+
+    def rollout(trainable, base_state, prompt_embeds, pooled, key):
+        emb, pooled = jnp.asarray(prompt_embeds), jnp.asarray(pooled)
+        shard_batch = mesh is not None and emb.shape[0] % _n_shards(mesh) == 0
+        m = mesh if shard_batch else None
+        if "sh" not in cache:
+            cache["sh"] = (_state_shardings(trainable, mesh), _state_shardings(base_state, mesh))
+        p_sh, b_sh = cache["sh"]
+        if m not in cache:
+            cache[m] = jax.jit(lambda *a, _m=m: core(*a, _m))
+        params = _place(trainable, p_sh)
+        base = _place_cached(base_state, b_sh)
+        if m is not None:
+            emb, pooled = _place(emb, _batch_spec(m, emb)), _place(pooled, _batch_spec(m, pooled))
+        neg = None if negative is None else tuple(jnp.asarray(x) for x in negative)
+        return cache[m](params, base, emb, pooled, key, neg)
+
+    return rollout
+
