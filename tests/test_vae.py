@@ -232,3 +232,27 @@ def test_config_errors(tmp_path):
         load_vae(tmp_path)
     with pytest.raises(ConversionError, match="unknown model 'vea'"):
         convert.to_flax(tmp_path, tmp_path / "out", "vea")
+
+
+def test_convert_weights_cli_model_vae(tmp_path, capsys):
+    import importlib.util
+    import pathlib
+
+    from safetensors.torch import load_file
+
+    tool = pathlib.Path(__file__).resolve().parents[1] / "tools" / "convert_weights.py"
+    spec = importlib.util.spec_from_file_location("convert_weights_cli", tool)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    _tiny_diffusers_vae(4, True, None, seed=2).save_pretrained(tmp_path / "vae")
+    run = lambda cmd, src, dst: cli.main([cmd, "--model", "vae", "--src", str(src), "--dst", str(dst)])  # noqa: E731
+    assert run("to-flax", tmp_path / "vae", tmp_path / "f") == 0
+    assert run("to-diffusers", tmp_path / "f", tmp_path / "d") == 0
+    a = load_file(str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "d" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    flax_keys = load_file(str(tmp_path / "f" / "model.safetensors")).keys()
+    assert "encoder.mid_block.attentions.0.to_out.0.kernel" in flax_keys and "quant_conv.kernel" in flax_keys
+    # converting a Flax folder "to-flax" again is a one-line error, exit status 2
+    assert run("to-flax", tmp_path / "f", tmp_path / "x") == 2
+    assert "Flax" in capsys.readouterr().err
