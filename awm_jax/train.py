@@ -161,7 +161,8 @@ def _group_advantages(rewards: np.ndarray, groups: np.ndarray, config) -> np.nda
     try:
         from awm_jax.rl import group_advantages
 
-        adv = np.asarray(group_advantages(rewards, groups, global_std=global_std), np.float64)
+        adv = group_advantages(rewards, groups, global_std=global_std, eps=config.advantages.eps)
+        adv = np.asarray(adv, np.float64)
     except ImportError:  # B's module not in the tree yet: same formula (REFERENCE.md section 2)
         adv = np.zeros_like(rewards, np.float64)
         std_all = rewards.std()
