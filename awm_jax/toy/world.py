@@ -43,9 +43,9 @@ DEFAULT_TRANSFORMER_CONFIG = {
     "in_channels": 3 * FACTOR * FACTOR,
     "num_layers": 4,
     "attention_head_dim": 32,
-    "num_attention_heads": 4,
+    "num_attention_heads": 2,
     "joint_attention_dim": 64,
-    "caption_projection_dim": 128,
+    "caption_projection_dim": 64,
     "pooled_projection_dim": 64,
     "out_channels": 3 * FACTOR * FACTOR,
     "pos_embed_max_size": IMAGE_SIZE // FACTOR // 2,
@@ -170,8 +170,8 @@ def _load_into(module: nnx.Module, prefix: str, tensors: dict, file: pathlib.Pat
 
 
 def load_toy_pipeline(path_or_none=None, seed: int = 0) -> ToyPipeline:
-    """Toy pipeline from a checkpoint directory, or a random-init one when ``path_or_none`` is None."""
-    if path_or_none is None:
+    """Toy pipeline from a checkpoint directory, or a random-init one when ``path_or_none`` is None or ""."""
+    if path_or_none is None or str(path_or_none) == "":
         config = default_config()
         transformer, text_model = build_models(config, seed)
     else:
