@@ -324,10 +324,18 @@ def _state_leaves(state, rng_data):
     return {"leaves": {f"{i:05d}": x for i, x in enumerate(leaves)}, "rng": rng_data}
 
 
+def _uncommit(template, x):
+    """Restored arrays come back committed to a device; keep only a mesh sharding the template had."""
+    sh = getattr(template, "sharding", None)
+    if isinstance(sh, jax.sharding.NamedSharding):
+        return x
+    return jnp.asarray(np.asarray(x))
+
+
 def _unflatten_state(template, tree):
     leaves = [tree["leaves"][k] for k in sorted(tree["leaves"])]
-    out = [jax.random.wrap_key_data(jnp.asarray(x), impl=jax.random.key_impl(t)) if _is_key(t)
-           else jnp.asarray(x) for t, x in zip(jax.tree.leaves(template), leaves)]
+    out = [jax.random.wrap_key_data(jnp.asarray(np.asarray(x)), impl=jax.random.key_impl(t)) if _is_key(t)
+           else _uncommit(t, x) for t, x in zip(jax.tree.leaves(template), leaves)]
     return jax.tree.unflatten(jax.tree.structure(template), out)
 
 
@@ -355,7 +363,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if restored is not None:
         start, tree, meta = restored
         state = _unflatten_state(state, tree)
-        rng = jax.random.wrap_key_data(jnp.asarray(tree["rng"]))
+        rng = jax.random.wrap_key_data(jnp.asarray(np.asarray(tree["rng"])))
         wall_prev, nonfinite = float(meta.get("wall_s", 0.0)), int(meta.get("nonfinite_in_a_row", 0))
         if int(meta.get("data_position", start)) != start:
             raise RuntimeError(f"checkpoint {start}: data position {meta['data_position']} != step {start}")
