@@ -11,7 +11,7 @@ from awm_jax import parallel
 from awm_jax.models.lora import LoRAConfig
 from awm_jax.models.mmdit import SD3Config, SD3Transformer2DModel
 
-CFG = SD3Config(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+CFG = SD3Config(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
                 num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
                 pooled_projection_dim=12, out_channels=4, pos_embed_max_size=8, dual_attention_layers=(0,),
                 qk_norm="rms_norm")

@@ -67,10 +67,17 @@ def split_lora(model: nnx.Module):
 
 
 def zero_lora(lora_state):
-    """A copy of ``lora_state`` with every ``lora_b`` zeroed (adapters become no-ops; ``lora_a`` kept)."""
+    """A copy of ``lora_state`` with every ``lora_b`` zeroed (adapters become no-ops; ``lora_a`` kept).
+
+    Accepts an ``nnx.State`` (Variables kept, metadata preserved) or a pure nested dict of arrays.
+    """
+    if isinstance(lora_state, nnx.State):
+        flat = [(p, v.replace(value=jnp.zeros_like(v.get_value())) if p and p[-1] == "lora_b" else v)
+                for p, v in nnx.to_flat_state(lora_state)]
+        return nnx.from_flat_state(flat)
 
     def zero(path, x):
-        return jnp.zeros_like(x) if path and _key_name(path[-1]) == "lora_b" else x
+        return jnp.zeros_like(x) if any(_key_name(k) == "lora_b" for k in path) else x
 
     return jax.tree_util.tree_map_with_path(zero, lora_state)
 
