@@ -245,17 +245,24 @@ def test_cli_unknown_key(tmp_path):
 
 
 def test_toy_end_to_end(tmp_path):
-    """The real toy pipeline (random init) + train step + toy reward: 2 steps, outputs and a checkpoint."""
-    cfg = config_lib.load_config(TOY)
-    config_lib.apply_overrides(cfg, [
-        ("model.path", ""), ("max_steps", "2"), ("data.group_size", "4"), ("data.prompts_per_step", "2"),
-        ("sample.batch_size", "1"), ("sample.num_steps", "3"), ("train.micro_batch_size", "1"),
-        ("eval.every", "2"), ("eval.num_prompts", "8"), ("eval.num_steps", "3"), ("log.progress", "false"),
-        ("checkpoint.async_save", "false")])
-    last = train.run(cfg, str(tmp_path))
+    """The real toy pipeline (random init) + train step + toy reward on the 8-device mesh: one step, then a
+    resume to step 2 (restored state/RNG must land on the mesh), outputs and checkpoints."""
+
+    def cfg(max_steps):
+        c = config_lib.load_config(TOY)
+        config_lib.apply_overrides(c, [
+            ("model.path", ""), ("max_steps", str(max_steps)), ("data.group_size", "4"),
+            ("data.prompts_per_step", "2"), ("sample.batch_size", "1"), ("sample.num_steps", "3"),
+            ("train.micro_batch_size", "1"), ("eval.every", "2"), ("eval.num_prompts", "8"),
+            ("eval.num_steps", "3"), ("log.progress", "false"), ("checkpoint.async_save", "false")])
+        return c
+
+    train.run(cfg(1), str(tmp_path))
+    last = train.run(cfg(2), str(tmp_path))
     m = _metrics(str(tmp_path))
     assert [r["step"] for r in m] == [1, 2] and last["step"] == 2
     assert all(np.isfinite(r["loss"]) and 0.0 <= r["reward_mean"] <= 1.0 for r in m)
+    assert m[1]["kl_ema_decay"] > m[0]["kl_ema_decay"]  # the restored train state advanced
     ev = [json.loads(line) for line in open(tmp_path / "eval.jsonl")]
-    assert ev[0]["step"] == 2 and 0.0 <= ev[0]["accuracy"] <= 1.0
+    assert [e["step"] for e in ev] == [1, 2] and 0.0 <= ev[-1]["accuracy"] <= 1.0
     assert os.path.isdir(tmp_path / "checkpoints" / "2")
