@@ -22,6 +22,7 @@ import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
+import chex  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -57,6 +58,7 @@ def _inputs(mcfg: SD3Config, n: int, seed: int = 0):
 
 def bench(algo: str, devices: int, samples: int, repeats: int, mcfg: SD3Config) -> dict:
     """Median step time (s) of ``algo`` on a ``data=devices`` mesh, after one warm-up (compile) step."""
+    chex.clear_trace_counter()  # max_traces below counts traces of this setting only
     cfg = _config(algo, samples)
     model = SD3Transformer2DModel(mcfg, rngs=nnx.Rngs(0))
     g, base, state = ts.create_train_state(model, cfg)

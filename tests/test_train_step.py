@@ -34,7 +34,8 @@ def _config(**over):
         *head, last = k.split(".")
         for h in head:
             node = node[h]
-        node[last] = v
+        with node.unlocked():
+            node[last] = v
     return c
 
 
@@ -169,7 +170,8 @@ def test_nan_skips_update(setup, step1):
 def test_accumulation_matches_one_big_batch(setup, ref_grads):
     cfg, g, base, state = setup
     cfg_big, batch, (g1, a1) = ref_grads
-    cfg_small = _config(**{"train.micro_batch_size": N // 2, "awm.beta": 0.01})
+    # 2 micro-batches x K = 2 times scanned one by one (train.scan_times) == one folded big batch
+    cfg_small = _config(**{"train.micro_batch_size": N // 2, "awm.beta": 0.01, "train.scan_times": True})
     assert ts.micro_batch_size(N, cfg_small, None) == N // 2
     assert ts.micro_batch_size(N, cfg_big, None) == N
     g2, a2 = ts.make_grad_fn(g, cfg_small, None)(state, base, batch, jax.random.key(5))

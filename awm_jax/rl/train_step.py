@@ -610,6 +610,10 @@ def _placed_call(jitted, config, mesh: Mesh | None, negative, donate: bool) -> C
         state = _place(state, st_sh)
         base = _place_cached(base_state, base_sh)
         if mesh is not None:
+            n = batch["advantages"].shape[0]
+            if n % _n_shards(mesh):
+                raise ValueError(f"train batch of {n} samples is not divisible by the {_n_shards(mesh)} "
+                                 f"batch shards of mesh {dict(mesh.shape)} (data x fsdp)")
             batch = {k: _place(v, _batch_spec(mesh, v) if k not in ("times", "noise", "logp_old")
                                else NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"))))
                      for k, v in batch.items()}
