@@ -160,6 +160,16 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[tuple[st
     return cfg
 
 
+USAGE = """usage: python -m awm_jax.train --config configs/NAME.py --workdir DIR [--config.KEY=VALUE ...]
+
+  --config PATH         a config file defining get_config() (see configs/; every key is documented
+                        in configs/awm_base.py)
+  --workdir DIR         outputs: config.json, metrics.jsonl, eval.jsonl, tb/, samples/, checkpoints/;
+                        an existing workdir is resumed from its latest checkpoint
+  --config.KEY=VALUE    override any config key, e.g. --config.max_steps=4 --config.optim.lr=1e-4
+"""
+
+
 def parse_args(argv: Sequence[str]) -> tuple[str, str, list[tuple[str, str]]]:
     """Parse ``--config PATH --workdir DIR [--config.a.b=V | --config.a.b V ...]``.
 
@@ -171,6 +181,9 @@ def parse_args(argv: Sequence[str]) -> tuple[str, str, list[tuple[str, str]]]:
     argv = list(argv)
     while i < len(argv):
         arg = argv[i]
+        if arg in ("-h", "--help"):
+            print(USAGE)
+            raise SystemExit(0)
         if "=" in arg:
             name, value = arg.split("=", 1)
             consumed = 1

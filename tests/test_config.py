@@ -169,3 +169,12 @@ def test_model_shapes_from_config(path):
         assert 20e6 < n_lora < 30e6, n_lora
     else:
         assert n_base < 20e6 and n_lora > 0
+
+
+def test_help_prints_usage_and_exits_zero(capsys):
+    from awm_jax import config_lib
+
+    with pytest.raises(SystemExit) as exc:
+        config_lib.parse_args(["--help"])
+    assert exc.value.code == 0
+    assert "--workdir" in capsys.readouterr().out
