@@ -20,6 +20,9 @@ import json
 
 import numpy as np
 
+# GenEval's position rule (one implementation, shared with the reward); re-exported as toy.shapes names
+from awm_jax.rewards.geneval_rules import POSITION_MARGIN, relative_position  # noqa: F401
+
 IMAGE_SIZE = 32
 GAP = 2  # minimum empty pixels between two objects' bounding boxes
 BACKGROUND = (0, 0, 0)
@@ -37,7 +40,6 @@ RELATIONS = ("left of", "right of", "above", "below")
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 HALF_SIZES = (3, 4, 5)  # object bounding boxes are (2 h + 1) pixels wide
 HELDOUT_FRACTION = 0.25
-POSITION_MARGIN = 0.1  # GenEval's position threshold (see relative_position)
 
 
 def _meta(tag: str, include: list[dict], prompt: str, exclude: list[dict] | None = None) -> dict:
@@ -155,28 +157,6 @@ def render(objects: list[dict], size: int = IMAGE_SIZE) -> np.ndarray:
 def object_box(o: dict) -> tuple[int, int, int, int]:
     """Inclusive-exclusive pixel box (x0, y0, x1, y1) of a placed object."""
     return (o["cx"] - o["h"], o["cy"] - o["h"], o["cx"] + o["h"] + 1, o["cy"] + o["h"] + 1)
-
-
-def relative_position(box_a, box_b, margin: float = POSITION_MARGIN) -> set[str]:
-    """GenEval's relation of box A to box B (centre offset reduced by margin x the summed sizes)."""
-    a, b = np.asarray(box_a, np.float64), np.asarray(box_b, np.float64)
-    ca, cb = (a[:2] + a[2:]) / 2, (b[:2] + b[2:]) / 2
-    da, db = a[2:] - a[:2], b[2:] - b[:2]
-    off = ca - cb
-    rev = np.maximum(np.abs(off) - margin * (da + db), 0) * np.sign(off)
-    if np.all(np.abs(rev) < 1e-3):
-        return set()
-    dx, dy = rev / np.linalg.norm(off)
-    rels = set()
-    if dx < -0.5:
-        rels.add("left of")
-    if dx > 0.5:
-        rels.add("right of")
-    if dy < -0.5:
-        rels.add("above")
-    if dy > 0.5:
-        rels.add("below")
-    return rels
 
 
 def _separated(box, boxes) -> bool:
