@@ -1,4 +1,7 @@
-"""The jitted, sharded AWM / Flow-GRPO train step, the train state and the rollout samplers.
+"""The jitted, sharded AWM / Flow-GRPO train step and the train state.
+
+The rollout samplers live in ``awm_jax.rl.rollout`` (re-exported here); helpers shared by both in
+``awm_jax.rl._common``.
 
 Contract (used by ``awm_jax.train``)::
 
@@ -50,13 +53,29 @@ from awm_jax.models.lora import LoRAConfig, LoRAParam
 from awm_jax.rl import awm as awm_lib
 from awm_jax.rl import ema as ema_lib
 from awm_jax.rl import grpo as grpo_lib
+from awm_jax.rl._common import (
+    ALGORITHMS,
+    _algorithm,
+    _batch_spec,
+    _constrain,
+    _full,
+    _get,
+    _model_fn,
+    _n_shards,
+    _place,
+    _place_cached,
+    _state_shardings,
+    _velocity,
+)
+from awm_jax.rl.rollout import ROLLOUT_SAMPLERS, make_rollout_fn
 from awm_jax.rl.timesteps import sample_train_timesteps
-from awm_jax.sampling import samplers
-from awm_jax.sampling.samplers import classifier_free_guidance, init_latents
-from awm_jax.sampling.schedules import awm_sa_solver_grid, sd3_grid
+from awm_jax.sampling.schedules import sd3_grid
 
-ALGORITHMS = ("awm", "flow_grpo")
-ROLLOUT_SAMPLERS = ("sa_solver", "euler_maruyama", "ode", "sde", "cps")
+__all__ = [
+    "ALGORITHMS", "ROLLOUT_SAMPLERS", "TrainState", "create_train_state", "init_lora", "lora_config",
+    "make_grad_fn", "make_optimizer", "make_rollout_fn", "make_train_step", "micro_batch_size", "zero_lora_b",
+]
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -74,10 +93,6 @@ class TrainState:
 # ------------------------------------------------------------------------------------------ set-up
 
 
-def _get(cfg, key: str, default=None):
-    return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-
-
 def _dtype(name) -> Any:
     if name is None:
         return None
@@ -86,17 +101,6 @@ def _dtype(name) -> Any:
     if name not in _DTYPES:
         raise ValueError(f"config key model.dtype = {name!r}: expected one of {sorted(_DTYPES)}")
     return _DTYPES[name]
-
-
-def _full(config) -> bool:
-    return bool(_get(config.lora, "full_finetune", False))
-
-
-def _algorithm(config) -> str:
-    a = str(config.algorithm)
-    if a not in ALGORITHMS:
-        raise ValueError(f"config key algorithm = {a!r}: expected one of {ALGORITHMS}")
-    return a
 
 
 def _needs_kl_ema(config) -> bool:
@@ -180,6 +184,11 @@ def zero_lora_b(lora_state):
     return jax.tree_util.tree_map_with_path(zero, lora_state)
 
 
+def _ref_params(trainable, base, full: bool):
+    """Reference-model parameters: the frozen base (full) or the adapters with ``B = 0`` (LoRA)."""
+    return base if full else zero_lora_b(trainable)
+
+
 def _to_f32(tree):
     return jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), tree)
 
@@ -219,95 +228,6 @@ def create_train_state(model: nnx.Module, config, *, seed: int | None = None):
     state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=tx.init(trainable),
                        kl_ema=kl, eval_ema=ev)
     return graphdef, base_state, state
-
-
-# ------------------------------------------------------------------------------------------ model
-
-
-def _model_fn(graphdef, full: bool) -> Callable:
-    """``fn(params, base, x, t01, embeds, pooled) -> v`` (timestep = 1000 t)."""
-
-    def fn(params, base, x, t, emb, pooled):
-        model = nnx.merge(graphdef, params) if full else nnx.merge(graphdef, params, base)
-        return model(hidden_states=x, encoder_hidden_states=emb, pooled_projections=pooled,
-                     timestep=jnp.asarray(t, jnp.float32) * 1000.0)
-
-    return fn
-
-
-def _ref_params(trainable, base, full: bool):
-    """Reference-model parameters: the frozen base (full) or the adapters with ``B = 0`` (LoRA)."""
-    return base if full else zero_lora_b(trainable)
-
-
-def _velocity(model_fn, params, base, cond, neg, scale: float) -> Callable:
-    """2-argument velocity closure ``(x, t) -> v`` with classifier-free guidance when ``scale != 1``."""
-    def cond_fn(x, t, c):
-        return model_fn(params, base, x, t, *c)
-
-    if scale == 1.0:
-        return lambda x, t: cond_fn(x, t, cond)
-    if neg is None:
-        raise ValueError(f"guidance_scale={scale} needs the empty-prompt embeddings: "
-                         "pass negative=(embeds, pooled)")
-    b = cond[0].shape[0]
-    uncond = tuple(jnp.broadcast_to(u, (b, *u.shape[1:])).astype(c.dtype) for u, c in zip(neg, cond))
-    cfg = classifier_free_guidance(cond_fn, scale)
-    return lambda x, t: cfg(x, t, (cond, uncond))
-
-
-# ------------------------------------------------------------------------------------------ sharding
-
-
-def _state_shardings(tree, mesh: Mesh | None):
-    if mesh is None:
-        return None
-    return parallel.logical_to_mesh_sharding(tree, mesh)
-
-
-def _batch_spec(mesh: Mesh, x) -> NamedSharding:
-    return parallel.batch_sharding(mesh, np.ndim(x))
-
-
-def _n_shards(mesh: Mesh | None) -> int:
-    return 1 if mesh is None else int(mesh.shape["data"] * mesh.shape["fsdp"])
-
-
-def _place(tree, shardings):
-    """``device_put`` the leaves whose sharding differs (no copy for already-placed leaves)."""
-    if shardings is None:
-        return tree
-
-    def one(x, s):
-        return x if getattr(x, "sharding", None) == s else jax.device_put(x, s)
-
-    return jax.tree.map(one, tree, shardings)
-
-
-_PLACED: list = []  # [(source tree, shardings, placed tree)], most recent first
-
-
-def _place_cached(tree, shardings):
-    """``_place`` for the unchanging base state: one device copy shared by every step / rollout function."""
-    if shardings is None:
-        return tree
-    leaves = jax.tree.leaves(shardings)
-    for src, sh, out in _PLACED:
-        if src is tree and sh == leaves:
-            return out
-    out = _place(tree, shardings)
-    _PLACED.insert(0, (tree, leaves, out))
-    del _PLACED[4:]
-    return out
-
-
-def _constrain(x, mesh: Mesh | None, axis: int = 0):
-    """Shard ``x``'s ``axis`` over (data, fsdp) (inside jit), if a mesh is given."""
-    if mesh is None:
-        return x
-    spec = [None] * x.ndim
-    spec[axis] = ("data", "fsdp")
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
 
 
 # ------------------------------------------------------------------------------------------ micro-batches
@@ -641,96 +561,3 @@ def _check_batch(batch: dict, algo: str) -> None:
         extra = [k for k in ("times", "noise", "logp_old") if k in batch]
         if "logp_old" in extra and not {"times", "noise"} <= set(extra):
             raise ValueError("batch['logp_old'] needs the 'times' and 'noise' it was computed with")
-
-
-# ------------------------------------------------------------------------------------------ rollouts
-
-
-def _graph_config(graphdef):
-    """The model's static ``config`` attribute recorded in ``graphdef`` (first one found), or None."""
-    for item in getattr(graphdef, "attributes", ()):
-        if isinstance(item, tuple) and len(item) == 2 and item[0] == "config":
-            value = getattr(item[1], "value", None)
-            if value is not None and hasattr(value, "in_channels"):
-                return value
-    return None
-
-
-def _latent_shape(graphdef, config, latent_shape):
-    if latent_shape is not None:
-        return tuple(int(x) for x in latent_shape)
-    model_cfg = _graph_config(graphdef)
-    if model_cfg is None:
-        raise ValueError("make_rollout_fn: cannot infer the latent shape; pass latent_shape=(C, h, w)")
-    if str(_get(config.model, "kind", "sd35")) == "toy":
-        return (int(model_cfg.in_channels), int(model_cfg.sample_size), int(model_cfg.sample_size))
-    side = int(config.model.resolution) // 8
-    return (int(model_cfg.in_channels), side, side)
-
-
-def make_rollout_fn(graphdef, config, mesh: Mesh | None = None, *, latent_shape=None,
-                    negative=None) -> Callable:
-    """Jitted sampler ``rollout(trainable, base_state, prompt_embeds, pooled, key) -> dict``.
-
-    ``config.sample.sampler``: ``sa_solver`` (AWM code: 14-step AWM SA-Solver grid, ``noise_level`` in
-    ``[noise_t_min, noise_t_max]``), ``euler_maruyama`` / ``sde`` (Flow-GRPO SDE), ``cps``, ``ode`` (e.g. the
-    40-step evaluation sampler).  AWM returns ``{"x0"}``; Flow-GRPO (``sde``/``cps``) also returns the
-    trajectory ``latents (B,S+1,C,H,W), log_probs, timesteps, next_timesteps (B,S)``.  CFG when
-    ``sample.guidance_scale != 1`` (needs ``negative``).  ``latent_shape`` defaults to the toy model's
-    ``(C, sample_size, sample_size)`` or ``(C, resolution/8, resolution/8)``.
-    """
-    algo = _algorithm(config)
-    s = config.sample
-    sampler = str(s.sampler)
-    if sampler not in ROLLOUT_SAMPLERS:
-        raise ValueError(f"config key sample.sampler = {sampler!r}: expected one of {ROLLOUT_SAMPLERS}")
-    if algo == "flow_grpo" and sampler not in ("sde", "cps"):
-        raise ValueError(f"Flow-GRPO rollouts need sample.sampler 'sde' or 'cps', got {sampler!r}")
-    full = _full(config)
-    shape = _latent_shape(graphdef, config, latent_shape)
-    grid = sd3_grid(int(s.num_steps), float(s.shift))
-    level, scale = float(s.noise_level), float(s.guidance_scale)
-    model_fn = _model_fn(graphdef, full)
-
-    def velocity_fn(x, t, ctx):  # one object for the samplers' static argument (no re-trace)
-        params, base, cond, neg = ctx
-        return _velocity(model_fn, params, base, cond, neg, scale)(x, t)
-
-    def core(params, base, emb, pooled, key, neg, m):
-        emb, pooled = _constrain(emb, m), _constrain(pooled, m)
-        k0, k1 = jax.random.split(key)
-        x = _constrain(init_latents(k0, emb.shape[0], shape), m)
-        ctx = (params, base, (emb, pooled), neg)
-        if sampler == "sa_solver":
-            window = (float(s.noise_t_min), float(s.noise_t_max))
-            sa_grid = awm_sa_solver_grid(grid)
-            return {"x0": samplers.sample_sa_solver(velocity_fn, k1, x, sa_grid, level, window, context=ctx)}
-        if sampler == "ode" or level == 0.0:
-            return {"x0": samplers.sample_ode(velocity_fn, x, grid, context=ctx)}
-        fn = samplers.sample_cps if sampler == "cps" else samplers.sample_sde
-        traj = fn(velocity_fn, k1, x, grid, level, context=ctx)
-        if algo == "awm":
-            return {"x0": traj["final"]}
-        return {"x0": traj["final"], "latents": traj["latents"], "log_probs": traj["log_probs"],
-                "timesteps": traj["timesteps"], "next_timesteps": traj["next_timesteps"]}
-
-    cache: dict = {}
-
-    def rollout(trainable, base_state, prompt_embeds, pooled, key):
-        emb, pooled = jnp.asarray(prompt_embeds), jnp.asarray(pooled)
-        shard_batch = mesh is not None and emb.shape[0] % _n_shards(mesh) == 0
-        m = mesh if shard_batch else None
-        if "sh" not in cache:
-            cache["sh"] = (_state_shardings(trainable, mesh), _state_shardings(base_state, mesh))
-        p_sh, b_sh = cache["sh"]
-        if m not in cache:
-            cache[m] = jax.jit(lambda *a, _m=m: core(*a, _m))
-        params = _place(trainable, p_sh)
-        base = _place_cached(base_state, b_sh)
-        if m is not None:
-            emb, pooled = _place(emb, _batch_spec(m, emb)), _place(pooled, _batch_spec(m, pooled))
-        neg = None if negative is None else tuple(jnp.asarray(x) for x in negative)
-        return cache[m](params, base, emb, pooled, key, neg)
-
-    return rollout
-
