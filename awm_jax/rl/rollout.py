@@ -14,19 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from awm_jax.rl._common import (
-    _algorithm,
-    _batch_spec,
-    _constrain,
-    _full,
-    _get,
-    _model_fn,
-    _n_shards,
-    _place,
-    _place_cached,
-    _state_shardings,
-    _velocity,
-)
+from awm_jax.rl import _common as common
 from awm_jax.sampling import samplers
 from awm_jax.sampling.samplers import init_latents
 from awm_jax.sampling.schedules import awm_sa_solver_grid, sd3_grid
@@ -50,7 +38,7 @@ def _latent_shape(graphdef, config, latent_shape):
     model_cfg = _graph_config(graphdef)
     if model_cfg is None:
         raise ValueError("make_rollout_fn: cannot infer the latent shape; pass latent_shape=(C, h, w)")
-    if str(_get(config.model, "kind", "sd35")) == "toy":
+    if str(common._get(config.model, "kind", "sd35")) == "toy":
         return (int(model_cfg.in_channels), int(model_cfg.sample_size), int(model_cfg.sample_size))
     side = int(config.model.resolution) // 8
     return (int(model_cfg.in_channels), side, side)
@@ -67,27 +55,27 @@ def make_rollout_fn(graphdef, config, mesh: Mesh | None = None, *, latent_shape=
     ``sample.guidance_scale != 1`` (needs ``negative``).  ``latent_shape`` defaults to the toy model's
     ``(C, sample_size, sample_size)`` or ``(C, resolution/8, resolution/8)``.
     """
-    algo = _algorithm(config)
+    algo = common._algorithm(config)
     s = config.sample
     sampler = str(s.sampler)
     if sampler not in ROLLOUT_SAMPLERS:
         raise ValueError(f"config key sample.sampler = {sampler!r}: expected one of {ROLLOUT_SAMPLERS}")
     if algo == "flow_grpo" and sampler not in ("sde", "cps"):
         raise ValueError(f"Flow-GRPO rollouts need sample.sampler 'sde' or 'cps', got {sampler!r}")
-    full = _full(config)
+    full = common._full(config)
     shape = _latent_shape(graphdef, config, latent_shape)
     grid = sd3_grid(int(s.num_steps), float(s.shift))
     level, scale = float(s.noise_level), float(s.guidance_scale)
-    model_fn = _model_fn(graphdef, full)
+    model_fn = common._model_fn(graphdef, full)
 
     def velocity_fn(x, t, ctx):  # one object for the samplers' static argument (no re-trace)
         params, base, cond, neg = ctx
-        return _velocity(model_fn, params, base, cond, neg, scale)(x, t)
+        return common._velocity(model_fn, params, base, cond, neg, scale)(x, t)
 
     def core(params, base, emb, pooled, key, neg, m):
-        emb, pooled = _constrain(emb, m), _constrain(pooled, m)
+        emb, pooled = common._constrain(emb, m), common._constrain(pooled, m)
         k0, k1 = jax.random.split(key)
-        x = _constrain(init_latents(k0, emb.shape[0], shape), m)
+        x = common._constrain(init_latents(k0, emb.shape[0], shape), m)
         ctx = (params, base, (emb, pooled), neg)
         if sampler == "sa_solver":
             window = (float(s.noise_t_min), float(s.noise_t_max))
@@ -106,17 +94,19 @@ def make_rollout_fn(graphdef, config, mesh: Mesh | None = None, *, latent_shape=
 
     def rollout(trainable, base_state, prompt_embeds, pooled, key):
         emb, pooled = jnp.asarray(prompt_embeds), jnp.asarray(pooled)
-        shard_batch = mesh is not None and emb.shape[0] % _n_shards(mesh) == 0
+        shard_batch = mesh is not None and emb.shape[0] % common._n_shards(mesh) == 0
         m = mesh if shard_batch else None
         if "sh" not in cache:
-            cache["sh"] = (_state_shardings(trainable, mesh), _state_shardings(base_state, mesh))
+            cache["sh"] = (common._state_shardings(trainable, mesh),
+                           common._state_shardings(base_state, mesh))
         p_sh, b_sh = cache["sh"]
         if m not in cache:
             cache[m] = jax.jit(lambda *a, _m=m: core(*a, _m))
-        params = _place(trainable, p_sh)
-        base = _place_cached(base_state, b_sh)
+        params = common._place(trainable, p_sh)
+        base = common._place_cached(base_state, b_sh)
         if m is not None:
-            emb, pooled = _place(emb, _batch_spec(m, emb)), _place(pooled, _batch_spec(m, pooled))
+            emb = common._place(emb, common._batch_spec(m, emb))
+            pooled = common._place(pooled, common._batch_spec(m, pooled))
         neg = None if negative is None else tuple(jnp.asarray(x) for x in negative)
         return cache[m](params, base, emb, pooled, key, neg)
 
