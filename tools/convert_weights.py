@@ -61,13 +61,59 @@ def _run_to_flax(args: argparse.Namespace) -> str:
 def _run_to_diffusers(args: argparse.Namespace) -> str:
     from awm_jax.convert import to_diffusers
 
+    if args.merge_lora:
+        return str(_merged_to_diffusers(args))
     return str(to_diffusers(args.src, args.dst, args.model, max_shard_bytes=args.max_shard_size))
+
+
+def _add_to_diffusers(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--merge-lora", default=None, metavar="CHECKPOINT",
+                   help="Flax LoRA folder (lora_config.json + lora.safetensors) folded into the base weights")
+
+
+def _merged_to_diffusers(args: argparse.Namespace) -> pathlib.Path:
+    """Base (diffusers or Flax folder) + LoRA folded in -> diffusers folder with a model card."""
+    import tempfile
+
+    from awm_jax.convert import read_flax_params, save_flax, to_diffusers
+    from awm_jax.convert.lora_export import load_flax_lora, merge_lora, write_model_card
+
+    lora, info = load_flax_lora(args.merge_lora)
+    with tempfile.TemporaryDirectory() as tmp:
+        config, _, tensors = read_flax_params(args.src, args.model)
+        merged = merge_lora(dict(tensors), lora, int(info["rank"]), float(info["alpha"]))
+        save_flax(merged, config, pathlib.Path(tmp) / "merged", args.model)
+        out = to_diffusers(pathlib.Path(tmp) / "merged", args.dst, args.model,
+                           max_shard_bytes=args.max_shard_size)
+    write_model_card(out, {**info, "base_model": info.get("base_model", str(args.src))}, "merged weights")
+    return pathlib.Path(out)
+
+
+def _add_export_lora(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="sd3", help="model kind (sd3)")
+    p.add_argument("--base", required=True, help="base model folder (diffusers or Flax), for its config")
+    p.add_argument("--src", required=True, help="Flax LoRA folder (lora_config.json + lora.safetensors)")
+    p.add_argument("--dst", required=True, help="destination diffusers/peft LoRA folder (created)")
+
+
+def _run_export_lora(args: argparse.Namespace) -> str:
+    import json
+
+    from awm_jax.convert.lora_export import export_peft_lora
+
+    base = pathlib.Path(args.base)
+    cfg = base / "config.json" if (base / "config.json").is_file() else base / "transformer" / "config.json"
+    if not cfg.is_file():
+        raise ValueError(f"--base {base}: no config.json (or transformer/config.json)")
+    return str(export_peft_lora(args.src, args.dst, json.loads(cfg.read_text())))
 
 
 # name -> (help, add_arguments(parser), run(args) -> output path)
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "to-flax": ("diffusers folder -> awm-jax Flax folder", _add_common, _run_to_flax),
-    "to-diffusers": ("awm-jax Flax folder -> diffusers folder", _add_common, _run_to_diffusers),
+    "to-diffusers": ("awm-jax Flax folder -> diffusers folder", _add_to_diffusers, _run_to_diffusers),
+    "export-lora": ("Flax LoRA folder -> diffusers/peft LoRA folder", _add_export_lora, _run_export_lora),
 }
 
 
