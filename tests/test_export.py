@@ -97,3 +97,90 @@ def test_bad_inputs(setup, tmp_path):
     assert main(["export-lora", "--model", "sd3", "--base", str(root / "base"), "--src", str(tmp_path),
                  "--dst", str(tmp_path / "o")]) == 2
     assert json.loads((root / "ckpt" / le.FLAX_LORA_CONFIG).read_text())["rank"] == 4
+
+
+# ------------------------------------------------------------------------------------------ trainer workdirs
+
+
+@pytest.fixture(scope="module")
+def workdir(setup):
+    """A trainer workdir as ``awm_jax.train`` writes it: config.json + Checkpointer(state leaves, meta)."""
+    import jax
+
+    from awm_jax import config_lib
+    from awm_jax.checkpoint import Checkpointer
+    from awm_jax.rl import train_step as ts
+    from awm_jax.train import _state_leaves
+
+    root, _, inputs, _ = setup
+    cfg = config_lib.load_config("configs/toy.py")
+    cfg.model.path = str(root / "base")
+    cfg.lora.rank, cfg.lora.alpha = 4, 8.0
+    graphdef, base_state, state = ts.create_train_state(load_transformer(root / "base"), cfg)
+    rng = np.random.default_rng(1)
+
+    def noisy(tree):  # non-zero B (and distinct A) so the adapters matter
+        return jax.tree.map(lambda x: np.asarray(x) + rng.normal(0, 0.3, x.shape).astype(np.float32), tree)
+
+    state = state.replace(step=np.int32(3), trainable=noisy(state.trainable), eval_ema=noisy(state.eval_ema),
+                          kl_ema=noisy(state.kl_ema))
+    wd = root / "run"
+    config_lib.save_config(cfg, str(wd))
+    ck = Checkpointer(str(wd / "checkpoints"), keep=3, async_save=False)
+    key = jax.random.key_data(jax.random.key(0))
+    for step in (2, 3):
+        ck.save(step, _state_leaves(state, key), {"step": step, "data_position": step})
+    ck.close()
+    refs = {}
+    for which, lora in (("policy", state.trainable), ("eval_ema", state.eval_ema)):
+        model = nnx.merge(graphdef, lora, base_state)
+        x, enc, pooled, t = inputs
+        refs[which] = np.asarray(model(hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled,
+                                       timestep=t))
+    return wd, refs
+
+
+@pytest.mark.parametrize("which", ["policy", "eval_ema"])
+def test_workdir_export_parity(setup, workdir, which):
+    from tools.convert_weights import main
+
+    root, _, inputs, _ = setup
+    wd, refs = workdir
+    dst = root / f"peft_{which}"
+    assert main(["export-lora", "--src", str(wd), "--dst", str(dst), "--which", which]) == 0  # no --base
+    m = SD3Transformer2DModel.from_pretrained(root / "base").eval()
+    m.load_lora_adapter(str(dst), prefix="transformer", weight_name=le.PEFT_WEIGHTS)
+    out = _torch_out(m, inputs)
+    assert _rel(refs["policy"], refs["eval_ema"]) > 1e-3  # the two adapters differ
+    assert _rel(out, refs[which]) <= 1e-5, _rel(out, refs[which])
+    card = (dst / "README.md").read_text()
+    assert f"which: {which}" in card and "step: 3" in card and "algorithm: awm" in card
+
+
+def test_workdir_merge_and_step(setup, workdir):
+    from tools.convert_weights import main
+
+    root, _, inputs, _ = setup
+    wd, refs = workdir
+    assert main(["to-diffusers", "--model", "sd3", "--src", str(root / "base"),
+                 "--dst", str(root / "wmerged"), "--merge-lora", str(wd), "--step", "2"]) == 0
+    m = SD3Transformer2DModel.from_pretrained(root / "wmerged").eval()
+    assert _rel(_torch_out(m, inputs), refs["policy"]) <= 1e-5
+    params, info = le.lora_from_workdir(wd, step=2)
+    assert info["step"] == 2 and info["rank"] == 4 and info["base_model"] == str(root / "base")
+    assert "transformer_blocks.0.attn2.to_q.lora_a" in params
+
+
+def test_workdir_errors(workdir, tmp_path):
+    wd, _ = workdir
+    with pytest.raises(ConversionError, match="unknown which='kl'"):
+        le.lora_from_workdir(wd, which="kl")
+    with pytest.raises(ConversionError, match=r"no checkpoint at step 9 \(saved steps: \[2, 3\]\)"):
+        le.lora_from_workdir(wd, step=9)
+    empty = tmp_path / "run"
+    (empty / "checkpoints").mkdir(parents=True)
+    (empty / "config.json").write_text((wd / "config.json").read_text())
+    with pytest.raises(ConversionError, match=f"workdir {empty}: no checkpoint"):
+        le.lora_from_workdir(empty)
+    with pytest.raises(ConversionError, match="not a trainer workdir"):
+        le.lora_from_workdir(tmp_path)

@@ -5,6 +5,13 @@
     python tools/convert_weights.py to-diffusers --model sd3 --src FLAX_DIR --dst DIFFUSERS_DIR
 
 ``--src`` may also be a full pipeline folder (the model's subfolder, e.g. ``transformer/``, is used).
+
+    python tools/convert_weights.py export-lora --src LORA --dst PEFT_DIR [--base BASE] [--which W] [--step N]
+    python tools/convert_weights.py to-diffusers --model sd3 --src BASE --dst DIR --merge-lora LORA
+
+``LORA`` is a Flax LoRA folder or a trainer workdir (``config.json`` + ``checkpoints/``); for a workdir
+``--which policy|eval_ema`` and ``--step N`` (default: newest) pick the adapter, and ``--base`` defaults to
+the run's ``model.path``.
 Models come from the registry in ``awm_jax.convert`` (``--model`` lists them). Errors print one line
 and exit with status 2. New subcommands (e.g. ``--merge-lora``, ``export-lora``) register in ``COMMANDS``.
 """
@@ -69,7 +76,16 @@ def _run_to_diffusers(args: argparse.Namespace) -> str:
 def _add_to_diffusers(p: argparse.ArgumentParser) -> None:
     _add_common(p)
     p.add_argument("--merge-lora", default=None, metavar="CHECKPOINT",
-                   help="Flax LoRA folder (lora_config.json + lora.safetensors) folded into the base weights")
+                   help="Flax LoRA folder (lora_config.json + lora.safetensors) or trainer workdir, folded "
+                        "into the base weights")
+    _add_which(p)
+
+
+def _add_which(p: argparse.ArgumentParser) -> None:
+    from awm_jax.convert.lora_export import WHICH
+
+    p.add_argument("--which", default="policy", choices=WHICH, help="trainer workdir: adapter to export")
+    p.add_argument("--step", type=int, default=None, help="trainer workdir: checkpoint step (default newest)")
 
 
 def _merged_to_diffusers(args: argparse.Namespace) -> pathlib.Path:
@@ -77,9 +93,9 @@ def _merged_to_diffusers(args: argparse.Namespace) -> pathlib.Path:
     import tempfile
 
     from awm_jax.convert import read_flax_params, save_flax, to_diffusers
-    from awm_jax.convert.lora_export import load_flax_lora, merge_lora, write_model_card
+    from awm_jax.convert.lora_export import load_lora, merge_lora, write_model_card
 
-    lora, info = load_flax_lora(args.merge_lora)
+    lora, info = load_lora(args.merge_lora, args.which, args.step)
     with tempfile.TemporaryDirectory() as tmp:
         config, _, tensors = read_flax_params(args.src, args.model)
         merged = merge_lora(dict(tensors), lora, int(info["rank"]), float(info["alpha"]))
@@ -92,28 +108,40 @@ def _merged_to_diffusers(args: argparse.Namespace) -> pathlib.Path:
 
 def _add_export_lora(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="sd3", help="model kind (sd3)")
-    p.add_argument("--base", required=True, help="base model folder (diffusers or Flax), for its config")
-    p.add_argument("--src", required=True, help="Flax LoRA folder (lora_config.json + lora.safetensors)")
+    p.add_argument("--base", default=None,
+                   help="base model folder (diffusers or Flax) for its config; default: workdir model.path")
+    p.add_argument("--src", required=True,
+                   help="Flax LoRA folder (lora_config.json + lora.safetensors) or trainer workdir")
     p.add_argument("--dst", required=True, help="destination diffusers/peft LoRA folder (created)")
+    _add_which(p)
 
 
 def _run_export_lora(args: argparse.Namespace) -> str:
     import json
 
-    from awm_jax.convert.lora_export import export_peft_lora
+    from awm_jax.convert.lora_export import export_peft_lora, is_workdir, workdir_model_config
 
-    base = pathlib.Path(args.base)
-    cfg = base / "config.json" if (base / "config.json").is_file() else base / "transformer" / "config.json"
-    if not cfg.is_file():
-        raise ValueError(f"--base {base}: no config.json (or transformer/config.json)")
-    return str(export_peft_lora(args.src, args.dst, json.loads(cfg.read_text())))
+    if args.base is None:
+        if not is_workdir(args.src):
+            raise ValueError(f"--src {args.src} is not a trainer workdir: give --base")
+        config = json.loads((pathlib.Path(args.src) / "config.json").read_text())
+        model_config = workdir_model_config(config, args.src)
+    else:
+        base = pathlib.Path(args.base)
+        cfg = base / "config.json"
+        cfg = cfg if cfg.is_file() else base / "transformer" / "config.json"
+        if not cfg.is_file():
+            raise ValueError(f"--base {base}: no config.json (or transformer/config.json)")
+        model_config = json.loads(cfg.read_text())
+    return str(export_peft_lora(args.src, args.dst, model_config, args.which, args.step))
 
 
 # name -> (help, add_arguments(parser), run(args) -> output path)
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "to-flax": ("diffusers folder -> awm-jax Flax folder", _add_common, _run_to_flax),
     "to-diffusers": ("awm-jax Flax folder -> diffusers folder", _add_to_diffusers, _run_to_diffusers),
-    "export-lora": ("Flax LoRA folder -> diffusers/peft LoRA folder", _add_export_lora, _run_export_lora),
+    "export-lora": ("Flax LoRA folder / trainer workdir -> diffusers/peft LoRA", _add_export_lora,
+                    _run_export_lora),
 }
 
 
