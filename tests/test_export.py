@@ -184,3 +184,37 @@ def test_workdir_errors(workdir, tmp_path):
         le.lora_from_workdir(empty)
     with pytest.raises(ConversionError, match="not a trainer workdir"):
         le.lora_from_workdir(tmp_path)
+
+
+def test_workdir_scanned(setup, tmp_path):
+    """A run with ``model.scan_layers``: stacked adapters are unstacked to per-layer diffusers modules."""
+    import jax
+
+    from awm_jax import config_lib
+    from awm_jax.checkpoint import Checkpointer
+    from awm_jax.rl import train_step as ts
+    from awm_jax.train import _state_leaves
+
+    root, _, inputs, _ = setup
+    cfg = config_lib.load_config("configs/toy.py")
+    cfg.model.path = str(root / "base")
+    with cfg.model.unlocked():
+        cfg.model.scan_layers = True
+    cfg.lora.rank, cfg.lora.alpha = 4, 8.0
+    model = load_transformer(root / "base", scan_layers=True)
+    graphdef, base_state, state = ts.create_train_state(model, cfg)
+    rng = np.random.default_rng(2)
+    state = state.replace(trainable=jax.tree.map(
+        lambda x: np.asarray(x) + rng.normal(0, 0.3, x.shape).astype(np.float32), state.trainable))
+    assert any(p[0] == "transformer_block_groups" for p, _ in nnx.to_flat_state(state.trainable))
+    config_lib.save_config(cfg, str(tmp_path / "run"))
+    ck = Checkpointer(str(tmp_path / "run" / "checkpoints"), async_save=False)
+    ck.save(1, _state_leaves(state, jax.random.key_data(jax.random.key(0))), {"step": 1})
+    ck.close()
+    x, enc, pooled, t = inputs
+    ref = np.asarray(nnx.merge(graphdef, state.trainable, base_state)(
+        hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled, timestep=t))
+    dst = le.export_peft_lora(tmp_path / "run", tmp_path / "peft", CFG)
+    m = SD3Transformer2DModel.from_pretrained(root / "base").eval()
+    m.load_lora_adapter(str(dst), prefix="transformer", weight_name=le.PEFT_WEIGHTS)
+    assert _rel(_torch_out(m, inputs), ref) <= 1e-5
