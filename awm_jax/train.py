@@ -75,14 +75,12 @@ def _load_pipeline(config):
         from awm_jax.toy.world import load_toy_pipeline
 
         return load_toy_pipeline(config.model.path or None, seed=config.seed)
-    try:
-        mod = importlib.import_module("awm_jax.pipeline")
-    except ImportError as e:
-        raise RuntimeError(
-            "model.kind='sd35' needs awm_jax.pipeline.load_sd3_pipeline (not in this tree yet); "
-            f"model.path={config.model.path!r}"
-        ) from e
-    return mod.load_sd3_pipeline(config)
+    if config.model.kind != "sd35":
+        raise config_lib.ConfigError(
+            f"config key 'model.kind' = {config.model.kind!r}: expected 'toy' or 'sd35'")
+    from awm_jax.pipelines import load_sd3_pipeline
+
+    return load_sd3_pipeline(config)
 
 
 def _make_mesh(config):
