@@ -64,6 +64,8 @@ class Components:
     eval_rollout: Callable
     scorer: Any  # reward scorer (images, prompts, metadata) -> (B,)
     trainable_of: Callable[[Any], Any] = lambda s: s.trainable
+    # the sampling policy's weights (None: trainable_of); off-policy AWM samples with the kl-EMA adapter
+    rollout_params_of: Callable[[Any], Any] | None = None
     eval_params_of: Callable[[Any], Any] | None = None  # eval-EMA weights (None: trainable_of)
 
 
@@ -119,8 +121,14 @@ def default_components(config: ml_collections.ConfigDict) -> Components:
         ema = getattr(s, "eval_ema", None)
         return ema if (config.eval.use_ema and ema is not None) else s.trainable
 
+    rollout_params = None
+    if config.algorithm == "awm" and not config.awm.on_policy:  # as the reference: roll out with kl_ema
+        def rollout_params(s):
+            ema = getattr(s, "kl_ema", None)
+            return s.trainable if ema is None else ema
+
     return Components(pipeline, state, base_state, step, rollout, eval_rollout, scorer,
-                      eval_params_of=eval_params)
+                      rollout_params_of=rollout_params, eval_params_of=eval_params)
 
 
 def _resolve_factory(spec: str):
@@ -296,20 +304,39 @@ def evaluate(comp, config, state, embed, eval_set, step: int):
                                 jax.random.fold_in(key, i))
         images.append(np.asarray(comp.pipeline.decode(out["x0"])))
     images = np.concatenate(images)
-    rec: dict = {"step": step}
+    rec: dict = {"step": step, "num_images": len(idx)}
     rewards = np.asarray(comp.scorer(images, prompts, metadata), np.float32)
     rec["reward_mean"] = float(rewards.mean())
     if hasattr(comp.scorer, "evaluate"):
         res = comp.scorer.evaluate(images, prompts, metadata)
         acc = np.asarray(res["accuracy"], np.float32)
-        rec["accuracy"] = float(acc.mean())
+        rec["accuracy"] = float(acc.mean())  # per image
         tags = res.get("tag")
         if tags is not None:
+            per_tag = {}
             for t in sorted(set(tags)):
                 m = np.asarray([x == t for x in tags])
-                rec[f"accuracy/{t}"] = float(acc[m].mean())
+                per_tag[t] = rec[f"accuracy/{t}"] = float(acc[m].mean())
+            rec["accuracy/overall"] = float(np.mean(list(per_tag.values())))  # GenEval score: mean of tags
     k = config.eval.grid_images
     return rec, images[:k], prompts[:k]
+
+
+def _eval_logged(workdir: str, step: int) -> bool:
+    """Whether ``eval.jsonl`` in ``workdir`` already holds an evaluation of ``step``."""
+    import json
+
+    path = os.path.join(workdir, "eval.jsonl")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step") == step:
+                    return True
+            except ValueError:
+                continue
+    return False
 
 
 def _is_key(x) -> bool:
@@ -376,6 +403,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpt.save(step, _state_leaves(state, jax.random.key_data(rng)), meta, force=force)
 
     t_run = time.time()
+    if eval_set is not None and start == 0 and not _eval_logged(workdir, 0):
+        rec_e, imgs, caps = evaluate(comp, config, state, embed, eval_set, 0)  # the base model
+        logger.log_eval(rec_e, imgs, caps)
     guarded: bool | None = None  # does the train step report metrics["finite"]?
     last: dict = {}
     step = start
@@ -385,8 +415,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 t0 = time.time()
                 key = jax.random.fold_in(rng, step)
                 k_roll, k_train = jax.random.split(key)
+                params = (comp.rollout_params_of or comp.trainable_of)(state)
                 batch, rewards_local, groups_local = _rollout_epoch(
-                    comp, config, comp.trainable_of(state), embed, sampler, dataset, bridge, step, k_roll)
+                    comp, config, params, embed, sampler, dataset, bridge, step, k_roll)
                 rewards = _gather(rewards_local)
                 groups = _gather(groups_local)
                 adv = _group_advantages(rewards.astype(np.float64), groups, config)

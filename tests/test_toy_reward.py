@@ -159,3 +159,20 @@ def test_text_encoder_shapes_cache_and_unknown_word():
         text.tokenize(["a " * 20])
     for r in shapes.prompt_split("all"):
         text.tokenize([r["prompt"]])  # the whole grammar is in the vocabulary
+
+
+def test_speckles_are_not_objects():
+    """A few stray pixels are below GenEval's confidence threshold: they cost neither score."""
+    s = reward.ToyGenEvalScorer()
+    m = {"tag": "single_object", "include": [{"class": "circle", "count": 1}], "exclude": [],
+         "prompt": "a photo of a circle"}
+    img = _img([O({"class": "circle", "color": "red", "cx": 8, "cy": 8, "h": 4})])
+    assert _eval(s, img, m) == (1.0, 1.0)
+    speck = img.copy()
+    speck[0, 24:27, 24:27] = shapes.COLORS["red"]  # 9-pixel square speckle
+    speck[0, 28:31, 20:23] = shapes.COLORS["red"]
+    assert _eval(s, speck, m) == (1.0, 1.0)
+    assert reward.confidence(reward.MIN_OBJECT_AREA) == 1.0 and reward.confidence(9) < 0.3
+    big = _img([O({"class": "circle", "color": "red", "cx": 8, "cy": 8, "h": 4}),
+                O({"class": "circle", "color": "blue", "cx": 24, "cy": 24, "h": 3})])
+    assert _eval(s, big, m) == (1.0, 0.0)  # a real second object still counts against the partial score

@@ -9,7 +9,13 @@ same rules score them:
 - ``evaluate()`` = GenEval's strict correctness (``geneval_rules.geneval_correct``), whose per-tag
   means (``per_tag_accuracy``) are the GenEval score.
 
-Detector scores are 1.0, so the confidence thresholds (0.3; 0.9 for counting) keep every object.
+Confidence: the toy detector reports every connected component with score 1.0, speckles included
+(a real detector such as GenEval's Mask2Former does not fire on a few stray pixels).  Counted as
+objects, speckles made the partial score (which counts *all* kept objects, unclamped) average
+below the strict accuracy on the same images, so the training reward punished images the
+evaluation accepts.  ``confidence`` therefore scores each component by its area relative to the
+smallest object the world renders (``MIN_OBJECT_AREA``); GenEval's thresholds (0.3; 0.9 for
+counting) then drop speckles and fragments for both the strict verdict and the partial score.
 """
 
 from __future__ import annotations
@@ -24,14 +30,33 @@ from awm_jax.rewards.geneval_rules import (
     summarize,
     validate_metadata,
 )
-from awm_jax.toy.detector import detect
-from awm_jax.toy.shapes import CLASSES
+from awm_jax.toy.detector import MIN_AREA, detect
+from awm_jax.toy.shapes import CLASSES, HALF_SIZES, shape_mask
 
-__all__ = ["ToyGenEvalScorer", "filter_detections", "per_tag_accuracy", "score_detections"]
+__all__ = ["ToyGenEvalScorer", "confidence", "filter_detections", "per_tag_accuracy", "score_detections"]
+
+# Pixel area of the smallest object the toy world renders (31: a triangle of half-size 3).
+MIN_OBJECT_AREA = int(min(shape_mask(c, 16, 16, h).sum() for c in CLASSES for h in HALF_SIZES))
+
+
+def confidence(area: int) -> float:
+    """Detection score of a component: 0 at the detector's ``MIN_AREA``, 1 from ``MIN_OBJECT_AREA`` on."""
+    return float(np.clip((area - MIN_AREA) / (MIN_OBJECT_AREA - MIN_AREA), 0.0, 1.0))
+
+
+def rescore(dets: dict) -> dict:
+    """Detections with ``score`` replaced by :func:`confidence` of their ``area``."""
+    return {c: [dict(o, score=confidence(o["area"])) if "area" in o else o for o in objs]
+            for c, objs in dets.items()}
 
 
 def score_detections(dets: dict, meta: dict, margin: float = POSITION_MARGIN) -> tuple[bool, float, str]:
-    """(strict GenEval verdict, partial training score, reasons) of raw detections for one record."""
+    """(strict GenEval verdict, partial training score, reasons) of raw detections for one record.
+
+    Detections carrying an ``area`` are rescored with :func:`confidence` before GenEval's filter.
+    """
+    if any("area" in o for objs in dets.values() for o in objs):
+        dets = rescore(dets)
     kept = filter_detections(dets, meta["tag"])
     ok, why = geneval_correct(kept, meta, margin)
     _, partial = reward_score(kept, meta, margin)
