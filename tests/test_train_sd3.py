@@ -26,17 +26,23 @@ OCR_PROMPTS = [
     'a painting of a clock and the text "night"',
 ]
 
+GENEVAL_PROMPTS = ["a photo of a cat", "a photo of a red bus", "a photo of two dogs", "a photo of a clock"]
+
 
 @pytest.fixture(scope="module")
 def tiny_pipe(tmp_path_factory):
     return build_tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "pipe", seed=0)
 
 
-def _tiny_config(name: str, pipe, tmp_path, max_steps: int = 2):
+def _tiny_config(name: str, pipe, tmp_path, max_steps: int = 2, fmt: str = "ocr"):
     c = config_lib.load_config(os.path.join(ROOT, "configs", name))
     assert c.model.kind == "sd35"
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(OCR_PROMPTS) + "\n")
+    if fmt == "geneval":
+        prompts.write_text("".join(json.dumps({"prompt": p, "tag": "single_object", "include": []}) + "\n"
+                                   for p in GENEVAL_PROMPTS))
+    else:
+        prompts.write_text("\n".join(OCR_PROMPTS) + "\n")
     c.model.path = str(pipe / "transformer")
     c.model.vae_path = ""
     c.model.text_encoder_paths = tuple(str(pipe / f) for f in ("text_encoder", "text_encoder_2",
@@ -47,7 +53,7 @@ def _tiny_config(name: str, pipe, tmp_path, max_steps: int = 2):
         c[section][key] = str(prompts)
     config_lib.apply_overrides(c, [
         ("model.dtype", "float32"), ("max_steps", str(max_steps)), ("data.group_size", "4"),
-        ("data.prompts_per_step", "2"), ("data.train_format", "ocr"), ("data.eval_format", "ocr"),
+        ("data.prompts_per_step", "2"), ("data.train_format", fmt), ("data.eval_format", fmt),
         ("lora.rank", "2"), ("lora.alpha", "4.0"), ("sample.num_steps", "4"), ("sample.batch_size", "1"),
         ("awm.train_timesteps", "2"), ("train.micro_batch_size", "1"),
         ("reward.name", "jpeg_compressibility"),
@@ -63,9 +69,14 @@ def _lora_leaves(state) -> list[np.ndarray]:
     return [np.array(x, copy=True) for x in jax.tree.leaves(state.trainable)]
 
 
-def test_sd35_ocr_awm_two_steps(tiny_pipe, tmp_path):
-    """AWM on the sd35m_ocr config: 2 finite steps, eval record, checkpoints, the LoRA moved."""
-    cfg = _tiny_config("sd35m_ocr.py", tiny_pipe, tmp_path)
+@pytest.mark.parametrize("name,fmt", [("sd35m_ocr.py", "ocr"), ("sd35m_geneval_flow_grpo.py", "geneval")])
+def test_sd35_two_steps(tiny_pipe, tmp_path, name, fmt):
+    """AWM (sd35m_ocr) and Flow-GRPO with CFG (sd35m_geneval_flow_grpo) on the tiny pipeline: 2 finite
+    steps, eval records, checkpoints, the LoRA moved."""
+    cfg = _tiny_config(name, tiny_pipe, tmp_path, fmt=fmt)
+    if fmt == "geneval":
+        assert cfg.algorithm == "flow_grpo" and cfg.sample.guidance_scale > 1.0  # CFG: empty-prompt branch
+        config_lib.apply_overrides(cfg, [("sample.num_steps", "3")])
     seen = {}
 
     def components(config):
@@ -97,7 +108,6 @@ def test_sd35_ocr_awm_two_steps(tiny_pipe, tmp_path):
     assert len(ckpt_leaves) == len(lora0)
     moved = max(float(np.abs(a - b).max()) for a, b in zip(ckpt_leaves, lora0))
     assert moved > 0.0
-    print("metrics:", m, "eval:", ev, "max |dLoRA|:", moved)
 
 
 def _run_with(cfg, workdir, factory):
