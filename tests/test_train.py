@@ -153,8 +153,9 @@ def test_run_writes_outputs(full_run):
     assert need <= set(m[0])
     assert all(np.isfinite(r["loss"]) and 0 <= r["reward_mean"] <= 1 for r in m)
     ev = [json.loads(line) for line in open(os.path.join(full_run, "eval.jsonl"))]
-    assert [e["step"] for e in ev] == [2, 4] and "accuracy" in ev[0]
-    assert any(k.startswith("accuracy/") for k in ev[0])
+    assert [e["step"] for e in ev] == [0, 2, 4] and "accuracy" in ev[0]  # step 0: the base model
+    assert any(k.startswith("accuracy/") for k in ev[0]) and "accuracy/overall" in ev[0]
+    assert os.path.isfile(os.path.join(full_run, "samples", "eval_000000.png"))
     assert os.path.isfile(os.path.join(full_run, "samples", "eval_000004.png"))
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(full_run, "tb")))
     assert json.load(open(os.path.join(full_run, "config.json")))["max_steps"] == 4
@@ -168,6 +169,8 @@ def test_exact_resume(full_run, tmp_path):
     train.run(_cfg(max_steps=4), wd)
     a, b = _metrics(full_run), _metrics(wd)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
+    ev = [json.loads(line)["step"] for line in open(os.path.join(wd, "eval.jsonl"))]
+    assert ev == [0, 2, 4]  # the step-0 evaluation is not repeated on resume
     for ra, rb in zip(a, b):
         for k in ("reward_mean", "reward_std", "loss", "policy_loss", "kl"):
             assert abs(ra[k] - rb[k]) <= 1e-4 * max(1.0, abs(ra[k])), (ra["step"], k, ra[k], rb[k])
@@ -254,7 +257,8 @@ def test_toy_end_to_end(tmp_path):
             ("model.path", ""), ("max_steps", str(max_steps)), ("data.group_size", "4"),
             ("data.prompts_per_step", "2"), ("sample.batch_size", "1"), ("sample.num_steps", "3"),
             ("train.micro_batch_size", "1"), ("eval.every", "2"), ("eval.num_prompts", "8"),
-            ("eval.num_steps", "3"), ("log.progress", "false"), ("checkpoint.async_save", "false")])
+            ("eval.num_steps", "3"), ("eval.samples_per_prompt", "1"), ("log.progress", "false"),
+            ("checkpoint.async_save", "false")])
         return c
 
     train.run(cfg(1), str(tmp_path))
@@ -264,5 +268,5 @@ def test_toy_end_to_end(tmp_path):
     assert all(np.isfinite(r["loss"]) and 0.0 <= r["reward_mean"] <= 1.0 for r in m)
     assert m[1]["kl_ema_decay"] > m[0]["kl_ema_decay"]  # the restored train state advanced
     ev = [json.loads(line) for line in open(tmp_path / "eval.jsonl")]
-    assert [e["step"] for e in ev] == [1, 2] and 0.0 <= ev[-1]["accuracy"] <= 1.0
+    assert [e["step"] for e in ev] == [0, 1, 2] and 0.0 <= ev[-1]["accuracy"] <= 1.0
     assert os.path.isdir(tmp_path / "checkpoints" / "2")
