@@ -25,13 +25,8 @@ def _key(path):
     return ".".join(str(getattr(p, "key", p)) for p in path)
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    torch.manual_seed(0)
-    SD3Transformer2DModel(**CFG).eval().save_pretrained(root / "base")
-    model = load_transformer(root / "base", lora=LoRAConfig(rank=4, alpha=8))
-    rng = np.random.default_rng(0)
+def _randomize_lora_b(model, rng):
+    """Give every LoRA B a random non-zero value (in place); return all LoRA arrays by per-layer path."""
     lora = {}
     for p, v in nnx.to_flat_state(nnx.state(model, LoRAParam)):
         val = np.asarray(v[...])
@@ -39,6 +34,17 @@ def setup(tmp_path_factory):
             val = rng.normal(0, 0.3, val.shape).astype(np.float32)
             v[...] = val
         lora[_key(p)] = val
+    return lora
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    SD3Transformer2DModel(**CFG).eval().save_pretrained(root / "base")
+    model = load_transformer(root / "base", lora=LoRAConfig(rank=4, alpha=8))
+    rng = np.random.default_rng(0)
+    lora = _randomize_lora_b(model, rng)
     le.save_flax_lora(lora, INFO, root / "ckpt")
     x = rng.normal(size=(2, 4, 8, 8)).astype(np.float32)
     enc = rng.normal(size=(2, 5, 16)).astype(np.float32)
@@ -230,13 +236,7 @@ def test_pipeline_load_lora_weights_parity(tmp_path):
            if not k.startswith("_")}
     model = load_transformer(pipe_dir, lora=LoRAConfig(rank=4, alpha=8))
     rng = np.random.default_rng(1)
-    lora = {}
-    for p, v in nnx.to_flat_state(nnx.state(model, LoRAParam)):
-        val = np.asarray(v[...])
-        if p[-1] == "lora_b":
-            val = rng.normal(0, 0.3, val.shape).astype(np.float32)
-            v[...] = val
-        lora[_key(p)] = val
+    lora = _randomize_lora_b(model, rng)
     le.save_flax_lora(lora, INFO, tmp_path / "ckpt")
     dst = le.export_peft_lora(tmp_path / "ckpt", tmp_path / "peft", cfg)
     c, s = cfg["in_channels"], 8
