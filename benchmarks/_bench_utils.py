@@ -184,6 +184,19 @@ def format_table(rows: list[dict[str, Any]], jax_key: str = "jax") -> str:
     return "\n".join(lines)
 
 
+def finish_record(rec: dict[str, Any], device, out: str | None,
+                  report: Callable[[dict[str, Any]], str] | None = None) -> dict[str, Any]:
+    """Add torch/JAX ratios and machine info to a benchmark record, append it to ``out``, print the report."""
+    for k in ("eager", "compile"):
+        r = rec.get(f"torch_{k}")
+        rec[f"ratio_{k}"] = ratio(r.get("median_s"), rec["jax"]["median_s"]) if r else None
+    rec["machine"] = machine_info(device)
+    append_jsonl(out, rec)
+    if report is not None:
+        print(report(rec))
+    return rec
+
+
 def add_common_args(p) -> None:
     """The flags every benchmark shares."""
     p.add_argument("--runs", type=int, default=5, help="timed runs after warm-up (median reported)")

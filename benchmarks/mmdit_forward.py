@@ -177,14 +177,7 @@ def run_benchmark(preset_name: str = "tiny", *, batch: int | None = None, resolu
             with torch.inference_mode():
                 return m(**t_in, return_dict=False)[0]
         rec["torch_compile"] = U.torch_compile_timing(tm, call, runs, warmup, sync)
-    for k in ("eager", "compile"):
-        r = rec.get(f"torch_{k}")
-        rec[f"ratio_{k}"] = U.ratio(r.get("median_s"), rec["jax"]["median_s"]) if r else None
-    rec["machine"] = U.machine_info(dev)
-    U.append_jsonl(out, rec)
-    if verbose:
-        print(report(rec))
-    return rec
+    return U.finish_record(rec, dev, out, report if verbose else None)
 
 
 def report(rec: dict[str, Any]) -> str:

@@ -104,14 +104,7 @@ def run_benchmark(preset_name: str = "sd35m", *, size: int = 128, batch: int = 2
     if compile:
         rec["torch_compile"] = U.torch_compile_timing(
             tv.decode, lambda f: _compiled_call(f, zt), runs, warmup, sync)
-    for k in ("eager", "compile"):
-        r = rec.get(f"torch_{k}")
-        rec[f"ratio_{k}"] = U.ratio(r.get("median_s"), rec["jax"]["median_s"]) if r else None
-    rec["machine"] = U.machine_info(dev)
-    U.append_jsonl(out, rec)
-    if verbose:
-        print(report(rec))
-    return rec
+    return U.finish_record(rec, dev, out, report if verbose else None)
 
 
 def _compiled_call(f, zt):
