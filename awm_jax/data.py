@@ -98,11 +98,20 @@ def load_prompts(path: str, fmt: str) -> PromptDataset:
 
 
 def load_dataset(spec: str, fmt: str) -> PromptDataset:
-    """A prompt file (:func:`load_prompts`) or a built-in split ``"toy:<split>"`` of the shapes world."""
-    if spec.startswith("toy:"):
-        from awm_jax.toy.shapes import prompt_split
+    """A prompt file (:func:`load_prompts`) or a built-in split of the shapes world.
 
-        return dataset_from_records(prompt_split(spec[4:]), source=spec)
+    Toy specs: ``"toy:<split>"`` (train / heldout / all) or ``"toy:<split>@<n>"`` with every tag
+    repeated or cut to ``n`` prompts (``@balanced``: to the largest tag's count); see
+    :func:`awm_jax.toy.shapes.prompt_split`.
+    """
+    if spec.startswith("toy:"):
+        from awm_jax.toy.shapes import parse_split_spec
+
+        try:
+            records = parse_split_spec(spec[4:])
+        except ValueError as e:
+            raise PromptFileError(f"data spec {spec!r}: {e}") from e
+        return dataset_from_records(records, source=spec)
     return load_prompts(spec, fmt)
 
 

@@ -98,3 +98,22 @@ def test_detector_ignores_noise_and_rejects_bad_shapes():
     assert all(v == [] for v in detector.detect(img).values())
     with pytest.raises(ValueError, match="shape"):
         detector.detect(np.zeros((32, 32), np.uint8))
+
+
+def test_balanced_splits_and_specs():
+    from awm_jax.data import PromptFileError, load_dataset
+
+    held = shapes.prompt_split("heldout")
+    bal = shapes.prompt_split("heldout", per_tag=5)
+    assert [r["tag"] for r in bal] == [t for t in shapes.TAGS for _ in range(5)]
+    for tag in shapes.TAGS:  # cyclic repeat of the tag's own held-out prompts, in order
+        own = [r["prompt"] for r in held if r["tag"] == tag]
+        got = [r["prompt"] for r in bal if r["tag"] == tag]
+        assert got == [own[i % len(own)] for i in range(5)]
+    n_max = max(sum(r["tag"] == t for r in shapes.prompt_split("train")) for t in shapes.TAGS)
+    assert len(shapes.prompt_split("train", per_tag="balanced")) == 6 * n_max
+    assert len(load_dataset("toy:heldout@24", "geneval")) == 144
+    assert load_dataset("toy:train", "geneval").prompts == [r["prompt"] for r in shapes.prompt_split("train")]
+    for bad in ("toy:heldout@0", "toy:heldout@x", "toy:nope"):
+        with pytest.raises((PromptFileError, ValueError), match="toy"):
+            load_dataset(bad, "geneval")

@@ -100,23 +100,44 @@ def _heldout(prompt: str) -> bool:
     return (h % 10_000) < HELDOUT_FRACTION * 10_000
 
 
-def prompt_split(split: str, tags: tuple[str, ...] = TAGS) -> list[dict]:
+def prompt_split(split: str, tags: tuple[str, ...] = TAGS, per_tag: int | str | None = None) -> list[dict]:
     """Deterministic metadata list for ``split`` in {"train", "heldout", "all"}.
 
     A prompt is held out iff a hash of its text falls in the first quarter; ``single_object``
     prompts are in both splits. Every tag keeps at least one prompt on each side.
+
+    ``per_tag`` balances the tags (the splits are dominated by ``color_attr``: 92 of 134 train
+    prompts): each tag's records are repeated cyclically, or cut, to exactly ``per_tag`` records;
+    ``"balanced"`` means the size of the largest tag. ``None`` keeps the natural split.
     """
     if split not in ("train", "heldout", "all"):
         raise ValueError(f"unknown toy split {split!r}; valid: 'train', 'heldout', 'all'")
-    out = []
+    by_tag = []
     for tag in tags:
         recs = all_prompts(tag)
-        if split == "all" or tag == "single_object":
-            out.extend(recs)
-            continue
-        want_held = split == "heldout"
-        out.extend(r for r in recs if _heldout(r["prompt"]) == want_held)
-    return out
+        if not (split == "all" or tag == "single_object"):
+            want_held = split == "heldout"
+            recs = [r for r in recs if _heldout(r["prompt"]) == want_held]
+        by_tag.append(recs)
+    if per_tag is None:
+        return [r for recs in by_tag for r in recs]
+    if per_tag == "balanced":
+        per_tag = max(len(r) for r in by_tag)
+    if not isinstance(per_tag, int) or isinstance(per_tag, bool) or per_tag < 1:
+        raise ValueError(f"toy split per_tag must be a positive int or 'balanced', got {per_tag!r}")
+    return [dict(recs[i % len(recs)]) for recs in by_tag for i in range(per_tag)]
+
+
+def parse_split_spec(spec: str) -> list[dict]:
+    """Records of a split spec ``"<split>"`` or ``"<split>@<n>"`` / ``"<split>@balanced"`` (per-tag count)."""
+    split, _, per_tag = spec.partition("@")
+    if not per_tag:
+        return prompt_split(split)
+    if per_tag == "balanced":
+        return prompt_split(split, per_tag="balanced")
+    if not per_tag.isdigit() or int(per_tag) < 1:
+        raise ValueError(f"toy split spec {spec!r}: the part after '@' must be a positive int or 'balanced'")
+    return prompt_split(split, per_tag=int(per_tag))
 
 
 def write_jsonl(records: list[dict], path) -> None:
