@@ -39,7 +39,7 @@ def trained(tmp_path_factory):
     """A tiny toy model pretrained for 12 steps (the pretraining smoke run), shared by the tests."""
     out = tmp_path_factory.mktemp("toy") / "ck"
     res = pretrain.pretrain(
-        str(out), steps=12, batch=8, lr=3e-3, warmup=1, config=_tiny_config(), eval_per_prompt=0, log_every=4
+        str(out), steps=12, batch=8, lr=3e-3, warmup=1, config=_tiny_config(), eval_per_tag=0, log_every=4
     )
     return out, res
 

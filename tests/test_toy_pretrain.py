@@ -58,11 +58,11 @@ def test_pretrain_noisy_objective_logs_curves(tmp_path):
         lr=3e-3,
         warmup=1,
         config=_tiny_config(),
-        eval_per_prompt=0,
+        eval_per_tag=0,
         log_every=2,
         objective="noisy_xs",
         curve_every=2,
-        curve_per_prompt=1,
+        curve_per_tag=1,
         eval_steps=2,
     )
     assert len(res["losses"]) == 4 and all(np.isfinite(res["losses"]))

@@ -1,6 +1,6 @@
 """Strict per-tag GenEval accuracy of a toy pipeline, sampled with a deterministic Euler ODE.
 
-    python -m awm_jax.toy.evaluate --ckpt awm_jax/toy/assets/toy_mmdit [--split heldout --per-prompt 4]
+    python -m awm_jax.toy.evaluate --ckpt awm_jax/toy/assets/toy_mmdit [--split heldout@48 --per-prompt 1]
 
 The sampler is a local 40-step Euler ODE ``x <- x + (t_next - t) v(x, t)`` from t = 1 (noise) to 0
 on the (optionally shifted) grid ``t' = s t / (1 + (s - 1) t)``; no CFG (as in AWM).
@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from awm_jax.toy.reward import ToyGenEvalScorer, per_tag_accuracy
-from awm_jax.toy.shapes import prompt_split
+from awm_jax.toy.shapes import parse_split_spec
 
 
 def time_grid(steps: int, shift: float = 3.0) -> np.ndarray:
@@ -80,9 +80,14 @@ def evaluate_pipeline(
     steps: int = 40,
     shift: float = 3.0,
     batch: int = 64,
+    return_images: bool = False,
 ) -> dict:
-    """Strict per-tag accuracy (and mean partial score) of ``pipeline`` on a prompt split."""
-    metas = [m for m in prompt_split(split) for _ in range(per_prompt)]
+    """Strict per-tag accuracy (and mean partial score) of ``pipeline`` on a prompt split.
+
+    ``split``: ``"train" | "heldout" | "all"``, optionally tag-balanced as ``"heldout@32"`` (32 prompts
+    per tag, each tag's prompts repeated cyclically; :func:`awm_jax.toy.shapes.parse_split_spec`).
+    """
+    metas = [m for m in parse_split_spec(split) for _ in range(per_prompt)]
     prompts = [m["prompt"] for m in metas]
     images = generate(pipeline, prompts, seed, steps, shift, batch)
     ev = ToyGenEvalScorer().evaluate(images, prompts, metas)
@@ -91,6 +96,8 @@ def evaluate_pipeline(
         "partial_score": float(ev["score"].mean()),
         "n_images": len(metas),
     }
+    if return_images:
+        out["images"], out["prompts"], out["correct"] = images, prompts, ev["accuracy"]
     return out
 
 
@@ -100,13 +107,24 @@ def main(argv=None) -> dict:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True)
-    p.add_argument("--split", default="heldout", choices=["train", "heldout", "all"])
-    p.add_argument("--per-prompt", type=int, default=4)
+    p.add_argument("--split", default="heldout@48", help="train | heldout | all, optionally @<per-tag count>")
+    p.add_argument("--per-prompt", type=int, default=1)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--shift", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", default="", help="also write a PNG grid of the images (verdict in the caption)")
+    p.add_argument("--grid-images", type=int, default=48)
     a = p.parse_args(argv)
-    res = evaluate_pipeline(load_toy_pipeline(a.ckpt), a.split, a.per_prompt, a.seed, a.steps, a.shift)
+    pipe = load_toy_pipeline(a.ckpt)
+    res = evaluate_pipeline(pipe, a.split, a.per_prompt, a.seed, a.steps, a.shift, return_images=bool(a.grid))
+    if a.grid:
+        from awm_jax.logging_lib import save_image_grid
+
+        n = a.grid_images
+        caps = [("OK " if c else "x ") + p for p, c in zip(res["prompts"][:n], res["correct"][:n])]
+        save_image_grid(a.grid, res["images"][:n], caps)
+        for k in ("images", "prompts", "correct"):
+            res.pop(k)
     print(json.dumps(res, indent=2))
     return res
 

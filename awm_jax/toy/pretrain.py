@@ -123,13 +123,13 @@ def pretrain(
     log_every: int = 50,
     warmup: int = 100,
     config: dict | None = None,
-    eval_per_prompt: int = 4,
+    eval_per_tag: int = 48,
     eval_steps: int = 40,
     max_minutes: float | None = None,
     objective: str = "clean_x0",
     gap: float = 0.1,
     curve_every: int = 0,
-    curve_per_prompt: int = 2,
+    curve_per_tag: int = 16,
 ) -> dict:
     """Train, save the EMA weights to ``out`` (if given) and return ``{"losses", "eval", "curve", ...}``."""
     from awm_jax.toy.evaluate import evaluate_pipeline
@@ -148,6 +148,7 @@ def pretrain(
     step_fn = make_train_step(graphdef, rest, tx, ema_decay, objective, gap)
     val_fn = make_val_loss(graphdef, rest) if curve_every > 0 else None
     records = prompt_split("train")
+    curve_split = f"heldout@{curve_per_tag}"
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
     losses, curve, t0, eval_s = [], [], time.time(), 0.0
@@ -159,7 +160,7 @@ def pretrain(
     def log_curve(step):
         nonlocal eval_s
         te = time.time()
-        ev = evaluate_pipeline(pipeline_of(ema), "heldout", curve_per_prompt, seed=seed, steps=eval_steps)
+        ev = evaluate_pipeline(pipeline_of(ema), curve_split, 1, seed=seed, steps=eval_steps)
         point = {
             "step": step,
             "train_seconds": round(time.time() - t0 - eval_s, 1),
@@ -202,9 +203,9 @@ def pretrain(
     train_s = time.time() - t0 - eval_s
     final = nnx.merge(graphdef, ema, rest)
     result = {"losses": losses, "n_params": n_params, "train_seconds": train_s, "curve": curve}
-    if eval_per_prompt > 0:
+    if eval_per_tag > 0:
         result["eval"] = evaluate_pipeline(
-            pipeline_of(ema), "heldout", eval_per_prompt, seed=seed, steps=eval_steps
+            pipeline_of(ema), f"heldout@{eval_per_tag}", 1, seed=seed, steps=eval_steps
         )
         print("held-out strict accuracy:", json.dumps(result["eval"]), flush=True)
     if out is not None:
@@ -235,7 +236,7 @@ def main(argv=None) -> dict:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ema-decay", type=float, default=0.995)
-    p.add_argument("--eval-per-prompt", type=int, default=4)
+    p.add_argument("--eval-per-tag", type=int, default=48, help="final eval: held-out images per tag")
     p.add_argument("--eval-steps", type=int, default=40)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument(
@@ -247,7 +248,7 @@ def main(argv=None) -> dict:
     p.add_argument("--objective", default="clean_x0", choices=OBJECTIVES)
     p.add_argument("--gap", type=float, default=0.1, help="noisy_xs: s = max(t - gap, 0)")
     p.add_argument("--curve-every", type=int, default=0, help="log val loss + accuracy every n steps")
-    p.add_argument("--curve-per-prompt", type=int, default=2)
+    p.add_argument("--curve-per-tag", type=int, default=16, help="curve evals: held-out images per tag")
     p.add_argument(
         "--transformer",
         default="{}",
@@ -271,14 +272,14 @@ def main(argv=None) -> dict:
         a.seed,
         a.ema_decay,
         a.log_every,
-        eval_per_prompt=a.eval_per_prompt,
+        eval_per_tag=a.eval_per_tag,
         eval_steps=a.eval_steps,
         max_minutes=a.max_minutes,
         config=config,
         objective=a.objective,
         gap=a.gap,
         curve_every=a.curve_every,
-        curve_per_prompt=a.curve_per_prompt,
+        curve_per_tag=a.curve_per_tag,
     )
 
 

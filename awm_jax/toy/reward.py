@@ -46,8 +46,10 @@ def confidence(area: int) -> float:
 
 def rescore(dets: dict) -> dict:
     """Detections with ``score`` replaced by :func:`confidence` of their ``area``."""
-    return {c: [dict(o, score=confidence(o["area"])) if "area" in o else o for o in objs]
-            for c, objs in dets.items()}
+    return {
+        c: [dict(o, score=confidence(o["area"])) if "area" in o else o for o in objs]
+        for c, objs in dets.items()
+    }
 
 
 def score_detections(dets: dict, meta: dict, margin: float = POSITION_MARGIN) -> tuple[bool, float, str]:

@@ -39,7 +39,9 @@ CONFIG_FILE = "config.json"
 
 DEFAULT_TRANSFORMER_CONFIG = {
     "sample_size": IMAGE_SIZE // FACTOR,
-    "patch_size": 2,
+    # patch 1: 64 tokens of 48 values.  Patch 2 (16 tokens of 192 values through a 64-wide model) was a
+    # bottleneck: after the same 12 CPU-minutes its clean validation loss was 0.90 against 0.27.
+    "patch_size": 1,
     "in_channels": 3 * FACTOR * FACTOR,
     "num_layers": 4,
     "attention_head_dim": 32,
@@ -48,7 +50,7 @@ DEFAULT_TRANSFORMER_CONFIG = {
     "caption_projection_dim": 64,
     "pooled_projection_dim": 64,
     "out_channels": 3 * FACTOR * FACTOR,
-    "pos_embed_max_size": IMAGE_SIZE // FACTOR // 2,
+    "pos_embed_max_size": IMAGE_SIZE // FACTOR,
     "dual_attention_layers": [0],
     "qk_norm": "rms_norm",
 }

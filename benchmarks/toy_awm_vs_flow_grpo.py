@@ -1,0 +1,595 @@
+"""AWM vs Flow-GRPO on the embedded toy world: accuracy and reward against compute and wall-clock.
+
+Trains ``configs/toy.py`` (AWM) and ``configs/toy_flow_grpo.py`` (Flow-GRPO; same base model, reward and
+prompts) for several seeds, one workdir per run (``<root>/<algo>_s<seed>``, its output in
+``<workdir>.log``), then compares the curves::
+
+    python benchmarks/toy_awm_vs_flow_grpo.py --seeds 0 1 2 --jobs 2
+    python benchmarks/toy_awm_vs_flow_grpo.py --seeds 0 1 2 --analyze-only   # re-read existing workdirs
+
+**Compute: transformer forward-pass equivalents (FPE) per optimizer step**, from each run's saved
+``config.json`` (machine independent; :func:`forward_pass_equivalents`).  One FPE = one transformer call on
+one sample; a forward + backward pass counts 3; classifier-free guidance (``guidance_scale != 1``) doubles
+every call it wraps (the model runs on ``[uncond; cond]``).  ``batch = prompts_per_step x group_size``.
+
+- rollout (both): ``batch x sample.num_steps x (2 if sample.guidance_scale != 1 else 1)`` (ODE / SDE / CPS /
+  SA-Solver all call the model once per sampling step).
+- AWM training (``awm_jax.rl.train_step._awm_loss_fn`` + ``awm_jax.rl.awm.awm_loss``): per sample and
+  training time, the policy pass with gradient (3), the reference pass (LoRA B = 0) only if
+  ``awm.beta != 0`` (+1), the kl-EMA pass only if ``awm.ema_beta != 0`` (+1), and off-policy
+  (``awm.on_policy = False``) the ``logp_old`` pass with the kl-EMA adapter (+1, on-policy uses
+  ``stopgrad(logp)`` of the policy pass): ``batch x awm.train_timesteps x (3 + ...)``.
+- Flow-GRPO training (``_grpo_loss_fn`` + ``awm_jax.rl.grpo.flow_grpo_step_loss``): per sample and trained
+  sampling step (``int(sample.num_steps x flow_grpo.timestep_fraction)``) the policy pass (3) and the
+  reference pass only if ``flow_grpo.beta != 0`` (+1), both with ``flow_grpo.guidance_scale``'s CFG (x2).
+- Evaluation (40-step ODE on the held-out prompts) is NOT counted: it is the same for both algorithms.
+
+**Wall-clock**: the x-axis is the *training* wall time: the sum over steps of ``batch / samples_per_s``
+from ``metrics.jsonl`` (the trainer's per-step time: rollout + reward + train step, including the first
+step's JIT compile; evaluation, checkpointing and start-up excluded).  The trainer's cumulative ``wall_s``
+(which includes the evaluations) is kept in the JSONL.  Across seeds the wall time at a step is the mean.
+
+**Headline**: ``A*`` = Flow-GRPO's best seed-mean held-out strict GenEval ``overall`` accuracy over its eval
+points; for each algorithm the first eval point whose seed-mean is >= ``A*`` (no interpolation), its FPE and
+wall time; speedup = Flow-GRPO's / AWM's (or "not reached").  Outputs in ``--out``:
+``toy_awm_vs_flow_grpo.{md,jsonl}`` and ``toy_awm_vs_flow_grpo_{accuracy,reward}.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import math
+import os
+import queue
+import shlex
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _bench_utils as U  # noqa: E402
+
+NAME = "toy_awm_vs_flow_grpo"
+ALGOS = ("awm", "flow_grpo")
+CONFIGS = {"awm": "configs/toy.py", "flow_grpo": "configs/toy_flow_grpo.py"}
+LABELS = {"awm": "AWM", "flow_grpo": "Flow-GRPO"}
+PINNED_ENV = {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
+PINNED_ENV.update(dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"), "1"))
+X_AXES = (("fpe", "transformer forward-pass equivalents"), ("wall", "training wall-clock (s, eval excluded)"))
+TOL = 1e-9  # ">= A*" tolerance against float summation order only
+
+
+# ----------------------------------------------------------------------------- compute accounting
+
+
+def _get(cfg: dict, dotted: str):
+    for k in dotted.split("."):
+        cfg = cfg[k]
+    return cfg
+
+
+def forward_pass_equivalents(config: dict) -> dict[str, int]:
+    """Transformer forward-pass equivalents of ONE optimizer step of the run configured by ``config`` (the
+    nested dict of a workdir's ``config.json``): ``{"rollout", "train", "total"}`` (module docstring)."""
+    batch = int(_get(config, "data.prompts_per_step")) * int(_get(config, "data.group_size"))
+    num_steps = int(_get(config, "sample.num_steps"))
+    rollout = batch * num_steps * (2 if float(_get(config, "sample.guidance_scale")) != 1.0 else 1)
+    algo = str(config["algorithm"])
+    if algo == "awm":
+        per = 3 + int(float(_get(config, "awm.beta")) != 0) + int(float(_get(config, "awm.ema_beta")) != 0)
+        per += int(not bool(_get(config, "awm.on_policy")))
+        train = batch * int(_get(config, "awm.train_timesteps")) * per
+    elif algo == "flow_grpo":
+        s_train = int(num_steps * float(_get(config, "flow_grpo.timestep_fraction")))
+        cfg_mult = 2 if float(_get(config, "flow_grpo.guidance_scale")) != 1.0 else 1
+        train = batch * s_train * (3 + int(float(_get(config, "flow_grpo.beta")) != 0)) * cfg_mult
+    else:
+        raise ValueError(f"config algorithm {algo!r}: expected one of {ALGOS}")
+    return {"rollout": rollout, "train": train, "total": rollout + train}
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def workdir_of(root: str, algo: str, seed: int) -> str:
+    """``<root>/<algo>_s<seed>`` (absolute)."""
+    return os.path.abspath(os.path.join(root, f"{algo}_s{seed}"))
+
+
+def train_command(algo: str, workdir: str, seed: int, max_steps: int | None, sets: list[str]) -> list[str]:
+    """The ``python -m awm_jax.train`` command of one run (``sets``: ``KEY=VALUE`` config overrides)."""
+    cmd = [sys.executable, "-m", "awm_jax.train", "--config", CONFIGS[algo], "--workdir", workdir]
+    cmd.append(f"--config.seed={seed}")
+    if max_steps is not None:
+        cmd.append(f"--config.max_steps={max_steps}")
+    for kv in sets:
+        if "=" not in kv:
+            raise ValueError(f"--set {kv!r}: expected KEY=VALUE")
+        cmd.append(f"--config.{kv}")
+    return cmd
+
+
+def _run_one(name: str, cmd: list[str], log_path: str, cores: queue.Queue | None) -> None:
+    core = None if cores is None else cores.get()
+    try:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        if core is not None:
+            cmd = ["taskset", "-c", str(core), *cmd]
+            env.update(PINNED_ENV)
+        where = "" if core is None else f" on core {core}"
+        print(f"[{NAME}] start {name}{where}: {shlex.join(cmd)}", flush=True)
+        with open(log_path, "w") as log:
+            rc = subprocess.run(cmd, cwd=U.ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            raise RuntimeError(f"run {name} failed with exit code {rc}; see its log {log_path}")
+        print(f"[{NAME}] done {name}", flush=True)
+    finally:
+        if core is not None:
+            cores.put(core)
+
+
+def run_all(runs: list[dict], jobs: int) -> None:
+    """Run ``runs`` (dicts with ``name``, ``cmd``, ``workdir``), ``jobs`` at a time; raise on the first
+    failure (pending runs are cancelled, running ones finish)."""
+    if jobs not in (1, 2):
+        raise ValueError(f"--jobs must be 1 or 2, got {jobs}")
+    cores = None
+    if jobs == 2:
+        cores = queue.Queue()
+        for i in range(jobs):
+            cores.put(i)
+    with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futs = [pool.submit(_run_one, r["name"], r["cmd"], r["workdir"] + ".log", cores) for r in runs]
+        try:
+            for f in cf.as_completed(futs):
+                f.result()
+        except BaseException:
+            for f in futs:
+                f.cancel()
+            raise
+
+
+# ----------------------------------------------------------------------------- loading and curves
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_run(workdir: str) -> dict[str, Any]:
+    """``{"workdir", "config", "metrics", "evals"}`` of a trainer workdir (records sorted by step, last
+    record of a step kept)."""
+    paths = {
+        k: os.path.join(workdir, f)
+        for k, f in (("config", "config.json"), ("metrics", "metrics.jsonl"), ("evals", "eval.jsonl"))
+    }
+    for p in paths.values():
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{workdir}: no {os.path.basename(p)} (run not trained?)")
+    with open(paths["config"]) as f:
+        config = json.load(f)
+
+    def by_step(recs):
+        return [v for _, v in sorted({int(r["step"]): r for r in recs}.items())]
+
+    metrics, evals = by_step(_read_jsonl(paths["metrics"])), by_step(_read_jsonl(paths["evals"]))
+    return {"workdir": workdir, "config": config, "metrics": metrics, "evals": evals}
+
+
+def _tags(rec: dict) -> dict[str, float]:
+    return {
+        k.split("/", 1)[1]: float(v)
+        for k, v in rec.items()
+        if k.startswith("accuracy/") and k != "accuracy/overall"
+    }
+
+
+def run_curves(run: dict) -> dict[str, Any]:
+    """Per-step and per-eval curves of one loaded run: cumulative FPE, training wall time (eval excluded),
+    training reward mean, held-out ``overall`` and per-tag strict accuracy."""
+    cfg = run["config"]
+    fpe = forward_pass_equivalents(cfg)
+    batch = int(_get(cfg, "data.prompts_per_step")) * int(_get(cfg, "data.group_size"))
+    steps = [int(m["step"]) for m in run["metrics"]]
+    if steps != list(range(1, len(steps) + 1)):
+        raise ValueError(f"{run['workdir']}: metrics.jsonl steps are not 1..N: {steps[:5]}...")
+    step_s = [batch / float(m["samples_per_s"]) for m in run["metrics"]]
+    train_wall = np.cumsum(step_s).tolist()
+    wall_at = {0: 0.0, **dict(zip(steps, train_wall))}
+    evals = [e for e in run["evals"] if int(e["step"]) in wall_at]
+    return {
+        "algorithm": str(cfg["algorithm"]),
+        "seed": int(cfg["seed"]),
+        "workdir": run["workdir"],
+        "fpe_per_step": fpe,
+        "batch": batch,
+        "steps": steps,
+        "cum_fpe": [s * fpe["total"] for s in steps],
+        "train_wall_s": train_wall,
+        "wall_s": [float(m["wall_s"]) for m in run["metrics"]],
+        "reward_mean": [float(m["reward_mean"]) for m in run["metrics"]],
+        "eval": {
+            "step": [int(e["step"]) for e in evals],
+            "cum_fpe": [int(e["step"]) * fpe["total"] for e in evals],
+            "train_wall_s": [wall_at[int(e["step"])] for e in evals],
+            "overall": [float(e.get("accuracy/overall", math.nan)) for e in evals],
+            "per_tag": [_tags(e) for e in evals],
+        },
+    }
+
+
+def aggregate(points: list[dict[int, tuple[float, float, float]]]) -> dict[str, list]:
+    """Seed-aggregate of curves given as ``{step: (fpe, wall_s, y)}`` per seed, over the steps all seeds
+    have: ``step, fpe, wall`` (mean over seeds), ``mean, lo, hi`` (of y) and ``n`` (seeds)."""
+    if not points:
+        raise ValueError("aggregate: no runs")
+    common = sorted(set.intersection(*(set(p) for p in points)))
+    out: dict[str, list] = {k: [] for k in ("step", "fpe", "wall", "mean", "lo", "hi")}
+    for s in common:
+        vals = np.asarray([p[s] for p in points], np.float64)
+        out["step"].append(s)
+        out["fpe"].append(float(vals[:, 0].mean()))
+        out["wall"].append(float(vals[:, 1].mean()))
+        out["mean"].append(float(vals[:, 2].mean()))
+        out["lo"].append(float(vals[:, 2].min()))
+        out["hi"].append(float(vals[:, 2].max()))
+    out["n"] = len(points)
+    return out
+
+
+def reward_points(c: dict) -> dict[int, tuple[float, float, float]]:
+    """``{step: (cum FPE, train wall, reward mean)}`` of one run's curves."""
+    return {s: (f, w, y) for s, f, w, y in zip(c["steps"], c["cum_fpe"], c["train_wall_s"], c["reward_mean"])}
+
+
+def accuracy_points(c: dict) -> dict[int, tuple[float, float, float]]:
+    """``{eval step: (cum FPE, train wall, overall accuracy)}`` of one run's curves."""
+    e = c["eval"]
+    return {s: (f, w, y) for s, f, w, y in zip(e["step"], e["cum_fpe"], e["train_wall_s"], e["overall"])}
+
+
+# ----------------------------------------------------------------------------- headline
+
+
+def first_reach(agg: dict, threshold: float) -> dict | None:
+    """The first aggregated eval point whose mean is >= ``threshold`` (no interpolation), or None."""
+    for i, y in enumerate(agg["mean"]):
+        if y >= threshold - TOL:
+            return {"step": agg["step"][i], "fpe": agg["fpe"][i], "wall_s": agg["wall"][i], "accuracy": y}
+    return None
+
+
+def speedup(baseline: float, ours: float) -> float | None:
+    """``baseline / ours`` (None when undefined: ``ours`` or ``baseline`` is 0)."""
+    if ours <= 0 or baseline <= 0:
+        return None
+    return baseline / ours
+
+
+def headline(acc: dict[str, dict]) -> dict[str, Any]:
+    """A* (Flow-GRPO's best mean accuracy), where each algorithm first reaches it and the speedups."""
+    g = acc["flow_grpo"]
+    a_star = max(g["mean"])
+    hit_g, hit_a = first_reach(g, a_star), first_reach(acc["awm"], a_star)
+    out: dict[str, Any] = {"a_star": a_star, "flow_grpo": hit_g, "awm": hit_a, "reached": hit_a is not None}
+    out.update(speedup_fpe=None, speedup_wall=None, note="")
+    if hit_a is None:
+        out["note"] = "AWM's mean accuracy never reaches A*: speedup not reached"
+        return out
+    out["speedup_fpe"] = speedup(hit_g["fpe"], hit_a["fpe"])
+    out["speedup_wall"] = speedup(hit_g["wall_s"], hit_a["wall_s"])
+    if hit_g["step"] == 0:
+        out["note"] = "A* is the base model's accuracy (Flow-GRPO never improved on it): speedup undefined"
+    elif hit_a["step"] == 0:
+        out["note"] = "the base model already reaches A*: speedup undefined"
+    return out
+
+
+def final_accuracy(curves: list[dict]) -> dict[str, Any]:
+    """Mean and std (ddof 1; 0 for one seed) over seeds of the last eval point's overall and per-tag
+    accuracy; also the step of that point."""
+
+    def stats(vals):
+        v = np.asarray(vals, np.float64)
+        return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
+
+    last = [(c["eval"]["step"][-1], c["eval"]["overall"][-1], c["eval"]["per_tag"][-1]) for c in curves]
+    tags = sorted(set.intersection(*(set(t) for _, _, t in last)))
+    return {
+        "steps": sorted({s for s, _, _ in last}),
+        "overall": stats([o for _, o, _ in last]),
+        "per_tag": {t: stats([pt[t] for _, _, pt in last]) for t in tags},
+    }
+
+
+def analyze(curves: dict[str, list[dict]]) -> dict[str, Any]:
+    """Aggregates, headline and final accuracies from ``{algo: [run_curves per seed]}``."""
+    acc = {a: aggregate([accuracy_points(c) for c in curves[a]]) for a in ALGOS}
+    rew = {a: aggregate([reward_points(c) for c in curves[a]]) for a in ALGOS}
+    final = {a: final_accuracy(curves[a]) for a in ALGOS}
+    return {"accuracy": acc, "reward": rew, "headline": headline(acc), "final": final}
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def plot_curves(agg: dict[str, dict], ylabel: str, path: str, hline: float | None = None) -> str:
+    """Two panels (vs cumulative FPE | vs training wall seconds): mean line and min/max band per algo."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for ax, (xkey, xlabel) in zip(axes, X_AXES):
+        for algo, a in agg.items():
+            line = ax.plot(a[xkey], a["mean"], marker="o", ms=3, label=f"{LABELS[algo]} (n={a['n']})")[0]
+            ax.fill_between(a[xkey], a["lo"], a["hi"], color=line.get_color(), alpha=0.2, lw=0)
+        if hline is not None:
+            ax.axhline(hline, color="gray", ls="--", lw=1, label="A* (Flow-GRPO best mean)")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fmt_hit(hit: dict | None) -> str:
+    if hit is None:
+        return "not reached"
+    return f"step {hit['step']} ({hit['fpe']:.3g} FPE, {hit['wall_s']:.1f} s): {hit['accuracy']:.3f}"
+
+
+def _fmt_x(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}x"
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def settings_lines(curves: dict[str, list[dict]], configs: dict[str, dict]) -> list[str]:
+    """Markdown lines: FPE per step and the config keys that differ between the algorithms."""
+    lines = ["| algorithm | seeds | steps | batch | FPE/step rollout | train | total |", "|---" * 7 + "|"]
+    for a in ALGOS:
+        c0 = curves[a][0]
+        f = c0["fpe_per_step"]
+        seeds = ", ".join(str(c["seed"]) for c in curves[a])
+        lines.append(
+            f"| {LABELS[a]} | {seeds} | {configs[a]['max_steps']} | {c0['batch']} | "
+            f"{f['rollout']} | {f['train']} | {f['total']} |"
+        )
+    fa, fg = _flat(configs["awm"]), _flat(configs["flow_grpo"])
+    diff = [k for k in sorted(set(fa) | set(fg)) if fa.get(k) != fg.get(k) and k not in ("seed", "max_steps")]
+    lines += ["", "Config keys that differ (seed and max_steps aside):", ""]
+    lines += ["| key | AWM | Flow-GRPO |", "|---|---|---|"]
+    lines += [f"| `{k}` | {fa.get(k)} | {fg.get(k)} |" for k in diff]
+    return lines
+
+
+def _curve_table(acc: dict[str, dict]) -> list[str]:
+    lines = [
+        "| algorithm | eval step | cum. FPE | train wall (s) | overall mean | min | max |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for a in ALGOS:
+        g = acc[a]
+        for i, s in enumerate(g["step"]):
+            lines.append(
+                f"| {LABELS[a]} | {s} | {g['fpe'][i]:.4g} | {g['wall'][i]:.1f} | "
+                f"{g['mean'][i]:.3f} | {g['lo'][i]:.3f} | {g['hi'][i]:.3f} |"
+            )
+    return lines
+
+
+def _final_table(final: dict[str, dict]) -> list[str]:
+    tags = sorted(set(final["awm"]["per_tag"]) | set(final["flow_grpo"]["per_tag"]))
+    lines = ["| algorithm | eval step | overall | " + " | ".join(tags) + " |", "|---" * (len(tags) + 3) + "|"]
+    for a in ALGOS:
+        f = final[a]
+        cells = [
+            f"{f['per_tag'][t]['mean']:.3f} +- {f['per_tag'][t]['std']:.3f}" if t in f["per_tag"] else ""
+            for t in tags
+        ]
+        lines.append(
+            f"| {LABELS[a]} | {', '.join(map(str, f['steps']))} | {f['overall']['mean']:.3f} +- "
+            f"{f['overall']['std']:.3f} | " + " | ".join(cells) + " |"
+        )
+    return lines
+
+
+ACCOUNTING = (
+    "FPE = transformer forward-pass equivalents (one model call on one sample; forward+backward = 3; CFG x2; "
+    "reference / kl-EMA passes only when their weight is non-zero; evaluation not counted; see the module "
+    "docstring). Wall = training wall-clock: sum over steps of batch / samples_per_s (rollout + reward + "
+    "train step incl. first-step compile; evaluation and checkpointing excluded), mean over seeds."
+)
+
+
+def _headline_lines(h: dict) -> list[str]:
+    note = f" ({h['note']})" if h["note"] else ""
+    return [
+        f"- A* = Flow-GRPO's best seed-mean held-out strict GenEval overall accuracy: **{h['a_star']:.3f}**",
+        f"- Flow-GRPO first reaches A* at {_fmt_hit(h['flow_grpo'])}",
+        f"- AWM first reaches A* at {_fmt_hit(h['awm'])}",
+        f"- Speedup (Flow-GRPO / AWM): compute **{_fmt_x(h['speedup_fpe'])}**, "
+        f"wall-clock **{_fmt_x(h['speedup_wall'])}**{note}",
+        "",
+        "First eval point at or above A* of the seed-mean curve, no interpolation between eval points.",
+    ]
+
+
+def write_report(
+    path: str,
+    res: dict,
+    curves: dict[str, list[dict]],
+    configs: dict[str, dict],
+    command: str,
+    machine: dict | None,
+    pngs: list[str],
+) -> str:
+    """The markdown report (machine, command, settings, curves table, headline, final accuracies)."""
+    m = machine or {}
+    machine_line = (
+        f"Machine: {m.get('processor', '?')}, {m.get('cpu_count', '?')} CPUs, "
+        f"{m.get('platform', '?')}, python {m.get('python', '?')}, jax {m.get('jax', '?')} "
+        f"({m.get('jax_backend', '?')})."
+    )
+    lines = [
+        f"# Toy world: AWM vs Flow-GRPO ({NAME}.py)",
+        "",
+        "Command:",
+        "",
+        f"    {command}",
+        "",
+        machine_line,
+        "",
+        "## Settings",
+        "",
+        *settings_lines(curves, configs),
+        "",
+        ACCOUNTING,
+        "",
+        "## Headline",
+        "",
+        *_headline_lines(res["headline"]),
+        "",
+        "## Final held-out accuracy (last eval, mean +- std over seeds)",
+        "",
+        *_final_table(res["final"]),
+        "",
+        "## Held-out overall accuracy per eval point (seed mean, min, max)",
+        "",
+        *_curve_table(res["accuracy"]),
+        "",
+        "Plots: " + ", ".join(f"`{os.path.basename(p)}`" for p in pngs),
+        "",
+    ]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+def write_jsonl(path: str, res: dict, curves: dict[str, list[dict]], command: str) -> str:
+    """Raw curves: one line per run, then one summary line (overwrites ``path``)."""
+    with open(path, "w") as f:
+        for a in ALGOS:
+            for c in curves[a]:
+                f.write(json.dumps({"kind": "run", **c}) + "\n")
+        f.write(json.dumps({"kind": "summary", "command": command, **res}, default=U._json_default) + "\n")
+    return path
+
+
+def write_outputs(
+    out_dir: str, curves: dict[str, list[dict]], command: str, machine: dict | None = None
+) -> dict[str, Any]:
+    """Analyze ``curves`` and write the report, JSONL and both PNGs into ``out_dir``; returns the analysis
+    with ``paths``."""
+    os.makedirs(out_dir, exist_ok=True)
+    res = analyze(curves)
+    base = os.path.join(out_dir, NAME)
+    pngs = [
+        plot_curves(
+            res["accuracy"],
+            "held-out strict accuracy (overall)",
+            base + "_accuracy.png",
+            hline=res["headline"]["a_star"],
+        ),
+        plot_curves(res["reward"], "training reward mean", base + "_reward.png"),
+    ]
+    configs = {a: next(iter(curves[a]))["config"] for a in ALGOS}
+    curves_out = {a: [{k: v for k, v in c.items() if k != "config"} for c in curves[a]] for a in ALGOS}
+    md = write_report(base + ".md", res, curves_out, configs, command, machine, pngs)
+    js = write_jsonl(base + ".jsonl", res, curves_out, command)
+    res["paths"] = {"md": md, "jsonl": js, "png": pngs}
+    return res
+
+
+def load_curves(root: str, seeds: list[int]) -> dict[str, list[dict]]:
+    """``{algo: [run_curves + "config"]}`` for every (algo, seed) workdir under ``root``."""
+    out: dict[str, list[dict]] = {}
+    for a in ALGOS:
+        out[a] = []
+        for s in seeds:
+            run = load_run(workdir_of(root, a, s))
+            c = run_curves(run)
+            if not c["eval"]["step"]:
+                raise ValueError(f"{run['workdir']}: eval.jsonl holds no evaluation (eval.every = 0?)")
+            out[a].append({**c, "config": run["config"]})
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line flags."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--awm-steps", type=int, default=None, help="max_steps of AWM (default: the config's)")
+    ap.add_argument(
+        "--grpo-steps", type=int, default=None, help="max_steps of Flow-GRPO (default: the config's)"
+    )
+    ap.add_argument("--root", default="runs/bench_toy", help="workdirs <root>/<algo>_s<seed>")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra --config.KEY=VALUE for both algorithms (repeatable)",
+    )
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        choices=[1, 2],
+        help="runs at once; 2 pins each to its own core with single-threaded XLA",
+    )
+    ap.add_argument("--analyze-only", action="store_true", help="skip training, read existing workdirs")
+    ap.add_argument("--out", default=U.RESULTS_DIR)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict[str, Any]:
+    """CLI entry point: train (unless ``--analyze-only``), analyze, write outputs."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = parse_args(argv)
+    command = shlex.join(["python", f"benchmarks/{NAME}.py", *argv])
+    if not a.analyze_only:
+        steps = {"awm": a.awm_steps, "flow_grpo": a.grpo_steps}
+        runs = []
+        for s in a.seeds:
+            for algo in ALGOS:  # both algorithms of a seed side by side (with --jobs 2: at the same time)
+                wd = workdir_of(a.root, algo, s)
+                os.makedirs(os.path.dirname(wd), exist_ok=True)
+                runs.append(
+                    {
+                        "name": f"{algo}_s{s}",
+                        "workdir": wd,
+                        "cmd": train_command(algo, wd, s, steps[algo], a.set),
+                    }
+                )
+        run_all(runs, a.jobs)
+    curves = load_curves(a.root, a.seeds)
+    res = write_outputs(a.out, curves, command, machine=U.machine_info("cpu"))
+    with open(res["paths"]["md"]) as f:
+        print(f.read())
+    return res
+
+
+if __name__ == "__main__":
+    main()

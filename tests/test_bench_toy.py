@@ -1,0 +1,178 @@
+"""benchmarks/toy_awm_vs_flow_grpo.py: FPE accounting and the analysis on synthetic workdirs (no training)."""
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+from awm_base import toy  # noqa: E402
+
+
+def _module():
+    sys.path.insert(0, BENCH)
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "_bench_toy_awm_vs_flow_grpo", os.path.join(BENCH, "toy_awm_vs_flow_grpo.py")
+        )
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(BENCH)
+
+
+B = _module()
+
+
+def _cfg(algo, **over):
+    c = toy(algo)
+    for k, v in over.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return json.loads(json.dumps(c.to_dict(), default=str))  # as a workdir's config.json
+
+
+# ----------------------------------------------------------------------------- FPE accounting
+
+
+def test_fpe_toy_awm_by_hand():
+    # batch 16 x 8 = 128; rollout 128 x 10 ODE steps; train 128 x K=4 x (3 policy + 1 ref (beta 1e-3)
+    # + 1 kl-EMA (ema_beta 1.0)); on-policy: no logp_old pass
+    assert B.forward_pass_equivalents(_cfg("awm")) == {"rollout": 1280, "train": 2560, "total": 3840}
+
+
+def test_fpe_toy_flow_grpo_by_hand():
+    # rollout 128 x 10 SDE steps (no CFG in the toy); train 128 x int(10 x 0.99) = 9 steps x (3 + 1 ref)
+    assert B.forward_pass_equivalents(_cfg("flow_grpo")) == {"rollout": 1280, "train": 4608, "total": 5888}
+
+
+def test_fpe_follows_the_code_paths():
+    no_kl = _cfg("awm", **{"awm.beta": 0.0, "awm.ema_beta": 0.0})
+    assert B.forward_pass_equivalents(no_kl)["train"] == 128 * 4 * 3
+    off = _cfg("awm", **{"awm.on_policy": False})
+    assert B.forward_pass_equivalents(off)["train"] == 128 * 4 * 6  # + logp_old with the kl-EMA adapter
+    g = _cfg(
+        "flow_grpo", **{"flow_grpo.guidance_scale": 4.5, "sample.guidance_scale": 4.5, "flow_grpo.beta": 0}
+    )
+    assert B.forward_pass_equivalents(g) == {"rollout": 2560, "train": 128 * 9 * 3 * 2, "total": 2560 + 6912}
+
+
+# ----------------------------------------------------------------------------- synthetic workdirs
+
+
+def _write(path, recs):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs)
+
+
+def _fake_run(root, algo, seed, acc, sps, steps=4):
+    """A workdir with ``steps`` metrics records (``sps`` samples/s) and evals at steps 0, 2, 4 (``acc``)."""
+    wd = B.workdir_of(str(root), algo, seed)
+    os.makedirs(wd)
+    with open(os.path.join(wd, "config.json"), "w") as f:
+        json.dump(_cfg(algo, seed=seed, max_steps=steps), f)
+    _write(
+        os.path.join(wd, "metrics.jsonl"),
+        [
+            {"step": s, "reward_mean": 0.1 * s + seed, "samples_per_s": sps, "wall_s": 10.0 * s}
+            for s in range(1, steps + 1)
+        ],
+    )
+    _write(
+        os.path.join(wd, "eval.jsonl"),
+        [
+            {
+                "step": s,
+                "accuracy": a,
+                "accuracy/overall": a,
+                "accuracy/counting": a / 2,
+                "accuracy/colors": 1.0,
+            }
+            for s, a in zip((0, 2, 4), acc)
+        ],
+    )
+    return wd
+
+
+def _curves(tmp_path, awm_acc, grpo_acc):
+    for seed, d in ((0, -0.05), (1, 0.05)):  # seed spread +-0.05: the means are the given values
+        _fake_run(tmp_path, "awm", seed, [a + d for a in awm_acc], sps=128.0)  # 1 s per step
+        _fake_run(tmp_path, "flow_grpo", seed, [a + d for a in grpo_acc], sps=64.0)  # 2 s per step
+    return B.load_curves(str(tmp_path), [0, 1])
+
+
+def test_run_curves_fpe_and_wall(tmp_path):
+    c = _curves(tmp_path, [0.2, 0.3, 0.4], [0.2, 0.25, 0.3])
+    a, g = c["awm"][0], c["flow_grpo"][1]
+    assert a["cum_fpe"] == [3840, 7680, 11520, 15360] and a["train_wall_s"] == pytest.approx([1, 2, 3, 4])
+    assert g["eval"]["cum_fpe"] == [0, 11776, 23552] and g["eval"]["train_wall_s"] == pytest.approx([0, 4, 8])
+    assert g["eval"]["per_tag"][0] == {"counting": pytest.approx(0.125), "colors": 1.0}
+
+
+def test_headline_speedup_and_outputs(tmp_path):
+    c = _curves(tmp_path, [0.2, 0.35, 0.4], [0.2, 0.25, 0.3])
+    res = B.write_outputs(str(tmp_path / "out"), c, "python benchmarks/toy_awm_vs_flow_grpo.py --x")
+    h = res["headline"]
+    assert h["a_star"] == pytest.approx(0.3) and h["reached"]
+    assert h["flow_grpo"]["step"] == 4 and h["awm"]["step"] == 2  # first eval point >= A*, no interpolation
+    assert h["speedup_fpe"] == pytest.approx(23552 / 7680) and h["speedup_wall"] == pytest.approx(8 / 2)
+    fin = res["final"]["awm"]
+    assert fin["overall"]["mean"] == pytest.approx(0.4) and fin["steps"] == [4]
+    assert fin["overall"]["std"] == pytest.approx(0.0707107, rel=1e-4)  # sample std of 0.35, 0.45
+    band = res["accuracy"]["awm"]
+    assert band["lo"][1] == pytest.approx(0.30) and band["hi"][1] == pytest.approx(0.40)
+    for p in res["paths"]["png"] + [res["paths"]["md"], res["paths"]["jsonl"]]:
+        assert os.path.getsize(p) > 0
+    assert [os.path.basename(p) for p in res["paths"]["png"]] == [
+        "toy_awm_vs_flow_grpo_accuracy.png",
+        "toy_awm_vs_flow_grpo_reward.png",
+    ]
+    md = open(res["paths"]["md"]).read()
+    assert "3.07x" in md and "4.00x" in md and "counting" in md and "--x" in md
+    lines = [json.loads(x) for x in open(res["paths"]["jsonl"])]
+    assert [x["kind"] for x in lines] == ["run"] * 4 + ["summary"]
+
+
+def test_not_reached(tmp_path):
+    c = _curves(tmp_path, [0.2, 0.1, 0.15], [0.2, 0.25, 0.3])
+    res = B.write_outputs(str(tmp_path / "out"), c, "cmd")
+    h = res["headline"]
+    assert not h["reached"] and h["awm"] is None and h["speedup_fpe"] is None
+    assert "not reached" in open(res["paths"]["md"]).read()
+
+
+def test_base_model_is_best_speedup_undefined(tmp_path):
+    res = B.analyze(_curves(tmp_path, [0.2, 0.3, 0.4], [0.2, 0.1, 0.15]))
+    h = res["headline"]
+    assert h["flow_grpo"]["step"] == 0 and h["awm"]["step"] == 0 and h["speedup_fpe"] is None
+    assert "undefined" in h["note"]
+
+
+def test_first_reach_and_speedup_units():
+    agg = {"step": [0, 5, 10], "fpe": [0.0, 5.0, 10.0], "wall": [0.0, 1.0, 2.0], "mean": [0.1, 0.29, 0.31]}
+    assert B.first_reach(agg, 0.3)["step"] == 10
+    assert B.first_reach(agg, 0.29)["step"] == 5  # "at or above"
+    assert B.first_reach(agg, 0.5) is None
+    assert B.speedup(10.0, 5.0) == 2.0 and B.speedup(10.0, 0.0) is None
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def test_train_command_and_failure_names_run_and_log(tmp_path):
+    cmd = B.train_command("flow_grpo", "/w", 3, 7, ["eval.every=1"])
+    assert cmd[-4:] == ["/w", "--config.seed=3", "--config.max_steps=7", "--config.eval.every=1"]
+    assert "configs/toy_flow_grpo.py" in cmd
+    wd = str(tmp_path / "awm_s0")
+    bad = {"name": "awm_s0", "workdir": wd, "cmd": [sys.executable, "-c", "import sys; sys.exit(3)"]}
+    with pytest.raises(RuntimeError, match=r"awm_s0 failed with exit code 3.*awm_s0\.log"):
+        B.run_all([bad], jobs=1)
+    assert os.path.isfile(wd + ".log")
