@@ -96,6 +96,14 @@ def steps_to_reach(curve: list[dict], key: str, target: float, lower_is_better: 
     return None
 
 
+def final_eval(run_dir: str) -> dict | None:
+    """The larger end-of-run evaluation (``eval.json``: 48 held-out images per tag) when present."""
+    path = os.path.join(run_dir, "eval.json")
+    if not os.path.isfile(path):
+        return None
+    return json.load(open(path)).get("eval_heldout")
+
+
 def summarize(curves: dict[str, list[dict]]) -> dict:
     """Final numbers and the step at which noisy-x_s first matches clean-x0's final validation loss."""
     out = {}
@@ -182,9 +190,20 @@ def write_report(curves: dict[str, list[dict]], summary: dict, args: argparse.Na
             if hit is not None
             else "clean-x0 never reached noisy-x_s's final validation loss at a logged step."
         ),
-        "",
-        f"![curves]({NAME}.png)",
     ]
+    finals = {obj: s[obj].get("final_eval") for obj in OBJECTIVES}
+    if all(finals.values()):
+        lines += [
+            "",
+            "End-of-run evaluation (48 held-out images per tag, 288 images, 40-step ODE):",
+            "",
+            "| objective | " + " | ".join(sorted(finals["clean_x0"]["accuracy"])) + " |",
+            "|---|" + "---|" * len(finals["clean_x0"]["accuracy"]),
+        ]
+        for obj in OBJECTIVES:
+            acc = finals[obj]["accuracy"]
+            lines.append(f"| {obj} | " + " | ".join(f"{acc[k]:.3f}" for k in sorted(acc)) + " |")
+    lines += ["", f"![curves]({NAME}.png)"]
     path = os.path.join(args.out, f"{NAME}.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -207,6 +226,8 @@ def main(argv=None) -> dict:
         run_both(args)
     curves = {obj: load_curve(os.path.join(args.root, obj)) for obj in OBJECTIVES}
     summary = summarize(curves)
+    for obj in OBJECTIVES:
+        summary[obj]["final_eval"] = final_eval(os.path.join(args.root, obj))
     os.makedirs(args.out, exist_ok=True)
     plot(curves, os.path.join(args.out, f"{NAME}.png"))
     command = "python benchmarks/toy_variance.py " + " ".join(argv if argv is not None else sys.argv[1:])

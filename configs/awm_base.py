@@ -216,8 +216,10 @@ def toy(algorithm: str = "awm") -> ml_collections.ConfigDict:
     c.lora.rank = 8  # small model (hidden 64): rank 8 of the attention projections
     c.lora.alpha = 16.0  # scale alpha / r = 2 as the SD3.5 default
     c.optim.lr = 3e-4  # 3e-3 destroyed held-out accuracy within 10 steps (noisy Adam steps)
-    c.data.train_prompts = "toy:train"  # the toy world's built-in prompt split
-    c.data.eval_prompts = "toy:heldout"
+    # The toy world's built-in splits, tag-balanced ("@n": n prompts per tag, cycled): the natural train
+    # split is 92/134 color_attr and the held-out one has 1-3 prompts for four of the six tags.
+    c.data.train_prompts = "toy:train@balanced"
+    c.data.eval_prompts = "toy:heldout@48"
     c.data.train_format = "geneval"
     c.data.eval_format = "geneval"
     c.data.group_size = 8  # images per prompt (advantage group)
@@ -233,8 +235,8 @@ def toy(algorithm: str = "awm") -> ml_collections.ConfigDict:
     c.reward.name = "toy_geneval"
     c.eval.every = 15
     c.eval.num_steps = 40
-    c.eval.num_prompts = 0  # ALL 46 held-out prompts ...
-    c.eval.samples_per_prompt = 4  # ... x 4 seeds (184 images): one image per prompt is too noisy
+    c.eval.num_prompts = 0  # all 6 x 48 tag-balanced held-out entries (288 images) ...
+    c.eval.samples_per_prompt = 1  # ... one image each (repeated prompts get different noise)
     c.eval.grid_images = 32
     c.eval.use_ema = False  # the eval EMA lags far behind in a 30-step run
     c.train.micro_batch_size = 64  # gradient accumulation over 2 micro-batches
