@@ -307,9 +307,11 @@ def evaluate(comp, config, state, embed, eval_set, step: int):
     rec: dict = {"step": step, "num_images": len(idx)}
     rewards = np.asarray(comp.scorer(images, prompts, metadata), np.float32)
     rec["reward_mean"] = float(rewards.mean())
+    captions = [f"{p} [{r:.2f}]" for p, r in zip(prompts, rewards)]
     if hasattr(comp.scorer, "evaluate"):
         res = comp.scorer.evaluate(images, prompts, metadata)
         acc = np.asarray(res["accuracy"], np.float32)
+        captions = [("OK " if a else "x ") + c for a, c in zip(acc, captions)]
         rec["accuracy"] = float(acc.mean())  # per image
         tags = res.get("tag")
         if tags is not None:
@@ -318,8 +320,9 @@ def evaluate(comp, config, state, embed, eval_set, step: int):
                 m = np.asarray([x == t for x in tags])
                 per_tag[t] = rec[f"accuracy/{t}"] = float(acc[m].mean())
             rec["accuracy/overall"] = float(np.mean(list(per_tag.values())))  # GenEval score: mean of tags
-    k = config.eval.grid_images
-    return rec, images[:k], prompts[:k]
+    # the grid: evenly spaced over the eval set (which is often sorted by tag), verdict and reward in captions
+    pick = np.unique(np.linspace(0, len(images) - 1, min(config.eval.grid_images, len(images))).astype(int))
+    return rec, images[pick], [captions[i] for i in pick]
 
 
 def _eval_logged(workdir: str, step: int) -> bool:
