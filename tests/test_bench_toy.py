@@ -30,7 +30,10 @@ B = _module()
 
 
 def _cfg(algo, **over):
+    """The toy config as a workdir's config.json, at the recorded comparison's settings (10 rollout steps,
+    K = 4: ``--set sample.num_steps=10 --set awm.train_timesteps=4``) unless overridden."""
     c = toy(algo)
+    over = {"sample.num_steps": 10, "awm.train_timesteps": 4, **over}
     for k, v in over.items():
         node = c
         *path, last = k.split(".")
@@ -47,6 +50,12 @@ def test_fpe_toy_awm_by_hand():
     # batch 16 x 8 = 128; rollout 128 x 10 ODE steps; train 128 x K=4 x (3 policy + 1 ref (beta 1e-3)
     # + 1 kl-EMA (ema_beta 1.0)); on-policy: no logp_old pass
     assert B.forward_pass_equivalents(_cfg("awm")) == {"rollout": 1280, "train": 2560, "total": 3840}
+
+
+def test_fpe_shipped_toy_awm_by_hand():
+    # the shipped configs/toy.py: rollout 128 x 20 ODE steps; train 128 x K=6 x (3 + 1 ref + 1 kl-EMA)
+    c = json.loads(json.dumps(toy("awm").to_dict(), default=str))
+    assert B.forward_pass_equivalents(c) == {"rollout": 2560, "train": 3840, "total": 6400}
 
 
 def test_fpe_toy_flow_grpo_by_hand():
