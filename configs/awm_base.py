@@ -215,7 +215,7 @@ def toy(algorithm: str = "awm") -> ml_collections.ConfigDict:
     # Toy scaling of the AWM defaults (each measured in benchmarks/results/toy_run.md):
     c.lora.rank = 8  # small model (hidden 64): rank 8 of the attention projections
     c.lora.alpha = 16.0  # scale alpha / r = 2 as the SD3.5 default
-    # 1e-3: held-out GenEval 0.16 -> 0.34 in 30 steps; 3e-4: 0.16 -> 0.31 (benchmarks/results/toy_run.md)
+    # 1e-3: held-out GenEval 0.156 -> 0.309 in 20 steps; 3e-4: 0.156 -> 0.264 (10-step rollouts, K = 4)
     c.optim.lr = 1e-3
     # The toy world's built-in splits, tag-balanced ("@n": n prompts per tag, cycled): the natural train
     # split is 92/134 color_attr and the held-out one has 1-3 prompts for four of the six tags.
@@ -230,7 +230,7 @@ def toy(algorithm: str = "awm") -> ml_collections.ConfigDict:
     c.sample.sampler = "ode"
     c.sample.noise_level = 0.0
     # 20 rollout steps (AWM trains on any sampler's x0): held-out gain at step 20 +0.17 on seeds 0, 1, 2
-    # against +0.13..+0.15 with 10 steps, for 1.33x the forward passes per step
+    # against +0.13..+0.15 with 10 steps (288-image eval), for 1.33x the forward passes per step
     c.sample.num_steps = 20
     c.sample.batch_size = 64
     # K = 6 training times per sample (the public code's default): held-out gain at step 20 +0.17 against
@@ -246,8 +246,8 @@ def toy(algorithm: str = "awm") -> ml_collections.ConfigDict:
     c.eval.use_ema = False  # the eval EMA lags behind in a 20-step run (and did not stop the drift at 40)
     c.train.micro_batch_size = 64  # gradient accumulation over 2 micro-batches
     c.checkpoint.every = 10
-    # 20 steps: held-out accuracy peaks at step 15-25 and then drifts down (3 seeds + 6 variants of lr,
-    # beta, eval EMA and batch; benchmarks/results/toy_run.md)
+    # 20 steps: with 10-step rollouts and K = 4 the held-out accuracy peaked at steps 15-25 and then drifted
+    # down (3 seeds + variants of lr, beta, eval EMA and batch; benchmarks/results/toy_run.md)
     c.max_steps = 20
     c.mesh.data = -1
     if algorithm == "flow_grpo":
