@@ -54,14 +54,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bench_utils as U  # noqa: E402
+from _toy_compare_report import ALGOS, NAME, plot_curves, write_jsonl, write_report  # noqa: E402
 
-NAME = "toy_awm_vs_flow_grpo"
-ALGOS = ("awm", "flow_grpo")
 CONFIGS = {"awm": "configs/toy.py", "flow_grpo": "configs/toy_flow_grpo.py"}
-LABELS = {"awm": "AWM", "flow_grpo": "Flow-GRPO"}
 PINNED_ENV = {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
 PINNED_ENV.update(dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"), "1"))
-X_AXES = (("fpe", "transformer forward-pass equivalents"), ("wall", "training wall-clock (s, eval excluded)"))
 TOL = 1e-9  # ">= A*" tolerance against float summation order only
 
 
@@ -203,8 +200,8 @@ def run_curves(run: dict) -> dict[str, Any]:
     step_s = [batch / float(m["samples_per_s"]) for m in run["metrics"]]
     compile_s = 0.0
     if len(step_s) > 1:  # step 1 includes the one-time JIT compile: count it at the median step time
-        compile_s = step_s[0] - float(np.median(step_s[1:]))
-        step_s[0] = float(np.median(step_s[1:]))
+        typical = float(np.median(step_s[1:]))
+        compile_s, step_s[0] = step_s[0] - typical, typical
     train_wall = np.cumsum(step_s).tolist()
     wall_at = {0: 0.0, **dict(zip(steps, train_wall))}
     evals = [e for e in run["evals"] if int(e["step"]) in wall_at]
@@ -323,183 +320,6 @@ def analyze(curves: dict[str, list[dict]]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- outputs
-
-
-def plot_curves(agg: dict[str, dict], ylabel: str, path: str, hline: float | None = None) -> str:
-    """Two panels (vs cumulative FPE | vs training wall seconds): mean line and min/max band per algo."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    for ax, (xkey, xlabel) in zip(axes, X_AXES):
-        for algo, a in agg.items():
-            line = ax.plot(a[xkey], a["mean"], marker="o", ms=3, label=f"{LABELS[algo]} (n={a['n']})")[0]
-            ax.fill_between(a[xkey], a["lo"], a["hi"], color=line.get_color(), alpha=0.2, lw=0)
-        if hline is not None:
-            ax.axhline(hline, color="gray", ls="--", lw=1, label="A* (Flow-GRPO best mean)")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _fmt_hit(hit: dict | None) -> str:
-    if hit is None:
-        return "not reached"
-    return f"step {hit['step']} ({hit['fpe']:.3g} FPE, {hit['wall_s']:.1f} s): {hit['accuracy']:.3f}"
-
-
-def _fmt_x(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f}x"
-
-
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def settings_lines(curves: dict[str, list[dict]], configs: dict[str, dict]) -> list[str]:
-    """Markdown lines: FPE per step and the config keys that differ between the algorithms."""
-    lines = ["| algorithm | seeds | steps | batch | FPE/step rollout | train | total |", "|---" * 7 + "|"]
-    for a in ALGOS:
-        c0 = curves[a][0]
-        f = c0["fpe_per_step"]
-        seeds = ", ".join(str(c["seed"]) for c in curves[a])
-        lines.append(
-            f"| {LABELS[a]} | {seeds} | {configs[a]['max_steps']} | {c0['batch']} | "
-            f"{f['rollout']} | {f['train']} | {f['total']} |"
-        )
-    fa, fg = _flat(configs["awm"]), _flat(configs["flow_grpo"])
-    diff = [k for k in sorted(set(fa) | set(fg)) if fa.get(k) != fg.get(k) and k not in ("seed", "max_steps")]
-    lines += ["", "Config keys that differ (seed and max_steps aside):", ""]
-    lines += ["| key | AWM | Flow-GRPO |", "|---|---|---|"]
-    lines += [f"| `{k}` | {fa.get(k)} | {fg.get(k)} |" for k in diff]
-    return lines
-
-
-def _curve_table(acc: dict[str, dict]) -> list[str]:
-    lines = [
-        "| algorithm | eval step | cum. FPE | train wall (s) | overall mean | min | max |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for a in ALGOS:
-        g = acc[a]
-        for i, s in enumerate(g["step"]):
-            lines.append(
-                f"| {LABELS[a]} | {s} | {g['fpe'][i]:.4g} | {g['wall'][i]:.1f} | "
-                f"{g['mean'][i]:.3f} | {g['lo'][i]:.3f} | {g['hi'][i]:.3f} |"
-            )
-    return lines
-
-
-def _final_table(final: dict[str, dict]) -> list[str]:
-    tags = sorted(set(final["awm"]["per_tag"]) | set(final["flow_grpo"]["per_tag"]))
-    lines = ["| algorithm | eval step | overall | " + " | ".join(tags) + " |", "|---" * (len(tags) + 3) + "|"]
-    for a in ALGOS:
-        f = final[a]
-        cells = [
-            f"{f['per_tag'][t]['mean']:.3f} +- {f['per_tag'][t]['std']:.3f}" if t in f["per_tag"] else ""
-            for t in tags
-        ]
-        lines.append(
-            f"| {LABELS[a]} | {', '.join(map(str, f['steps']))} | {f['overall']['mean']:.3f} +- "
-            f"{f['overall']['std']:.3f} | " + " | ".join(cells) + " |"
-        )
-    return lines
-
-
-ACCOUNTING = (
-    "FPE = transformer forward-pass equivalents (one model call on one sample; forward+backward = 3; CFG x2; "
-    "reference / kl-EMA passes only when their weight is non-zero; evaluation not counted; see the module "
-    "docstring). Wall = training wall-clock: sum over steps of batch / samples_per_s (rollout + reward + "
-    "train step; evaluation and checkpointing excluded; step 1 counted at the median step time, its "
-    "one-time JIT compile excluded), mean over seeds."
-)
-
-
-def _headline_lines(h: dict) -> list[str]:
-    note = f" ({h['note']})" if h["note"] else ""
-    return [
-        f"- A* = Flow-GRPO's best seed-mean held-out strict GenEval overall accuracy: **{h['a_star']:.3f}**",
-        f"- Flow-GRPO first reaches A* at {_fmt_hit(h['flow_grpo'])}",
-        f"- AWM first reaches A* at {_fmt_hit(h['awm'])}",
-        f"- Speedup (Flow-GRPO / AWM): compute **{_fmt_x(h['speedup_fpe'])}**, "
-        f"wall-clock **{_fmt_x(h['speedup_wall'])}**{note}",
-        "",
-        "First eval point at or above A* of the seed-mean curve, no interpolation between eval points.",
-    ]
-
-
-def write_report(
-    path: str,
-    res: dict,
-    curves: dict[str, list[dict]],
-    configs: dict[str, dict],
-    command: str,
-    machine: dict | None,
-    pngs: list[str],
-) -> str:
-    """The markdown report (machine, command, settings, curves table, headline, final accuracies)."""
-    m = machine or {}
-    machine_line = (
-        f"Machine: {m.get('processor', '?')}, {m.get('cpu_count', '?')} CPUs, "
-        f"{m.get('platform', '?')}, python {m.get('python', '?')}, jax {m.get('jax', '?')} "
-        f"({m.get('jax_backend', '?')})."
-    )
-    lines = [
-        f"# Toy world: AWM vs Flow-GRPO ({NAME}.py)",
-        "",
-        "Command:",
-        "",
-        f"    {command}",
-        "",
-        machine_line,
-        "",
-        "## Settings",
-        "",
-        *settings_lines(curves, configs),
-        "",
-        ACCOUNTING,
-        "",
-        "## Headline",
-        "",
-        *_headline_lines(res["headline"]),
-        "",
-        "## Final held-out accuracy (last eval, mean +- std over seeds)",
-        "",
-        *_final_table(res["final"]),
-        "",
-        "## Held-out overall accuracy per eval point (seed mean, min, max)",
-        "",
-        *_curve_table(res["accuracy"]),
-        "",
-        "Plots: " + ", ".join(f"`{os.path.basename(p)}`" for p in pngs),
-        "",
-    ]
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
-    return path
-
-
-def write_jsonl(path: str, res: dict, curves: dict[str, list[dict]], command: str) -> str:
-    """Raw curves: one line per run, then one summary line (overwrites ``path``)."""
-    with open(path, "w") as f:
-        for a in ALGOS:
-            for c in curves[a]:
-                f.write(json.dumps({"kind": "run", **c}) + "\n")
-        f.write(json.dumps({"kind": "summary", "command": command, **res}, default=U._json_default) + "\n")
-    return path
 
 
 def write_outputs(

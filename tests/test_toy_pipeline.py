@@ -7,18 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from toy_tiny import tiny_toy_config
 
 from awm_jax.toy import evaluate, pretrain, shapes, world
-
-
-def _tiny_config():
-    cfg = world.default_config()
-    cfg["transformer"].update(
-        num_layers=2, attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16
-    )
-    cfg["text"].update(dim=16, pooled_dim=12)
-    cfg["transformer"].update(joint_attention_dim=16, pooled_projection_dim=12)
-    return cfg
 
 
 def test_toy_vae_is_exact_and_unit_scale():
@@ -39,7 +30,7 @@ def trained(tmp_path_factory):
     """A tiny toy model pretrained for 12 steps (the pretraining smoke run), shared by the tests."""
     out = tmp_path_factory.mktemp("toy") / "ck"
     res = pretrain.pretrain(
-        str(out), steps=12, batch=8, lr=3e-3, warmup=1, config=_tiny_config(), eval_per_tag=0, log_every=4
+        str(out), steps=12, batch=8, lr=3e-3, warmup=1, config=tiny_toy_config(), eval_per_tag=0, log_every=4
     )
     return out, res
 
@@ -92,6 +83,13 @@ def test_pipeline_contract_and_eval(trained):
     )
 
 
+def test_renoise_accuracy(trained):
+    pipe = world.load_toy_pipeline(trained[0])
+    # from t = 0 the scenes are untouched (a zero-length grid): decode(encode(render)) is exact, all correct
+    assert evaluate.renoise_accuracy(pipe, 0.0, "heldout@2", steps=2) == 1.0
+    assert 0.0 <= evaluate.renoise_accuracy(pipe, 1.0, "heldout@2", steps=2) <= 1.0
+
+
 def test_checkpoint_round_trip_and_errors(trained, tmp_path):
     pipe = world.load_toy_pipeline(trained[0])
     world.save_toy_checkpoint(
@@ -106,12 +104,12 @@ def test_checkpoint_round_trip_and_errors(trained, tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         world.load_toy_pipeline(tmp_path / "nope")
     # a checkpoint from another config -> error naming the file and the parameter
-    cfg2 = _tiny_config()
+    cfg2 = tiny_toy_config()
     cfg2["transformer"]["num_layers"] = 3
     (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg2))
     with pytest.raises(KeyError, match="model.safetensors.*missing parameter"):
         world.load_toy_pipeline(tmp_path / "ck")
-    cfg3 = _tiny_config()
+    cfg3 = tiny_toy_config()
     cfg3["text"]["dim"] = 8
     cfg3["transformer"]["joint_attention_dim"] = 8
     (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg3))

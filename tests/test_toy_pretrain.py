@@ -6,23 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from toy_tiny import tiny_toy_config
 
-from awm_jax.toy import pretrain, world
-
-
-def _tiny_config():
-    cfg = world.default_config()
-    cfg["transformer"].update(
-        num_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        caption_projection_dim=16,
-        joint_attention_dim=16,
-        pooled_projection_dim=12,
-        dual_attention_layers=[],
-    )
-    cfg["text"].update(dim=16, pooled_dim=12)
-    return cfg
+from awm_jax.toy import pretrain
 
 
 @pytest.mark.parametrize("t,gap", [(0.5, 0.1), (0.8, 0.3), (0.3, 0.05)])
@@ -57,7 +43,7 @@ def test_pretrain_noisy_objective_logs_curves(tmp_path):
         batch=4,
         lr=3e-3,
         warmup=1,
-        config=_tiny_config(),
+        config=tiny_toy_config(num_layers=1, dual_attention_layers=()),
         eval_per_tag=0,
         log_every=2,
         objective="noisy_xs",
@@ -72,7 +58,9 @@ def test_pretrain_noisy_objective_logs_curves(tmp_path):
         assert np.isfinite(p["val_loss_clean"]) and 0.0 <= p["accuracy"]["overall"] <= 1.0
     assert json.loads((out / "eval.json").read_text())["objective"] == "noisy_xs"
     with pytest.raises(ValueError, match="unknown pretraining objective 'ddpo'"):
-        pretrain.pretrain(None, steps=1, config=_tiny_config(), objective="ddpo")
+        pretrain.pretrain(
+            None, steps=1, config=tiny_toy_config(num_layers=1, dual_attention_layers=()), objective="ddpo"
+        )
 
 
 def test_pretrain_cli_rejects_unknown_transformer_keys():

@@ -133,11 +133,13 @@ def parse_split_spec(spec: str) -> list[dict]:
     split, _, per_tag = spec.partition("@")
     if not per_tag:
         return prompt_split(split)
-    if per_tag == "balanced":
-        return prompt_split(split, per_tag="balanced")
-    if not per_tag.isdigit() or int(per_tag) < 1:
-        raise ValueError(f"toy split spec {spec!r}: the part after '@' must be a positive int or 'balanced'")
-    return prompt_split(split, per_tag=int(per_tag))
+    if per_tag != "balanced":
+        if not per_tag.isdigit() or int(per_tag) < 1:
+            raise ValueError(
+                f"toy split spec {spec!r}: the part after '@' must be a positive int or 'balanced'"
+            )
+        per_tag = int(per_tag)
+    return prompt_split(split, per_tag=per_tag)
 
 
 def write_jsonl(records: list[dict], path) -> None:

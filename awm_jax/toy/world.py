@@ -40,7 +40,8 @@ CONFIG_FILE = "config.json"
 DEFAULT_TRANSFORMER_CONFIG = {
     "sample_size": IMAGE_SIZE // FACTOR,
     # patch 1: 64 tokens of 48 values.  Patch 2 (16 tokens of 192 values through a 64-wide model) was a
-    # bottleneck: after the same 12 CPU-minutes its clean validation loss was 0.90 against 0.27.
+    # bottleneck: after the same 12 minutes on one core each its clean validation loss was 0.88 (7286 steps)
+    # against 0.18 for patch 1 (2318 steps).
     "patch_size": 1,
     "in_channels": 3 * FACTOR * FACTOR,
     "num_layers": 4,
