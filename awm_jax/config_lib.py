@@ -25,31 +25,17 @@ __all__ = [
     "save_config",
     "parse_args",
     "flat_keys",
-    "ARCHS",
     "transformer_config",
 ]
 
-# diffusers SD3Transformer2DModel configs of the architectures configs may name (REFERENCE.md section 7).
-ARCHS = {
-    "sd3.5-medium": dict(
-        sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
-        dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
-    ),
-}
-
-
 def transformer_config(cfg: ml_collections.ConfigDict) -> dict:
-    """The SD3 transformer config dict named by ``model.arch`` ("toy": the toy world's default)."""
-    arch = cfg.model.arch
-    if arch == "toy":
-        from awm_jax.toy.world import DEFAULT_TRANSFORMER_CONFIG
+    """The diffusers transformer config dict named by ``model.arch`` in the family ``model.kind``."""
+    from awm_jax.models.family import get_family
 
-        return dict(DEFAULT_TRANSFORMER_CONFIG)
-    if arch not in ARCHS:
-        raise ConfigError(f"config key 'model.arch' = {arch!r} is not one of {sorted(ARCHS) + ['toy']}")
-    return dict(ARCHS[arch])
+    try:
+        return get_family(cfg.model.kind).architecture(cfg.model.arch)
+    except KeyError as e:
+        raise ConfigError(f"config key 'model.arch' = {cfg.model.arch!r}: {e.args[0]}") from None
 
 
 class ConfigError(ValueError):
@@ -211,7 +197,7 @@ def parse_args(argv: Sequence[str]) -> tuple[str, str, list[tuple[str, str]]]:
 
 _CHOICES = {
     "algorithm": ("awm", "flow_grpo"),
-    "model.kind": ("toy", "sd35"),
+    "model.remat_policy": ("none", "full", "dots_saveable", "nothing_saveable"),
     "sample.sampler": ("sa_solver", "euler_maruyama", "ode", "sde", "cps"),
     "awm.timestep_sampler": ("discrete", "discrete_wo_init", "uniform", "logit_normal"),
     "awm.weighting": ("uniform", "t", "t2", "ghuber"),
@@ -235,6 +221,12 @@ def _get(cfg, key):
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Check enumerations, positivity and cross-field constraints; raise ``ConfigError`` naming the key."""
+    from awm_jax.models.family import family_names
+
+    kinds = tuple(family_names())
+    kind = cfg.get("model", {}).get("kind")
+    if kind not in kinds:
+        raise ConfigError(f"config key 'model.kind' = {kind!r} is not one of {kinds}")
     for key, choices in _CHOICES.items():
         try:
             val = _get(cfg, key)
@@ -260,6 +252,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             f"config key 'sample.sampler' = {cfg.sample.sampler!r}: flow_grpo needs a per-step likelihood "
             "sampler ('sde' or 'cps')"
         )
+    if cfg.model.text_cache_mb < 0:
+        raise ConfigError(f"config key 'model.text_cache_mb' must be >= 0, got {cfg.model.text_cache_mb}")
+    if cfg.train.scan_times and cfg.awm.loss_type != "per_time":
+        raise ConfigError("config key 'train.scan_times' = True needs awm.loss_type = 'per_time'")
     if cfg.lora.rank <= 0 and not cfg.lora.full_finetune:
         raise ConfigError(f"config key 'lora.rank' must be > 0, got {cfg.lora.rank}")
 

@@ -97,18 +97,38 @@ def load_prompts(path: str, fmt: str) -> PromptDataset:
     return PromptDataset(prompts, metadata, source=path)
 
 
+_PROMPT_SOURCES: dict = {}
+
+
+def register_prompt_source(scheme: str, fn) -> None:
+    """Make ``"<scheme>:<spec>"`` data specs resolve to ``fn(spec) -> list of GenEval-style records``
+    (a model family registers its built-in prompt sets this way, e.g. the toy world's ``toy:``)."""
+    _PROMPT_SOURCES[scheme] = fn
+
+
+def _source(spec: str):
+    scheme = spec.split(":", 1)[0] if ":" in spec else ""
+    if not scheme or "/" in scheme or "." in scheme:
+        return None
+    if scheme not in _PROMPT_SOURCES:
+        from awm_jax.models.family import BUILTIN_FAMILIES, get_family
+
+        if scheme in BUILTIN_FAMILIES:  # families register their prompt sources on import
+            get_family(scheme)
+    return _PROMPT_SOURCES.get(scheme)
+
+
 def load_dataset(spec: str, fmt: str) -> PromptDataset:
-    """A prompt file (:func:`load_prompts`) or a built-in split of the shapes world.
+    """A prompt file (:func:`load_prompts`) or a registered built-in prompt set ``"<scheme>:<spec>"``.
 
-    Toy specs: ``"toy:<split>"`` (train / heldout / all) or ``"toy:<split>@<n>"`` with every tag
+    The toy world registers ``"toy:<split>"`` (train / heldout / all) and ``"toy:<split>@<n>"`` with every tag
     repeated or cut to ``n`` prompts (``@balanced``: to the largest tag's count); see
-    :func:`awm_jax.toy.shapes.prompt_split`.
+    ``awm_jax.toy.shapes.prompt_split``.
     """
-    if spec.startswith("toy:"):
-        from awm_jax.toy.shapes import parse_split_spec
-
+    fn = _source(spec)
+    if fn is not None:
         try:
-            records = parse_split_spec(spec[4:])
+            records = fn(spec.split(":", 1)[1])
         except ValueError as e:
             raise PromptFileError(f"data spec {spec!r}: {e}") from e
         return dataset_from_records(records, source=spec)

@@ -133,6 +133,54 @@ def process_allgather(x, tiled: bool = False):
     return multihost_utils.process_allgather(x, tiled=tiled)
 
 
+def state_shardings(tree, mesh: Mesh | None):
+    """``logical_to_mesh_sharding(tree, mesh)``, or None without a mesh."""
+    return None if mesh is None else logical_to_mesh_sharding(tree, mesh)
+
+
+def num_batch_shards(mesh: Mesh | None) -> int:
+    """How many shards the batch axis is split into (``data`` x ``fsdp``; 1 without a mesh)."""
+    return 1 if mesh is None else int(mesh.shape["data"] * mesh.shape["fsdp"])
+
+
+def place(tree, shardings):
+    """``device_put`` the leaves whose sharding differs (no copy for already-placed leaves)."""
+    if shardings is None:
+        return tree
+
+    def one(x, s):
+        return x if getattr(x, "sharding", None) == s else jax.device_put(x, s)
+
+    return jax.tree.map(one, tree, shardings)
+
+
+_PLACED: list = []  # [(source tree, shardings, placed tree)], most recent first
+
+
+def place_once(tree, shardings):
+    """:func:`place` for an unchanging tree (the frozen base weights): one device copy shared by every
+    step and rollout function that places the same object with the same shardings."""
+    if shardings is None:
+        return tree
+    leaves = jax.tree.leaves(shardings)
+    for src, sh, out in _PLACED:
+        if src is tree and sh == leaves:
+            return out
+    out = place(tree, shardings)
+    _PLACED.insert(0, (tree, leaves, out))
+    del _PLACED[4:]
+    return out
+
+
+def constrain_batch(x, mesh: Mesh | None, axis: int = 0):
+    """Shard ``x``'s ``axis`` over (data, fsdp) inside jit (no-op without a mesh)."""
+    if mesh is None:
+        return x
+    spec = [None] * x.ndim
+    spec[axis] = ("data", "fsdp")
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+
 def is_main_process() -> bool:
     """True on process 0 (logging / checkpoint-writing host)."""
     return jax.process_index() == 0

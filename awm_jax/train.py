@@ -11,13 +11,16 @@ Workdir outputs: ``config.json``, ``metrics.jsonl``, ``eval.jsonl``, ``tb/`` (Te
 command again resumes. SIGTERM / SIGINT save a checkpoint and exit 0.
 
 The model, train step and reward come from a *components factory* (``config.components``,
-"module:function", default :func:`default_components`) so the loop is independent of the model family.
+"module:function", default :func:`default_components`, which asks the model family of ``config.model.kind``
+for its pipeline) so the loop is independent of the model family. Checkpoints hold named items
+(``awm_jax.checkpoint``): resume and export read them by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import logging
 import math
 import os
@@ -32,10 +35,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from awm_jax import config_lib
+from awm_jax import config_lib, parallel
 from awm_jax.checkpoint import Checkpointer
 from awm_jax.data import GroupedSampler, load_dataset
 from awm_jax.logging_lib import TrainLogger
+from awm_jax.models.family import get_family
+from awm_jax.rewards.bridge import RewardBridge
+from awm_jax.rl.advantages import reward_stats, step_advantages
+from awm_jax.text.base import CachedTextEncoder
 
 __all__ = ["Components", "default_components", "run", "main", "NonFiniteError"]
 
@@ -72,34 +79,13 @@ class Components:
 # ----------------------------------------------------------------------------- components
 
 
-def _load_pipeline(config):
-    if config.model.kind == "toy":
-        from awm_jax.toy.world import load_toy_pipeline
-
-        return load_toy_pipeline(config.model.path or None, seed=config.seed)
-    if config.model.kind != "sd35":
-        raise config_lib.ConfigError(
-            f"config key 'model.kind' = {config.model.kind!r}: expected 'toy' or 'sd35'")
-    from awm_jax.pipelines import load_sd3_pipeline
-
-    return load_sd3_pipeline(config)
-
-
-def _make_mesh(config):
-    try:
-        from awm_jax import parallel
-    except ImportError:
-        return None
-    return parallel.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor)
-
-
 def default_components(config: ml_collections.ConfigDict) -> Components:
-    """Pipeline (toy or SD3.5) + ``awm_jax.rl.train_step`` + the configured reward, per the contracts."""
+    """The model family's pipeline + ``awm_jax.rl.train_step`` + the configured reward, per the contracts."""
     from awm_jax import rewards
     from awm_jax.rl import train_step as ts
 
-    pipeline = _load_pipeline(config)
-    mesh = _make_mesh(config)
+    pipeline = get_family(config.model.kind).load_pipeline(config)
+    mesh = parallel.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor)
     graphdef, base_state, state = ts.create_train_state(pipeline.transformer, config)
     negative = None
     if config.sample.guidance_scale != 1.0:  # CFG (Flow-GRPO): empty-prompt embeddings
@@ -144,55 +130,12 @@ def _resolve_factory(spec: str):
 # ----------------------------------------------------------------------------- helpers
 
 
-class _EmbedCache:
-    """Prompt -> (embeds, pooled) in memory; encodes each unique prompt once."""
-
-    def __init__(self, encoder, max_entries: int):
-        self.encoder, self.max_entries, self._d = encoder, max_entries, {}
-
-    def __call__(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._d))
-        if missing:
-            emb, pooled = self.encoder.encode(missing)
-            if len(self._d) + len(missing) > self.max_entries:
-                self._d.clear()
-            for i, p in enumerate(missing):
-                self._d[p] = (np.asarray(emb[i], np.float32), np.asarray(pooled[i], np.float32))
-        return (np.stack([self._d[p][0] for p in prompts]), np.stack([self._d[p][1] for p in prompts]))
-
-
-def _group_advantages(rewards: np.ndarray, groups: np.ndarray, config) -> np.ndarray:
-    """Per-prompt mean baseline over the global batch, then the algorithm's clipping."""
-    global_std = config.advantages.std_mode == "global"
-    try:
-        from awm_jax.rl import group_advantages
-
-        adv = group_advantages(rewards, groups, global_std=global_std, eps=config.advantages.eps)
-        adv = np.asarray(adv, np.float64)
-    except ImportError:  # B's module not in the tree yet: same formula (REFERENCE.md section 2)
-        adv = np.zeros_like(rewards, np.float64)
-        std_all = rewards.std()
-        for g in np.unique(groups):
-            m = groups == g
-            std = std_all if global_std else rewards[m].std()
-            adv[m] = (rewards[m] - rewards[m].mean()) / (std + config.advantages.eps)
-    c = config.advantages.clip
-    adv = np.clip(adv, -c, c)
-    if config.algorithm == "awm":
-        adv = adv / c * config.awm.advantage_max
-    return adv.astype(np.float32)
-
-
-def _reward_stats(rewards: np.ndarray, groups: np.ndarray, threshold: float) -> dict:
-    zero, allc, allw, n = 0, 0, 0, 0
-    for g in np.unique(groups):
-        r = rewards[groups == g]
-        n += 1
-        zero += float(r.std() == 0)
-        allc += float((r >= threshold).all())
-        allw += float((r < threshold).all())
-    return dict(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()),
-                zero_std_frac=zero / n, all_correct_frac=allc / n, all_wrong_frac=allw / n)
+def _embedding_cache(encoder, config) -> CachedTextEncoder:
+    """The run's one prompt-embedding cache: an LRU over the encoder's uncached ``encode``, bounded by
+    ``model.text_cache_mb`` MiB of cached arrays."""
+    fn = getattr(encoder, "encode_uncached", None) or encoder.encode
+    mb = float(config.model.text_cache_mb)
+    return CachedTextEncoder(fn, max_entries=(1 << 31) if mb > 0 else 0, max_bytes=int(mb * 2**20))
 
 
 def _gather(x: np.ndarray) -> np.ndarray:
@@ -201,29 +144,6 @@ def _gather(x: np.ndarray) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def _make_bridge(scorer, retries: int):
-    try:
-        from awm_jax.rewards.bridge import RewardBridge
-
-        return RewardBridge(scorer, retries=retries, gather=False)  # the trainer gathers globally
-    except ImportError:  # C's bridge not in the tree yet: synchronous scoring
-        class _Sync:
-            def score(self, images, prompts, metadata):
-                r = np.asarray(scorer(images, prompts, metadata), np.float32)
-                if not np.isfinite(r).all():
-                    raise RuntimeError(f"reward {type(scorer).__name__} returned non-finite values")
-                return r
-
-            def submit(self, images, prompts, metadata):
-                from concurrent.futures import Future
-
-                f = Future()
-                f.set_result(self.score(images, prompts, metadata))
-                return f
-
-        return _Sync()
 
 
 def _chunks(n: int, size: int) -> list[slice]:
@@ -274,7 +194,7 @@ def _rollout_epoch(comp, config, params, embed, sampler, dataset, bridge, step, 
     """Rollouts of one step on this process; returns (batch pieces, rewards, groups, timings)."""
     idx, groups = sampler.local_indices(step, jax.process_index(), jax.process_count())
     prompts, metadata = dataset.take(idx)
-    emb, pooled = embed(prompts)
+    emb, pooled = embed.encode(prompts)
     chunk = config.sample.batch_size * jax.local_device_count()
     outs, futures = [], []
     base = jax.process_index() * len(idx)
@@ -295,7 +215,7 @@ def evaluate(comp, config, state, embed, eval_set, step: int):
     n = config.eval.num_prompts or len(eval_set)
     idx = np.repeat(np.arange(min(n, len(eval_set))), config.eval.samples_per_prompt)
     prompts, metadata = eval_set.take(idx)
-    emb, pooled = embed(prompts)
+    emb, pooled = embed.encode(prompts)
     params = (comp.eval_params_of or comp.trainable_of)(state)
     key = jax.random.key(config.seed + 7919)  # same noise at every evaluation
     images = []
@@ -342,16 +262,6 @@ def _eval_logged(workdir: str, step: int) -> bool:
     return False
 
 
-def _is_key(x) -> bool:
-    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def _state_leaves(state, rng_data):
-    """The checkpointed tree: the state's leaves (typed PRNG keys as key data) and the run's RNG."""
-    leaves = [jax.random.key_data(x) if _is_key(x) else x for x in jax.tree.leaves(state)]
-    return {"leaves": {f"{i:05d}": x for i, x in enumerate(leaves)}, "rng": rng_data}
-
-
 def _uncommit(template, x):
     """Restored arrays come back committed to a device; keep only a mesh sharding the template had."""
     sh = getattr(template, "sharding", None)
@@ -360,11 +270,33 @@ def _uncommit(template, x):
     return jnp.asarray(np.asarray(x))
 
 
-def _unflatten_state(template, tree):
-    leaves = [tree["leaves"][k] for k in sorted(tree["leaves"])]
-    out = [jax.random.wrap_key_data(jnp.asarray(np.asarray(x)), impl=jax.random.key_impl(t)) if _is_key(t)
-           else _uncommit(t, x) for t, x in zip(jax.tree.leaves(template), leaves)]
-    return jax.tree.unflatten(jax.tree.structure(template), out)
+_STATE_ITEMS = ("trainable", "opt_state", "kl_ema", "eval_ema")
+
+
+def checkpoint_items(state, rng, meta: dict, config) -> dict:
+    """The named checkpoint items of the train state, the run's RNG, metadata and config."""
+    items = {name: getattr(state, name, None) for name in _STATE_ITEMS}
+    plain = json.loads(json.dumps(config.to_dict(), default=str))
+    items.update(rng={"key_data": jax.random.key_data(rng)}, meta=meta, config=plain)
+    return items
+
+
+def restore_checkpoint(ckpt: Checkpointer, state, rng):
+    """``(step, state, rng, meta)`` from the newest restorable checkpoint, or None."""
+    templates = {n: getattr(state, n) for n in _STATE_ITEMS if getattr(state, n, None) is not None}
+    templates["rng"] = {"key_data": jax.random.key_data(rng)}
+    found = ckpt.restore_latest(templates)
+    if found is None:
+        return None
+    step, items = found
+    missing = sorted(set(templates) - set(items))
+    if missing:
+        raise RuntimeError(f"checkpoint {step} in {ckpt.directory} lacks items {missing} that this config "
+                           "keeps (was it written with another config?)")
+    fixed = {n: jax.tree.map(_uncommit, templates[n], items[n]) for n in templates if n != "rng"}
+    state = state.replace(step=jnp.asarray(step, jnp.int32), **fixed)
+    rng = jax.random.wrap_key_data(jnp.asarray(np.asarray(items["rng"]["key_data"])))
+    return step, state, rng, dict(items["meta"])
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -378,8 +310,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.eval.every > 0 and config.data.eval_prompts:
         eval_set = load_dataset(config.data.eval_prompts, config.data.eval_format)
     sampler = GroupedSampler(len(dataset), config.data.prompts_per_step, config.data.group_size, config.seed)
-    embed = _EmbedCache(comp.pipeline.text_encoder, config.model.text_cache_size)
-    bridge = _make_bridge(comp.scorer, config.reward.retries)
+    embed = _embedding_cache(comp.pipeline.text_encoder, config)
+    bridge = RewardBridge(comp.scorer, retries=config.reward.retries, gather=False)  # gathered below
     rng = jax.random.key(config.seed)
 
     # ---- resume
@@ -387,11 +319,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         async_save=config.checkpoint.async_save)
     state = comp.state
     start, wall_prev, nonfinite = 0, 0.0, 0
-    restored = ckpt.restore_latest(_state_leaves(state, jax.random.key_data(rng)))
+    restored = restore_checkpoint(ckpt, state, rng)
     if restored is not None:
-        start, tree, meta = restored
-        state = _unflatten_state(state, tree)
-        rng = jax.random.wrap_key_data(jnp.asarray(np.asarray(tree["rng"])))
+        start, state, rng, meta = restored
         wall_prev, nonfinite = float(meta.get("wall_s", 0.0)), int(meta.get("nonfinite_in_a_row", 0))
         if int(meta.get("data_position", start)) != start:
             raise RuntimeError(f"checkpoint {start}: data position {meta['data_position']} != step {start}")
@@ -403,7 +333,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def save(step, force=False):
         meta = {"step": step, "data_position": step, "wall_s": wall_prev + time.time() - t_run,
                 "nonfinite_in_a_row": nonfinite, "seed": config.seed}
-        ckpt.save(step, _state_leaves(state, jax.random.key_data(rng)), meta, force=force)
+        ckpt.save(step, checkpoint_items(state, rng, meta, config), force=force)
 
     t_run = time.time()
     if eval_set is not None and start == 0 and not _eval_logged(workdir, 0):
@@ -423,7 +353,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     comp, config, params, embed, sampler, dataset, bridge, step, k_roll)
                 rewards = _gather(rewards_local)
                 groups = _gather(groups_local)
-                adv = _group_advantages(rewards.astype(np.float64), groups, config)
+                adv = step_advantages(rewards, groups, config)
                 n_local = len(rewards_local)
                 batch["advantages"] = jnp.asarray(adv[jax.process_index() * n_local:][:n_local])
                 backup = None
@@ -442,7 +372,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         state = backup
                 nonfinite = 0 if finite else nonfinite + 1
                 dt = time.time() - t0
-                rec = {"step": step, **_reward_stats(rewards, groups, config.advantages.correct_threshold),
+                rec = {"step": step, **reward_stats(rewards, groups, config.advantages.correct_threshold),
                        "loss": loss, "policy_loss": _scalar(metrics.get("policy_loss", np.nan)),
                        "kl": _scalar(metrics.get("kl", np.nan)), "skipped": not finite,
                        "samples_per_s": len(rewards) / dt, "wall_s": wall_prev + time.time() - t_run}

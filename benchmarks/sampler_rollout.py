@@ -58,7 +58,7 @@ def run_benchmark(preset_name: str = "tiny", *, steps: int = 10, shift: float = 
     from flax import nnx
 
     from awm_jax.sampling import sample_ode
-    from awm_jax.sampling.schedules import sd3_grid
+    from awm_jax.sampling.schedules import shifted_grid
 
     p = F.preset(preset_name)
     batch, resolution = batch or p["batch"], resolution or p["resolution"]
@@ -70,7 +70,7 @@ def run_benchmark(preset_name: str = "tiny", *, steps: int = 10, shift: float = 
     fm = F.convert_to_flax(tm, dtype)
     tm = tm.to(device=dev, dtype=tdt)
     inp = F.make_inputs(preset_name, batch, resolution, seq_len, seed + 1)
-    grid = np.asarray(sd3_grid(steps, shift), np.float32)
+    grid = np.asarray(shifted_grid(steps, shift), np.float32)
 
     graphdef, state = nnx.split(fm)
     vfn = functools.partial(_velocity, graphdef)

@@ -21,7 +21,7 @@ every call it wraps (the model runs on ``[uncond; cond]``).  ``batch = prompts_p
   ``stopgrad(logp)`` of the policy pass): ``batch x awm.train_timesteps x (3 + ...)``.
 - Flow-GRPO training (``_grpo_loss_fn`` + ``awm_jax.rl.grpo.flow_grpo_step_loss``): per sample and trained
   sampling step (``int(sample.num_steps x flow_grpo.timestep_fraction)``) the policy pass (3) and the
-  reference pass only if ``flow_grpo.beta != 0`` (+1), both with ``flow_grpo.guidance_scale``'s CFG (x2).
+  reference pass only if ``flow_grpo.beta != 0`` (+1), both with ``sample.guidance_scale``'s CFG (x2).
 - Evaluation (40-step ODE on the held-out prompts) is NOT counted: it is the same for both algorithms.
 
 **Wall-clock**: the x-axis is the *training* wall time: the sum over steps of ``batch / samples_per_s``
@@ -84,7 +84,7 @@ def forward_pass_equivalents(config: dict) -> dict[str, int]:
         train = batch * int(_get(config, "awm.train_timesteps")) * per
     elif algo == "flow_grpo":
         s_train = int(num_steps * float(_get(config, "flow_grpo.timestep_fraction")))
-        cfg_mult = 2 if float(_get(config, "flow_grpo.guidance_scale")) != 1.0 else 1
+        cfg_mult = 2 if float(_get(config, "sample.guidance_scale")) != 1.0 else 1
         train = batch * s_train * (3 + int(float(_get(config, "flow_grpo.beta")) != 0)) * cfg_mult
     else:
         raise ValueError(f"config algorithm {algo!r}: expected one of {ALGOS}")
@@ -208,7 +208,7 @@ def run_curves(run: dict) -> dict[str, Any]:
     return {
         "algorithm": str(cfg["algorithm"]),
         "seed": int(cfg["seed"]),
-        "workdir": run["workdir"],
+        "workdir": os.path.relpath(run["workdir"]),  # relative: no machine paths in results
         "fpe_per_step": fpe,
         "first_step_excess_s": compile_s,
         "batch": batch,

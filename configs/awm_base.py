@@ -3,11 +3,12 @@
 AWM and Flow-GRPO configs share everything here and differ only in ``_flow_grpo`` (sampler, loss
 block and the keys where the algorithms differ). ``paper=True`` switches to the AWM paper's
 settings (Euler-Maruyama sampler, 4 training times, uniform weighting, larger beta, no EMA term);
-the default reproduces the public AWM code (see /work/shared/REFERENCE.md).
+the default reproduces the public AWM code (see REFERENCE.md in the project's shared folder).
 """
 
 import ml_collections
 
+# The SD3.5 configs' LoRA targets (bare names, matched as dotted suffixes of diffusers module names).
 SD35_LORA_TARGETS = (
     "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
 )
@@ -29,12 +30,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.algorithm = "awm"  # "awm" | "flow_grpo"
     c.seed = 42  # master seed: init, data order, rollout and training noise all derive from (seed, step)
     c.max_steps = 1000  # number of optimizer steps (one per rollout epoch); bounds a run
-    # Factory "module:function" returning the trainer's components (pipeline, train step, reward).
-    c.components = "awm_jax.train:default_components"
+    c.components = "awm_jax.train:default_components"  # "module:function" returning the loop's components
 
     c.model = m = ml_collections.ConfigDict()
-    m.kind = "sd35"  # "sd35" (converted SD3.5 weights) | "toy" (the embedded shapes world)
-    m.arch = "sd3.5-medium"  # transformer architecture (awm_jax.config_lib.ARCHS); weights must match
+    m.kind = "sd35"  # model family (awm_jax.models.family): "sd35" (SD3 / SD3.5), "flux", "toy"
+    m.arch = "sd3.5-medium"  # named architecture of the family (its `architectures`): plans from shapes
     m.path = ""  # directory of the transformer weights (converted or diffusers); "" = toy random init
     m.vae_path = ""  # VAE weights directory (sd35)
     m.text_encoder_paths = ("", "", "")  # CLIP-L, CLIP-G, T5-XXL directories (sd35)
@@ -42,12 +42,15 @@ def base_config() -> ml_collections.ConfigDict:
     m.resolution = 512  # image side in pixels
     m.dtype = "bfloat16"  # compute dtype of the transformer
     m.param_dtype = "float32"  # storage dtype of the parameters
-    m.text_cache_size = 4096  # in-memory LRU cache of prompt embeddings (entries)
+    m.text_cache_mb = 2048.0  # in-memory LRU cache of prompt embeddings, bounded in MiB (0 = no cache)
+    m.scan_layers = False  # stack identical blocks and run them with nnx.scan (faster compiles)
+    m.remat_policy = "none"  # per-block activation checkpointing: none|full|dots_saveable|nothing_saveable
+    m.guidance = 3.5  # distilled guidance fed to the model (FLUX.1-dev); families without it ignore the key
 
     c.lora = lo = ml_collections.ConfigDict()
     lo.rank = 32  # LoRA rank r
     lo.alpha = 64.0  # LoRA alpha (scale alpha / r)
-    lo.targets = SD35_LORA_TARGETS  # module names that get adapters (attention projections)
+    lo.targets = ()  # module-name suffixes that get adapters; () = the model family's default targets
     lo.init = "gaussian"  # A ~ N(0, 1/r), B = 0
     lo.full_finetune = False  # train every parameter instead (the reference then needs a frozen copy)
 
@@ -74,7 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
     s.noise_t_min = 0.3  # SA-Solver: stochastic only for noise_t_min <= t <= noise_t_max
     s.noise_t_max = 0.9  # upper end of the stochastic window
     s.shift = 3.0  # SD3 time shift of the sampling grid
-    s.guidance_scale = 1.0  # classifier-free guidance (1.0 = none; AWM uses none)
+    s.guidance_scale = 1.0  # classifier-free guidance in rollouts and Flow-GRPO training (1.0 = none, as AWM)
     s.batch_size = 8  # rollout micro-batch per device (memory knob only; results do not depend on it)
 
     c.advantages = a = ml_collections.ConfigDict()
@@ -101,7 +104,6 @@ def base_config() -> ml_collections.ConfigDict:
     g.clip_range = 1e-4  # PPO clip
     g.beta = 0.04  # KL weight
     g.timestep_fraction = 0.99  # train the first int(num_steps * fraction) sampling steps
-    g.guidance_scale = 4.5  # CFG in sampling and training
 
     c.ema = e = ml_collections.ConfigDict()
     e.kl_decay_rate = 0.001  # kl-EMA decay d = min(kl_decay_max, kl_decay_rate * step)
@@ -125,6 +127,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = t = ml_collections.ConfigDict()
     t.micro_batch_size = 8  # training micro-batch per device (gradient accumulation inside one step)
     t.max_nonfinite = 3  # stop after this many non-finite (skipped) updates in a row
+    t.scan_times = False  # AWM per_time loss: accumulate the K training times one by one (less memory)
 
     c.checkpoint = k = ml_collections.ConfigDict()
     k.every = 10  # save every N optimizer steps (and at the end / on SIGTERM)
@@ -150,7 +153,7 @@ def _flow_grpo(c: ml_collections.ConfigDict, task: dict) -> None:
     c.sample.noise_level = 0.7
     c.sample.noise_t_min = 0.0
     c.sample.noise_t_max = 1.0
-    c.sample.guidance_scale = c.flow_grpo.guidance_scale
+    c.sample.guidance_scale = 4.5  # CFG 4.5 in rollouts and in the training forward passes
     c.flow_grpo.beta = task["grpo_beta"]
 
 
@@ -171,6 +174,7 @@ def sd35m(task: str, algorithm: str = "awm", paper: bool = False) -> ml_collecti
     """SD3.5-Medium config for ``task`` in {geneval, ocr, pickscore}."""
     t = _TASKS[task]
     c = base_config()
+    c.lora.targets = SD35_LORA_TARGETS
     c.model.path = "weights/sd3.5-medium/transformer"  # converted or diffusers dir
     c.model.vae_path = "weights/sd3.5-medium/vae"
     c.model.text_encoder_paths = (
@@ -252,6 +256,5 @@ def toy(algorithm: str = "awm") -> ml_collections.ConfigDict:
     c.mesh.data = -1
     if algorithm == "flow_grpo":
         _flow_grpo(c, _TASKS["geneval"])
-        c.flow_grpo.guidance_scale = 1.0  # the toy text encoder has no empty-prompt embedding
-        c.sample.guidance_scale = 1.0
+        c.sample.guidance_scale = 1.0  # the toy text encoder has no empty-prompt embedding
     return c

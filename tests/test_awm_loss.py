@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from awm_jax import rl
-from awm_jax.sampling import sd3_grid
+from awm_jax.sampling import shifted_grid
 
 
 @pytest.mark.parametrize("weighting", ["uniform", "t", "t2", "ghuber"])
@@ -73,7 +73,7 @@ def test_discrete_strata_match_torch_arithmetic(n, k, frac, init):
 
 
 def test_sample_train_timesteps():
-    g = sd3_grid(14)
+    g = shifted_grid(14)
     key = jax.random.key(0)
     seen = set()
     for i in range(16):

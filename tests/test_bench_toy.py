@@ -69,7 +69,7 @@ def test_fpe_follows_the_code_paths():
     off = _cfg("awm", **{"awm.on_policy": False})
     assert B.forward_pass_equivalents(off)["train"] == 128 * 4 * 6  # + logp_old with the kl-EMA adapter
     g = _cfg(
-        "flow_grpo", **{"flow_grpo.guidance_scale": 4.5, "sample.guidance_scale": 4.5, "flow_grpo.beta": 0}
+        "flow_grpo", **{"sample.guidance_scale": 4.5, "flow_grpo.beta": 0}
     )
     assert B.forward_pass_equivalents(g) == {"rollout": 2560, "train": 128 * 9 * 3 * 2, "total": 2560 + 6912}
 

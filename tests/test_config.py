@@ -161,7 +161,11 @@ def test_model_shapes_from_config(path):
     cfg = config_lib.load_config(path)
     arch = config_lib.transformer_config(cfg)
     items = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in arch.items()))
-    n_base, n_lora = _abstract_sizes(items, cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets))
+    from awm_jax.rl.train_step import lora_config
+
+    targets = lora_config(cfg).target_modules  # () in a config: the model family's default targets
+    assert targets
+    n_base, n_lora = _abstract_sizes(items, cfg.lora.rank, cfg.lora.alpha, tuple(targets))
     if cfg.model.arch == "sd3.5-medium":
         assert arch["num_layers"] == 24 and arch["num_attention_heads"] * arch["attention_head_dim"] == 1536
         assert 2.2e9 < n_base < 2.3e9, n_base  # SD3.5 Medium transformer: 2.24B parameters

@@ -8,6 +8,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 from flax import nnx
 
+from awm_jax import export as ex
 from awm_jax.convert import ConversionError
 from awm_jax.convert import lora_export as le
 from awm_jax.models import load_transformer
@@ -66,7 +67,7 @@ def _rel(a, b):
 
 def test_peft_lora_parity(setup):
     root, _, inputs, ref = setup
-    dst = le.export_peft_lora(root / "ckpt", root / "peft", CFG)
+    dst = ex.export_peft_lora(root / "ckpt", root / "peft", CFG)
     assert (dst / le.PEFT_WEIGHTS).is_file()
     m = SD3Transformer2DModel.from_pretrained(root / "base").eval()
     base = _torch_out(m, inputs)
@@ -98,7 +99,7 @@ def test_bad_inputs(setup, tmp_path):
     bad = dict(lora, **{"transformer_blocks.0.nope.lora_a": np.zeros((16, 4), np.float32),
                         "transformer_blocks.0.nope.lora_b": np.zeros((4, 16), np.float32)})
     with pytest.raises(ConversionError, match="transformer_blocks.0.nope"):
-        le.lora_to_peft(bad, CFG, 4, 8.0)
+        le.lora_to_peft(bad, CFG, 4, 8.0, "sd3")
     from tools.convert_weights import main
     assert main(["export-lora", "--model", "sd3", "--base", str(root / "base"), "--src", str(tmp_path),
                  "--dst", str(tmp_path / "o")]) == 2
@@ -116,7 +117,7 @@ def workdir(setup):
     from awm_jax import config_lib
     from awm_jax.checkpoint import Checkpointer
     from awm_jax.rl import train_step as ts
-    from awm_jax.train import _state_leaves
+    from awm_jax.train import checkpoint_items
 
     root, _, inputs, _ = setup
     cfg = config_lib.load_config("configs/toy.py")
@@ -133,9 +134,8 @@ def workdir(setup):
     wd = root / "run"
     config_lib.save_config(cfg, str(wd))
     ck = Checkpointer(str(wd / "checkpoints"), keep=3, async_save=False)
-    key = jax.random.key_data(jax.random.key(0))
     for step in (2, 3):
-        ck.save(step, _state_leaves(state, key), {"step": step, "data_position": step})
+        ck.save(step, checkpoint_items(state, jax.random.key(0), {"step": step, "data_position": step}, cfg))
     ck.close()
     refs = {}
     for which, lora in (("policy", state.trainable), ("eval_ema", state.eval_ema)):
@@ -172,7 +172,7 @@ def test_workdir_merge_and_step(setup, workdir):
                  "--dst", str(root / "wmerged"), "--merge-lora", str(wd), "--step", "2"]) == 0
     m = SD3Transformer2DModel.from_pretrained(root / "wmerged").eval()
     assert _rel(_torch_out(m, inputs), refs["policy"]) <= 1e-5
-    params, info = le.lora_from_workdir(wd, step=2)
+    params, info = ex.lora_from_workdir(wd, step=2)
     assert info["step"] == 2 and info["rank"] == 4 and info["base_model"] == str(root / "base")
     assert "transformer_blocks.0.attn2.to_q.lora_a" in params
 
@@ -180,16 +180,16 @@ def test_workdir_merge_and_step(setup, workdir):
 def test_workdir_errors(workdir, tmp_path):
     wd, _ = workdir
     with pytest.raises(ConversionError, match="unknown which='kl'"):
-        le.lora_from_workdir(wd, which="kl")
+        ex.lora_from_workdir(wd, which="kl")
     with pytest.raises(ConversionError, match=r"no checkpoint at step 9 \(saved steps: \[2, 3\]\)"):
-        le.lora_from_workdir(wd, step=9)
+        ex.lora_from_workdir(wd, step=9)
     empty = tmp_path / "run"
     (empty / "checkpoints").mkdir(parents=True)
     (empty / "config.json").write_text((wd / "config.json").read_text())
     with pytest.raises(ConversionError, match=f"workdir {empty}: no checkpoint"):
-        le.lora_from_workdir(empty)
+        ex.lora_from_workdir(empty)
     with pytest.raises(ConversionError, match="not a trainer workdir"):
-        le.lora_from_workdir(tmp_path)
+        ex.lora_from_workdir(tmp_path)
 
 
 def test_workdir_scanned(setup, tmp_path):
@@ -199,7 +199,7 @@ def test_workdir_scanned(setup, tmp_path):
     from awm_jax import config_lib
     from awm_jax.checkpoint import Checkpointer
     from awm_jax.rl import train_step as ts
-    from awm_jax.train import _state_leaves
+    from awm_jax.train import checkpoint_items
 
     root, _, inputs, _ = setup
     cfg = config_lib.load_config("configs/toy.py")
@@ -215,12 +215,12 @@ def test_workdir_scanned(setup, tmp_path):
     assert any(p[0] == "transformer_block_groups" for p, _ in nnx.to_flat_state(state.trainable))
     config_lib.save_config(cfg, str(tmp_path / "run"))
     ck = Checkpointer(str(tmp_path / "run" / "checkpoints"), async_save=False)
-    ck.save(1, _state_leaves(state, jax.random.key_data(jax.random.key(0))), {"step": 1})
+    ck.save(1, checkpoint_items(state, jax.random.key(0), {"step": 1}, cfg))
     ck.close()
     x, enc, pooled, t = inputs
     ref = np.asarray(nnx.merge(graphdef, state.trainable, base_state)(
         hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled, timestep=t))
-    dst = le.export_peft_lora(tmp_path / "run", tmp_path / "peft", CFG)
+    dst = ex.export_peft_lora(tmp_path / "run", tmp_path / "peft", CFG)
     m = SD3Transformer2DModel.from_pretrained(root / "base").eval()
     m.load_lora_adapter(str(dst), prefix="transformer", weight_name=le.PEFT_WEIGHTS)
     assert _rel(_torch_out(m, inputs), ref) <= 1e-5
@@ -238,7 +238,7 @@ def test_pipeline_load_lora_weights_parity(tmp_path):
     rng = np.random.default_rng(1)
     lora = _randomize_lora_b(model, rng)
     le.save_flax_lora(lora, INFO, tmp_path / "ckpt")
-    dst = le.export_peft_lora(tmp_path / "ckpt", tmp_path / "peft", cfg)
+    dst = ex.export_peft_lora(tmp_path / "ckpt", tmp_path / "peft", cfg)
     c, s = cfg["in_channels"], 8
     x = rng.normal(size=(2, c, s, s)).astype(np.float32)
     enc = rng.normal(size=(2, 5, cfg["joint_attention_dim"])).astype(np.float32)

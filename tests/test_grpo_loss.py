@@ -76,7 +76,7 @@ def test_trajectory_loss_with_cfg_is_on_policy_and_differentiable(kind):
 
     cond, uncond = jnp.array([1.0, 2.0, 0.5]), jnp.zeros(3)
     cfg = S.classifier_free_guidance(lambda x, t, c: model(x, t, c, 0.5), 4.5)
-    g = S.sd3_grid(5)
+    g = S.shifted_grid(5)
     x = S.init_latents(jax.random.key(0), 3, (1, 4, 4))
     sampler = S.sample_sde if kind == "sde" else S.sample_cps
     traj = sampler(cfg, jax.random.key(1), x, g, 0.7, context=(cond, uncond))

@@ -79,16 +79,16 @@ def test_load_sd3_errors(tmp_path):
 
 
 def test_load_sd3_pipeline_from_trainer_config(pipes):
-    import ml_collections
 
+    from awm_jax import config_lib
     from awm_jax.pipelines import load_sd3_pipeline
 
     path, _, ours = pipes
-    c = ml_collections.ConfigDict()
-    c.model = dict(kind="sd35", path=str(path / "transformer"), vae_path=str(path / "vae"),
-                   text_encoder_paths=tuple(str(path / s) for s in ("text_encoder", "text_encoder_2",
-                                                                     "text_encoder_3")),
-                   max_sequence_length=MAX_SEQ, resolution=32, dtype="float32", param_dtype="float32")
+    c = config_lib.load_config("configs/sd35m_geneval.py")  # every declared key, then this test's values
+    c.model.update(dict(kind="sd35", path=str(path / "transformer"), vae_path=str(path / "vae"),
+                        text_encoder_paths=tuple(str(path / s) for s in ("text_encoder", "text_encoder_2",
+                                                                          "text_encoder_3")),
+                        max_sequence_length=MAX_SEQ, resolution=32, dtype="float32", param_dtype="float32"))
     pipe = load_sd3_pipeline(c)
     assert pipe.latent_shape == (16, 16, 16) and (pipe.height, pipe.width) == (32, 32)
     emb, pooled = pipe.text_encoder.encode(["a red cat"])

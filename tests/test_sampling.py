@@ -15,19 +15,19 @@ from awm_jax import sampling as S
 
 @pytest.mark.parametrize("n", [1, 10, 14, 40])
 @pytest.mark.parametrize("shift", [1.0, 3.0])
-def test_sd3_grid_matches_diffusers(n, shift):
+def test_shifted_grid_matches_diffusers(n, shift):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     sch = FlowMatchEulerDiscreteScheduler(shift=shift)
     sch.set_timesteps(n)
-    g = S.sd3_grid(n, shift)
+    g = S.shifted_grid(n, shift)
     assert g.shape == (n + 1,)
     np.testing.assert_allclose(g, sch.sigmas.numpy(), atol=2e-7)
     np.testing.assert_allclose(1000 * g[:-1], sch.timesteps.numpy(), rtol=1e-6, atol=1e-4)
 
 
-def test_sd3_grid_uniform_base_formula():
-    g = S.sd3_grid(14, 3.0, diffusers_exact=False)
+def test_shifted_grid_uniform_base_formula():
+    g = S.shifted_grid(14, 3.0, diffusers_exact=False)
     base = np.linspace(1, 0, 15)
     np.testing.assert_allclose(g, 3 * base / (1 + 2 * base), rtol=1e-12)
 
@@ -47,12 +47,12 @@ def test_flux_grid_matches_diffusers(n, seq_len):
 
 
 def test_awm_grid_tweaks_and_errors():
-    g0 = S.sd3_grid(14)
+    g0 = S.shifted_grid(14)
     g = S.awm_sa_solver_grid(g0)
     assert g[0] == 0.999 and g[-2] == pytest.approx(g0[-3] / 2) and g[-1] == 0
     np.testing.assert_array_equal(g[1:-2], g0[1:-2])
     with pytest.raises(ValueError, match="num_steps"):
-        S.sd3_grid(0)
+        S.shifted_grid(0)
     with pytest.raises(ValueError, match="decreasing"):
         S.check_grid([0.2, 0.5, 0.0])
     with pytest.raises(ValueError, match="exactly one"):
@@ -122,7 +122,7 @@ def test_cps_step_matches_numpy():
 
 
 def test_sa_solver_first_step_is_ddim_and_noise_window():
-    g = S.awm_sa_solver_grid(S.sd3_grid(14))
+    g = S.awm_sa_solver_grid(S.shifted_grid(14))
     co = S.sa_solver_coefficients(g, 0.0)
     t0, t1 = g[0], g[1]
     lam = lambda t: math.log((1 - t) / t)  # noqa: E731
@@ -176,7 +176,7 @@ def _sa_error(n_steps):
 def test_sa_solver_deterministic_linear_field_exact_and_order():
     # point-mass data: the data prediction is constant, SA-Solver is exact for any step count
     x = jax.random.normal(jax.random.key(0), (2, 1, 2, 2))
-    g = S.awm_sa_solver_grid(S.sd3_grid(14))
+    g = S.awm_sa_solver_grid(S.shifted_grid(14))
     out = S.sample_sa_solver(lambda x, t: (x - 0.3) / t.reshape(-1, 1, 1, 1), jax.random.key(3), x, g, 0.0)
     np.testing.assert_allclose(out, 0.3, atol=2e-5)
     e20, e40 = _sa_error(20), _sa_error(40)
@@ -204,7 +204,7 @@ def _ctx_velocity(x, t, ctx):
 def test_samplers_deterministic_shapes_and_no_retrace():
     key = jax.random.key(0)
     x = S.init_latents(jax.random.key(5), 3, (2, 4, 4))
-    g = S.sd3_grid(6)
+    g = S.shifted_grid(6)
     ctx = {"w": jnp.float32(-0.3), "b": jnp.float32(0.1)}
     traces = chex.assert_max_traces(_ctx_velocity, n=5)  # one compile per kind (SA-Solver traces it twice)
     for seed in range(2):
@@ -251,15 +251,20 @@ def test_classifier_free_guidance():
         jax.jit(lambda g: S.sample_ode(lambda x, t: x, x, g))(jnp.linspace(1, 0, 3))
 
 
-def test_sample_final_dispatch():
+def test_sample_dispatch():
     x = S.init_latents(jax.random.key(0), 2, (1, 2, 2))
     key = jax.random.key(1)
-    out = S.sample_final("ode", gauss_velocity, key, x, num_steps=4)
-    np.testing.assert_array_equal(out, S.sample_ode(gauss_velocity, x, S.sd3_grid(4)))
-    sa = S.sample_final("sa_solver", gauss_velocity, key, x, num_steps=4, noise_level=0.4)
-    ref = S.sample_sa_solver(gauss_velocity, key, x, S.awm_sa_solver_grid(S.sd3_grid(4)), 0.4)
+    g = S.shifted_grid(4)
+    out = S.sample("ode", gauss_velocity, key, x, g)["x0"]
+    np.testing.assert_array_equal(out, S.sample_ode(gauss_velocity, x, g))
+    sa = S.sample("sa_solver", gauss_velocity, key, x, g, noise_level=0.4)["x0"]
+    ref = S.sample_sa_solver(gauss_velocity, key, x, S.awm_sa_solver_grid(g), 0.4)
     np.testing.assert_array_equal(sa, ref)
-    em = S.sample_final("euler_maruyama", gauss_velocity, key, x, num_steps=4, noise_level=0.7)
-    np.testing.assert_array_equal(em, S.sample_sde(gauss_velocity, key, x, S.sd3_grid(4), 0.7)["final"])
+    em = S.sample("euler_maruyama", gauss_velocity, key, x, g, noise_level=0.7)
+    traj = S.sample_sde(gauss_velocity, key, x, g, 0.7)
+    np.testing.assert_array_equal(em["x0"], traj["final"])
+    assert set(em) == {"x0"}
+    full = S.sample("sde", gauss_velocity, key, x, g, noise_level=0.7, trajectory=True)
+    np.testing.assert_array_equal(full["log_probs"], traj["log_probs"])
     with pytest.raises(ValueError, match="unknown"):
-        S.sample_final("ddim", gauss_velocity, key, x, num_steps=4)
+        S.sample("ddim", gauss_velocity, key, x, g)

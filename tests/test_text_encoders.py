@@ -157,6 +157,22 @@ def test_lru_cache_semantics():
     assert calls == [["x"], ["x"]]
 
 
+def test_lru_bounded_in_bytes():
+    fake = _Counting()
+    entry = 3 * 2 * 4 + 2 * 4  # one prompt: embeds (3, 2) + pooled (2,) float32 = 32 bytes
+    c = CachedTextEncoder(fake, max_entries=1000, max_bytes=2 * entry + 5)
+    c.encode(["a", "bb", "ccc"])
+    assert len(c) == 2 and c.nbytes == 2 * entry and "a" not in c  # the oldest went over the byte bound
+    c.encode(["bb"])  # a hit refreshes "bb": "ccc" is now the least recently used
+    c.encode(["dddd"])
+    assert "bb" in c and "dddd" in c and "ccc" not in c and c.nbytes == 2 * entry
+    tiny = CachedTextEncoder(fake, max_entries=10, max_bytes=entry - 1)  # an entry larger than the bound
+    tiny.encode(["a"])
+    assert len(tiny) == 0 and tiny.nbytes == 0
+    with pytest.raises(ValueError, match="max_bytes"):
+        CachedTextEncoder(fake, max_bytes=-1)
+
+
 def test_cache_bad_inputs_and_shapes():
     c = CachedTextEncoder(_Counting())
     with pytest.raises(TypeError, match="single string"):

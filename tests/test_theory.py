@@ -134,7 +134,7 @@ def gauss_velocity(x, t):
 
 def test_sde_marginals_match_ode_and_closed_form():
     n = 50_000
-    g = S.sd3_grid(100, 1.0, diffusers_exact=False)  # uniform grid 1 -> 0
+    g = S.shifted_grid(100, 1.0, diffusers_exact=False)  # uniform grid 1 -> 0
     x = S.init_latents(jax.random.key(0), n, (1, 1, 1))
     traj = S.sample_sde(gauss_velocity, jax.random.key(1), x, g, 0.7)
     ode = np.asarray(S.sample_ode(gauss_velocity, x, g)).ravel()
@@ -157,7 +157,7 @@ def test_sde_marginals_match_ode_and_closed_form():
 def test_sa_solver_stochastic_marginals_on_gaussian_toy():
     # with tau > 0 the SA-Solver output keeps the law of E[x0 | x_t] at t = grid[-2] (here ~N(M, v))
     n = 100_000
-    g = S.awm_sa_solver_grid(S.sd3_grid(120, 3.0))  # enough steps for this sharp toy (14 steps: ~20% off)
+    g = S.awm_sa_solver_grid(S.shifted_grid(120, 3.0))  # enough steps for this sharp toy (14 steps: ~20% off)
     x = S.init_latents(jax.random.key(2), n, (1, 1, 1))
     outs = [np.asarray(S.sample_sa_solver(gauss_velocity, jax.random.key(3), x, g, tau)).ravel()
             for tau in (0.0, 0.8)]

@@ -152,7 +152,7 @@ def test_text_encoder_shapes_cache_and_unknown_word():
     e1, p1 = enc.encode(["a photo of two circles"])
     assert np.allclose(e1[0], e[1]) and np.allclose(p1[0], p[1])
     enc.encode(["a photo of a circle", "a photo of a square", "a photo of a triangle"])
-    assert len(enc._cache) == 3
+    assert len(enc.cache) == 3
     with pytest.raises(ValueError, match="unknown word 'dog'"):
         enc.encode(["a photo of a dog"])
     with pytest.raises(ValueError, match="at most"):

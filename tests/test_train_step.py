@@ -110,9 +110,9 @@ def test_reference_forward_equals_base_model(setup):
     t = jnp.asarray([0.3, 0.8])
     want = _model()(hidden_states=x, encoder_hidden_states=emb, pooled_projections=pooled, timestep=t * 1000)
     lora = jax.tree.map(lambda a: a + 0.5, state.trainable)  # non-zero B: the adapters now matter
-    fn = ts._model_fn(g, full=False)
-    ref = fn(ts.zero_lora_b(lora), base, x, t, emb, pooled)
-    pol = fn(lora, base, x, t, emb, pooled)
+    fn = ts.velocity_model(g, cfg)  # the family's velocity over split state
+    ref = fn(ts.zero_lora_b(lora), base, x, t, (emb, pooled))
+    pol = fn(lora, base, x, t, (emb, pooled))
     np.testing.assert_allclose(np.asarray(ref), np.asarray(want), rtol=1e-5, atol=1e-5)
     assert float(jnp.max(jnp.abs(pol - want))) > 1e-3
 

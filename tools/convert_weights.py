@@ -82,7 +82,7 @@ def _add_to_diffusers(p: argparse.ArgumentParser) -> None:
 
 
 def _add_which(p: argparse.ArgumentParser) -> None:
-    from awm_jax.convert.lora_export import WHICH
+    from awm_jax.export import WHICH
 
     p.add_argument("--which", default="policy", choices=WHICH, help="trainer workdir: adapter to export")
     p.add_argument("--step", type=int, default=None, help="trainer workdir: checkpoint step (default newest)")
@@ -93,7 +93,8 @@ def _merged_to_diffusers(args: argparse.Namespace) -> pathlib.Path:
     import tempfile
 
     from awm_jax.convert import read_flax_params, save_flax, to_diffusers
-    from awm_jax.convert.lora_export import load_lora, merge_lora, write_model_card
+    from awm_jax.convert.lora_export import merge_lora, write_model_card
+    from awm_jax.export import load_lora
 
     lora, info = load_lora(args.merge_lora, args.which, args.step)
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,7 +108,8 @@ def _merged_to_diffusers(args: argparse.Namespace) -> pathlib.Path:
 
 
 def _add_export_lora(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="sd3", help="model kind (sd3)")
+    p.add_argument("--model", default=None,
+                   help="converter of the base transformer (sd3, flux); default: the LoRA's or the run's")
     p.add_argument("--base", default=None,
                    help="base model folder (diffusers or Flax) for its config; default: workdir model.path")
     p.add_argument("--src", required=True,
@@ -117,23 +119,16 @@ def _add_export_lora(p: argparse.ArgumentParser) -> None:
 
 
 def _run_export_lora(args: argparse.Namespace) -> str:
-    import json
+    from awm_jax.convert import folder_config
+    from awm_jax.export import export_peft_lora, is_workdir
 
-    from awm_jax.convert.lora_export import export_peft_lora, is_workdir, workdir_model_config
-
+    model_config = None
     if args.base is None:
         if not is_workdir(args.src):
             raise ValueError(f"--src {args.src} is not a trainer workdir: give --base")
-        config = json.loads((pathlib.Path(args.src) / "config.json").read_text())
-        model_config = workdir_model_config(config, args.src)
     else:
-        base = pathlib.Path(args.base)
-        cfg = base / "config.json"
-        cfg = cfg if cfg.is_file() else base / "transformer" / "config.json"
-        if not cfg.is_file():
-            raise ValueError(f"--base {base}: no config.json (or transformer/config.json)")
-        model_config = json.loads(cfg.read_text())
-    return str(export_peft_lora(args.src, args.dst, model_config, args.which, args.step))
+        model_config = {k: v for k, v in folder_config(args.base)[1].items() if k != "awm_jax"}
+    return str(export_peft_lora(args.src, args.dst, model_config, args.which, args.step, model=args.model))
 
 
 # name -> (help, add_arguments(parser), run(args) -> output path)

@@ -50,6 +50,7 @@ from awm_jax.convert.keymap import ConversionError, KeyMap
 
 CONVERTERS: dict[str, str] = {
     "sd3": "awm_jax.convert.sd3",
+    "flux": "awm_jax.convert.flux",
     "vae": "awm_jax.convert.vae",
 }
 FLAX_WEIGHTS = "model"
@@ -61,6 +62,8 @@ __all__ = [
     "get_converter",
     "is_flax_folder",
     "read_flax_params",
+    "read_model_config",
+    "folder_config",
     "save_flax",
     "to_diffusers",
     "to_flax",
@@ -155,6 +158,20 @@ def _with_defaults(conv: ModuleType, config: Mapping[str, Any], km: KeyMap, entr
     return entries, lambda key: extra[key] if key in extra else get(key)
 
 
+def folder_config(src: str | os.PathLike, subfolder: str = "transformer") -> tuple[pathlib.Path, dict]:
+    """``(model_dir, raw config.json)`` of a model, pipeline (``<subfolder>/`` inside) or Flax folder."""
+    model_dir = resolve_model_dir(src, subfolder)
+    return model_dir, read_config(model_dir)
+
+
+def read_model_config(src: str | os.PathLike, model: str) -> dict:
+    """The diffusers config dict of converter ``model``'s folder ``src`` (diffusers, pipeline or Flax)."""
+    conv = get_converter(model)
+    model_dir, config = folder_config(src, conv.SUBFOLDER)
+    _check_class(conv, config, model_dir)
+    return _diffusers_config(config)
+
+
 def read_flax_params(
     src: str | os.PathLike, model: str
 ) -> tuple[dict, KeyMap, Iterator[tuple[str, np.ndarray]]]:
@@ -192,7 +209,7 @@ def save_flax(params: Mapping[str, Any], config: Mapping[str, Any], dst: str | o
     """
     conv = get_converter(model)
     config = _diffusers_config(config)
-    if getattr(conv, "CLASS_NAMES", ()) and "_class_name" not in config:  # e.g. SD3Config.to_dict()
+    if getattr(conv, "CLASS_NAMES", ()) and "_class_name" not in config:  # e.g. a model config's to_dict()
         config = {"_class_name": conv.CLASS_NAMES[0], **config}
     src = DictSource({k: np.asarray(v) for k, v in params.items()}, name=f"<{model} params>")
     plan = conv.key_map(config).plan(src, "to_diffusers")

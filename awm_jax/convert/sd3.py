@@ -20,7 +20,10 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from awm_jax.convert.keymap import ConversionError, KeyMap, Module, same
+from awm_jax.posembed import sincos_2d_table
 
 NAME = "sd3"
 SUBFOLDER = "transformer"
@@ -158,10 +161,16 @@ def key_map(config: Mapping[str, Any] | Any) -> KeyMap:
     return KeyMap.from_modules(module_map(config), name=NAME)
 
 
+def pos_embed_table(config: Mapping[str, Any] | Any) -> np.ndarray:
+    """diffusers' ``pos_embed.pos_embed`` buffer ``(1, N, inner_dim)`` float32 of this config."""
+    d = _dims(config)
+    base = d.sample_size // d.patch_size
+    n = d.pos_embed_max_size or int(base)
+    return sincos_2d_table(d.num_attention_heads * d.attention_head_dim, n, n, float(base))[None]
+
+
 def default_tensor(config: Mapping[str, Any], diffusers_key: str):
     """Values of optional tensors a Flax folder may omit: the ``pos_embed.pos_embed`` sin-cos table."""
     if diffusers_key != "pos_embed.pos_embed":
         return None
-    from awm_jax.models.mmdit import SD3Config, pos_embed_table  # lazy: pulls in jax/flax
-
-    return pos_embed_table(SD3Config.from_dict(dict(config)))
+    return pos_embed_table(config)

@@ -5,7 +5,7 @@
 - :class:`LayerNorm`, :class:`RMSNorm`: statistics in float32, eps as diffusers passes it.
 - :func:`attention`: ``jax.nn.dot_product_attention`` on ``(B, L, heads, head_dim)``.
 - :func:`timestep_embedding`: diffusers ``get_timestep_embedding``.
-- :func:`sincos_2d_table`: diffusers ``get_2d_sincos_pos_embed`` (float64 host computation).
+- :func:`sincos_2d_table` (from :mod:`awm_jax.posembed`): diffusers ``get_2d_sincos_pos_embed``.
 - :func:`gelu_tanh`: the ``"gelu-approximate"`` activation of diffusers' ``FeedForward``.
 
 Every parameter carries logical axis names (``sharding_names``) from ``awm_jax.parallel``.
@@ -22,6 +22,9 @@ import numpy as np
 from flax import nnx
 
 from awm_jax.models.lora import LoRAConfig, LoRAParam
+from awm_jax.posembed import sincos_2d_table
+
+__all__ = ["Dense", "LayerNorm", "RMSNorm", "attention", "gelu_tanh", "sincos_2d_table", "timestep_embedding"]
 
 
 def _cast(x, dtype):
@@ -162,32 +165,3 @@ def _frequencies(half: int, downscale_freq_shift: float, max_period: float) -> n
     exponent = (np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)
                 / np.float32(half - downscale_freq_shift))
     return np.exp(exponent.astype(np.float64)).astype(np.float32)
-
-
-def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
-    if dim % 2:
-        raise ValueError(f"sincos position embedding: dim must be even, got {dim}")
-    omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
-    omega = 1.0 / 10000.0**omega
-    out = np.outer(pos.reshape(-1).astype(np.float64), omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-
-@functools.lru_cache(maxsize=32)
-def sincos_2d_table(embed_dim: int, grid_h: int, grid_w: int, base_size: float,
-                    interpolation_scale: float = 1.0) -> np.ndarray:
-    """diffusers ``get_2d_sincos_pos_embed(embed_dim, (grid_h, grid_w), base_size=...)`` as float32 numpy.
-
-    Rows are positions in row-major ``(h, w)`` order; the first half of the features encodes the
-    column (w) coordinate and the second half the row (h) coordinate, exactly as diffusers lays it out.
-    """
-    if embed_dim % 2:
-        raise ValueError(f"sincos_2d_table: embed_dim must be even, got {embed_dim}")
-    isc = np.float32(interpolation_scale)
-    gh = np.arange(grid_h, dtype=np.float32) / np.float32(grid_h / base_size) / isc
-    gw = np.arange(grid_w, dtype=np.float32) / np.float32(grid_w / base_size) / isc
-    ww, hh = np.meshgrid(gw, gh, indexing="xy")  # both (grid_h, grid_w)
-    emb = np.concatenate([_sincos_1d(embed_dim // 2, ww), _sincos_1d(embed_dim // 2, hh)], axis=1)
-    out = emb.astype(np.float32)
-    out.setflags(write=False)
-    return out

@@ -30,20 +30,30 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from awm_jax.models.layers import (
-    Dense,
-    LayerNorm,
-    RMSNorm,
-    attention,
-    gelu_tanh,
-    sincos_2d_table,
-    timestep_embedding,
+from awm_jax.convert.sd3 import pos_embed_table
+from awm_jax.models.blocks import (
+    ADALN_ZERO,
+    ADALN_ZERO_X,
+    EPS,
+    QK_NORMS,
+    AdaLayerNormContinuous,
+    AdaLayerNormZero,
+    Attention,
+    FeedForward,
+    TimestepTextEmbedding,
+    block_caller,
+    linear,
+    make_stack,
+    modulate,
+    scan_stack,
 )
-from awm_jax.models.lora import LoRAConfig, lora_for
-
-REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable")
-QK_NORMS = (None, "rms_norm", "layer_norm", "fp32_layer_norm")
-_EPS = 1e-6
+from awm_jax.models.family import ModelFamily, register_family
+from awm_jax.models.layers import LayerNorm
+from awm_jax.models.lora import SD35_TARGETS, LoRAConfig
+from awm_jax.models.stacking import Stack
+from awm_jax.models.stacking import stack_state as _stack_generic
+from awm_jax.models.stacking import unstack_state as _unstack_generic
+from awm_jax.posembed import sincos_2d_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,18 +142,6 @@ class SD3Config:
         return d
 
 
-def pos_embed_table(config: SD3Config) -> np.ndarray:
-    """diffusers' ``pos_embed.pos_embed`` buffer ``(1, N, inner_dim)`` float32 for this config."""
-    base = config.sample_size // config.patch_size
-    n = config.pos_embed_max_size or int(base)
-    return sincos_2d_table(config.inner_dim, n, n, float(base))[None]
-
-
-def _dense(cin, cout, names, path, ctx, use_bias=True):
-    return Dense(cin, cout, use_bias=use_bias, dtype=ctx["dtype"], param_dtype=ctx["param_dtype"],
-                 sharding_names=names, lora=lora_for(ctx["lora"], path), rngs=ctx["rngs"])
-
-
 # ----------------------------------------------------------------------------------------------
 # embeddings
 
@@ -185,147 +183,8 @@ class PatchEmbed(nnx.Module):
         return (y.astype(jnp.float32) + pe[None]).astype(y.dtype)
 
 
-class _MLP2(nnx.Module):
-    """``linear_1 -> silu -> linear_2`` (diffusers TimestepEmbedding / PixArtAlphaTextProjection("silu"))."""
-
-    def __init__(self, cin, d, path, ctx):
-        self.linear_1 = _dense(cin, d, (None, "embed"), f"{path}.linear_1", ctx)
-        self.linear_2 = _dense(d, d, ("embed", "mlp"), f"{path}.linear_2", ctx)
-
-    def __call__(self, x):
-        return self.linear_2(jax.nn.silu(self.linear_1(x)))
-
-
-class CombinedTimestepTextProjEmbeddings(nnx.Module):
-    """``timestep_embedder(sincos_256(t)) + text_embedder(pooled)``."""
-
-    def __init__(self, config: SD3Config, ctx):
-        d = config.inner_dim
-        self.dtype = ctx["dtype"]
-        self.timestep_embedder = _MLP2(256, d, "time_text_embed.timestep_embedder", ctx)
-        self.text_embedder = _MLP2(config.pooled_projection_dim, d, "time_text_embed.text_embedder", ctx)
-
-    def __call__(self, timestep, pooled):
-        t = timestep_embedding(timestep, 256, flip_sin_to_cos=True, downscale_freq_shift=0.0)
-        return self.timestep_embedder(t.astype(pooled.dtype)) + self.text_embedder(pooled)
-
-
 # ----------------------------------------------------------------------------------------------
-# norms and feed-forward
-
-
-class AdaLayerNormZero(nnx.Module):
-    """adaLN-Zero: ``linear(silu(temb))`` -> 6 (or 9 for SD35AdaLayerNormZeroX) modulation vectors."""
-
-    def __init__(self, d, n_chunks, path, ctx):
-        self.n_chunks = n_chunks
-        self.linear = _dense(d, n_chunks * d, ("embed", "mlp"), f"{path}.linear", ctx)
-        self.norm = LayerNorm(d, eps=_EPS, elementwise_affine=False, dtype=ctx["dtype"])
-
-    def __call__(self, x, temb):
-        mods = jnp.split(self.linear(jax.nn.silu(temb)), self.n_chunks, axis=-1)
-        shift, scale = mods[0], mods[1]
-        nx = self.norm(x)
-        out = nx * (1 + scale[:, None]) + shift[:, None]
-        return out, nx, mods
-
-
-class AdaLayerNormContinuous(nnx.Module):
-    """``norm(x) * (1 + scale) + shift`` with ``(scale, shift) = linear(silu(cond))`` (no affine)."""
-
-    def __init__(self, d, path, ctx):
-        self.linear = _dense(d, 2 * d, ("embed", "mlp"), f"{path}.linear", ctx)
-        self.norm = LayerNorm(d, eps=_EPS, elementwise_affine=False, dtype=ctx["dtype"])
-
-    def __call__(self, x, cond):
-        scale, shift = jnp.split(self.linear(jax.nn.silu(cond).astype(x.dtype)), 2, axis=-1)
-        return self.norm(x) * (1 + scale[:, None]) + shift[:, None]
-
-
-class GELU(nnx.Module):
-    """diffusers ``GELU(approximate="tanh")``: ``gelu_tanh(proj(x))``."""
-
-    def __init__(self, d, inner, path, ctx):
-        self.proj = _dense(d, inner, ("embed", "mlp"), f"{path}.proj", ctx)
-
-    def __call__(self, x):
-        return gelu_tanh(self.proj(x))
-
-
-class FeedForward(nnx.Module):
-    """diffusers ``FeedForward("gelu-approximate")``; ``net = [GELU, dropout (None), Linear]``."""
-
-    def __init__(self, d, path, ctx, mult=4):
-        inner = d * mult
-        self.net = nnx.List([GELU(d, inner, f"{path}.net.0", ctx), None,
-                             _dense(inner, d, ("mlp", "embed"), f"{path}.net.2", ctx)])
-
-    def __call__(self, x):
-        return self.net[2](self.net[0](x))
-
-
-def _qk_norm(kind, head_dim, ctx):
-    if kind is None:
-        return None
-    if kind == "rms_norm":
-        return RMSNorm(head_dim, eps=_EPS, dtype=ctx["dtype"], param_dtype=ctx["param_dtype"])
-    if kind == "layer_norm":
-        return LayerNorm(head_dim, eps=_EPS, elementwise_affine=True, dtype=ctx["dtype"],
-                         param_dtype=ctx["param_dtype"])
-    return LayerNorm(head_dim, eps=_EPS, elementwise_affine=False, dtype=ctx["dtype"])  # fp32_layer_norm
-
-
-# ----------------------------------------------------------------------------------------------
-# attention and blocks
-
-
-class Attention(nnx.Module):
-    """diffusers ``Attention`` + ``JointAttnProcessor2_0``: optional context stream (``add_*_proj``)."""
-
-    def __init__(self, config: SD3Config, path, ctx, *, joint: bool, context_pre_only: bool):
-        d, hd = config.inner_dim, config.attention_head_dim
-        self.heads, self.head_dim, self.dtype = config.num_attention_heads, hd, ctx["dtype"]
-        self.joint, self.context_pre_only = joint, context_pre_only
-        self.to_q = _dense(d, d, ("embed", "heads"), f"{path}.to_q", ctx)
-        self.to_k = _dense(d, d, ("embed", "heads"), f"{path}.to_k", ctx)
-        self.to_v = _dense(d, d, ("embed", "heads"), f"{path}.to_v", ctx)
-        self.norm_q = _qk_norm(config.qk_norm, hd, ctx)
-        self.norm_k = _qk_norm(config.qk_norm, hd, ctx)
-        if joint:
-            self.add_q_proj = _dense(d, d, ("embed", "heads"), f"{path}.add_q_proj", ctx)
-            self.add_k_proj = _dense(d, d, ("embed", "heads"), f"{path}.add_k_proj", ctx)
-            self.add_v_proj = _dense(d, d, ("embed", "heads"), f"{path}.add_v_proj", ctx)
-            self.norm_added_q = _qk_norm(config.qk_norm, hd, ctx)
-            self.norm_added_k = _qk_norm(config.qk_norm, hd, ctx)
-        else:
-            self.add_q_proj = self.add_k_proj = self.add_v_proj = None
-            self.norm_added_q = self.norm_added_k = None
-        self.to_out = nnx.List([_dense(d, d, ("heads", "embed"), f"{path}.to_out.0", ctx)])
-        self.to_add_out = (_dense(d, d, ("heads", "embed"), f"{path}.to_add_out", ctx)
-                           if joint and not context_pre_only else None)
-
-    def _heads(self, x, norm):
-        y = x.reshape(*x.shape[:-1], self.heads, self.head_dim)
-        return y if norm is None else norm(y)
-
-    def __call__(self, x, context=None):
-        q = self._heads(self.to_q(x), self.norm_q)
-        k = self._heads(self.to_k(x), self.norm_k)
-        v = self._heads(self.to_v(x), None)
-        n = x.shape[1]
-        if context is not None:
-            q = jnp.concatenate([q, self._heads(self.add_q_proj(context), self.norm_added_q)], axis=1)
-            k = jnp.concatenate([k, self._heads(self.add_k_proj(context), self.norm_added_k)], axis=1)
-            v = jnp.concatenate([v, self._heads(self.add_v_proj(context), None)], axis=1)
-        o = attention(q, k, v, dtype=self.dtype or x.dtype)
-        o = o.reshape(*o.shape[:2], self.heads * self.head_dim)
-        out = self.to_out[0](o[:, :n])
-        if context is None:
-            return out, None
-        ctx_out = o[:, n:]
-        if self.to_add_out is not None:
-            ctx_out = self.to_add_out(ctx_out)
-        return out, ctx_out
+# the block
 
 
 class JointTransformerBlock(nnx.Module):
@@ -333,58 +192,46 @@ class JointTransformerBlock(nnx.Module):
 
     def __init__(self, config: SD3Config, path: str, ctx, *, use_dual_attention: bool,
                  context_pre_only: bool):
-        d = config.inner_dim
+        d, heads, hd = config.inner_dim, config.num_attention_heads, config.attention_head_dim
+        qk = config.qk_norm
         self.use_dual_attention, self.context_pre_only = use_dual_attention, context_pre_only
-        self.norm1 = AdaLayerNormZero(d, 9 if use_dual_attention else 6, f"{path}.norm1", ctx)
+        fields = ADALN_ZERO_X if use_dual_attention else ADALN_ZERO
+        self.norm1 = AdaLayerNormZero(d, fields, f"{path}.norm1", ctx)
         if context_pre_only:
             self.norm1_context = AdaLayerNormContinuous(d, f"{path}.norm1_context", ctx)
         else:
-            self.norm1_context = AdaLayerNormZero(d, 6, f"{path}.norm1_context", ctx)
-        self.attn = Attention(config, f"{path}.attn", ctx, joint=True, context_pre_only=context_pre_only)
-        self.attn2 = (Attention(config, f"{path}.attn2", ctx, joint=False, context_pre_only=False)
+            self.norm1_context = AdaLayerNormZero(d, ADALN_ZERO, f"{path}.norm1_context", ctx)
+        self.attn = Attention(d, heads, hd, f"{path}.attn", ctx, qk_norm_kind=qk, joint=True,
+                              context_out=not context_pre_only)
+        self.attn2 = (Attention(d, heads, hd, f"{path}.attn2", ctx, qk_norm_kind=qk)
                       if use_dual_attention else None)
-        self.norm2 = LayerNorm(d, eps=_EPS, dtype=ctx["dtype"])
+        self.norm2 = LayerNorm(d, eps=EPS, dtype=ctx["dtype"])
         self.ff = FeedForward(d, f"{path}.ff", ctx)
         if context_pre_only:
             self.norm2_context = None
             self.ff_context = None
         else:
-            self.norm2_context = LayerNorm(d, eps=_EPS, dtype=ctx["dtype"])
+            self.norm2_context = LayerNorm(d, eps=EPS, dtype=ctx["dtype"])
             self.ff_context = FeedForward(d, f"{path}.ff_context", ctx)
 
     def __call__(self, hidden_states, encoder_hidden_states, temb):
         x, c = hidden_states, encoder_hidden_states
         nx, nx_raw, m = self.norm1(x, temb)
-        gate_msa, shift_mlp, scale_mlp, gate_mlp = m[2], m[3], m[4], m[5]
         if self.context_pre_only:
-            nc = self.norm1_context(c, temb)
+            nc, cm = self.norm1_context(c, temb), None
         else:
             nc, _, cm = self.norm1_context(c, temb)
         attn_out, ctx_out = self.attn(nx, nc)
-        x = x + gate_msa[:, None] * attn_out
+        x = x + m.gate_msa[:, None] * attn_out
         if self.use_dual_attention:
-            shift2, scale2, gate2 = m[6], m[7], m[8]
-            nx2 = nx_raw * (1 + scale2[:, None]) + shift2[:, None]
-            x = x + gate2[:, None] * self.attn2(nx2)[0]
-        h = self.norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        x = x + gate_mlp[:, None] * self.ff(h)
+            x = x + m.gate_msa2[:, None] * self.attn2(modulate(nx_raw, m.shift_msa2, m.scale_msa2))[0]
+        x = x + m.gate_mlp[:, None] * self.ff(modulate(self.norm2(x), m.shift_mlp, m.scale_mlp))
         if self.context_pre_only:
-            return x, None
-        c = c + cm[2][:, None] * ctx_out
-        hc = self.norm2_context(c) * (1 + cm[4][:, None]) + cm[3][:, None]
-        c = c + cm[5][:, None] * self.ff_context(hc)
+            return x, c  # the context stream ends here (its value is no longer used)
+        c = c + cm.gate_msa[:, None] * ctx_out
+        hc = modulate(self.norm2_context(c), cm.shift_mlp, cm.scale_mlp)
+        c = c + cm.gate_mlp[:, None] * self.ff_context(hc)
         return x, c
-
-
-def _remat_policy(name: str):
-    if name not in REMAT_POLICIES:
-        raise ValueError(f"remat_policy={name!r} unsupported; one of {REMAT_POLICIES}")
-    return {"full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable,
-            "nothing_saveable": jax.checkpoint_policies.nothing_saveable}.get(name)
-
-
-def _run_block(block, x, c, temb):
-    return block(x, c, temb)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,21 +245,23 @@ class SD3Transformer2DModel(nnx.Module):
                  scan_layers: bool = False, remat_policy: str = "none", lora: LoRAConfig | None = None):
         if isinstance(config, dict):
             config = SD3Config.from_dict(config)
-        _remat_policy(remat_policy)  # validate early
+        block_caller(remat_policy)  # validate early
         self.config, self.dtype, self.param_dtype = config, dtype, param_dtype
         self.scan_layers, self.remat_policy, self.lora = bool(scan_layers), remat_policy, lora
         ctx = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs, "lora": lora}
         d = config.inner_dim
         self.pos_embed = PatchEmbed(config, ctx)
-        self.time_text_embed = CombinedTimestepTextProjEmbeddings(config, ctx)
-        self.context_embedder = _dense(config.joint_attention_dim, config.caption_projection_dim,
+        self.time_text_embed = TimestepTextEmbedding(d, config.pooled_projection_dim, "time_text_embed", ctx)
+        self.context_embedder = linear(config.joint_attention_dim, config.caption_projection_dim,
                                        (None, "embed"), "context_embedder", ctx)
+
+        def block(i, c):
+            dual, pre_only = config.block_kind(i)
+            return JointTransformerBlock(config, f"transformer_blocks.{i}", c, use_dual_attention=dual,
+                                         context_pre_only=pre_only)
+
         if not scan_layers:
-            self.transformer_blocks = nnx.List([
-                JointTransformerBlock(config, f"transformer_blocks.{i}", ctx,
-                                      use_dual_attention=config.block_kind(i)[0],
-                                      context_pre_only=config.block_kind(i)[1])
-                for i in range(config.num_layers)])
+            self.transformer_blocks = nnx.List([block(i, ctx) for i in range(config.num_layers)])
             self.transformer_block_groups = None
         else:
             if lora is not None and any("transformer_blocks" in t for t in lora.target_modules):
@@ -421,20 +270,19 @@ class SD3Transformer2DModel(nnx.Module):
                     "unsupported with scan_layers=True")
             self.transformer_blocks = None
             self.transformer_block_groups = nnx.List([
-                _stacked_blocks(config, start, count, kind, ctx)
-                for start, count, kind in config.block_groups()])
+                make_stack(lambda c, s=start: block(s, c), count, ctx)
+                for start, count, _ in config.block_groups()])
         self.norm_out = AdaLayerNormContinuous(d, "norm_out", ctx)
-        self.proj_out = _dense(d, config.patch_size ** 2 * config.out_ch, ("embed", None), "proj_out", ctx)
+        self.proj_out = linear(d, config.patch_size ** 2 * config.out_ch, ("embed", None), "proj_out", ctx)
 
     def _blocks(self, x, c, temb):
-        policy = self.remat_policy
         if not self.scan_layers:
-            fn = _run_block if policy == "none" else nnx.remat(_run_block, policy=_remat_policy(policy))
+            call = block_caller(self.remat_policy)
             for block in self.transformer_blocks:
-                x, c = fn(block, x, c, temb)
+                x, c = call(block, x, c, temb)
             return x
-        for (_, _, (_, pre_only)), group in zip(self.config.block_groups(), self.transformer_block_groups):
-            x, c = _scan_group(group, x, c, temb, pre_only, policy)
+        for group in self.transformer_block_groups:
+            x, c = scan_stack(group, (x, c), temb, policy=self.remat_policy)
         return x
 
     def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep) -> jax.Array:
@@ -479,120 +327,90 @@ def _check_inputs(cfg: SD3Config, x, ctx, pooled):
                          f"({x.shape[0]},{cfg.pooled_projection_dim})")
 
 
-def _stacked_blocks(config, start, count, kind, ctx):
-    dual, pre_only = kind
-    rngs = ctx["rngs"]
-
-    @nnx.split_rngs(splits=count)
-    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=count, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make(r):
-        return JointTransformerBlock(config, f"transformer_blocks.{start}", {**ctx, "rngs": r},
-                                     use_dual_attention=dual, context_pre_only=pre_only)
-
-    return make(rngs)
-
-
-def _scan_group(group, x, c, temb, pre_only, policy):
-    call = _run_block if policy == "none" else nnx.remat(_run_block, policy=_remat_policy(policy))
-    if pre_only:
-        @nnx.scan(in_axes=(0, nnx.Carry, None, None), out_axes=nnx.Carry,
-                  transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def body_pre(block, xc, cc, tt):
-            return call(block, xc, cc, tt)[0]
-
-        return body_pre(group, x, c, temb), None
-
-    @nnx.scan(in_axes=(0, nnx.Carry, None), out_axes=nnx.Carry,
-              transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def body(block, carry, tt):
-        return call(block, carry[0], carry[1], tt)
-
-    return body(group, (x, c), temb)
-
-
 # ----------------------------------------------------------------------------------------------
 # scanned <-> per-layer state layout
 
 
-def _meta_names(var):
-    for k in ("out_sharding", "sharding_names", "sharding"):
-        if var.has_metadata(k) and var.get_metadata(k) is not None:
-            return k, tuple(var.get_metadata(k))
-    return None, None
+def stacks(config: SD3Config) -> tuple[Stack, ...]:
+    """The one block stack of the MMDiT (runs of identical blocks, see ``SD3Config.block_groups``)."""
+    groups = tuple((start, count) for start, count, _ in config.block_groups())
+    return (Stack("transformer_blocks", "transformer_block_groups", groups),)
 
 
 def unstack_state(state, config: SD3Config):
-    """Scanned-model state -> the loop model's per-layer state (``transformer_blocks.{i}...`` paths).
-
-    Works on ``nnx.State`` (Variables; the leading ``layers`` sharding name is dropped) or nested dicts of
-    arrays. Paths outside ``transformer_block_groups`` are passed through.
-    """
-    groups = config.block_groups()
-    flat = []
-    for path, v in nnx.to_flat_state(state) if isinstance(state, nnx.State) else _flat_dict(state):
-        if path and path[0] == "transformer_block_groups":
-            start, count, _ = groups[int(path[1])]
-            for j in range(count):
-                flat.append((("transformer_blocks", start + j) + tuple(path[2:]), _slice(v, j)))
-        else:
-            flat.append((tuple(path), v))
-    return _rebuild(flat, state)
+    """Scanned-model state -> the loop model's per-layer state (``transformer_blocks.{i}...`` paths)."""
+    return _unstack_generic(state, stacks(config))
 
 
 def stack_state(state, config: SD3Config):
     """The loop model's per-layer state -> the scanned model's stacked state (inverse of unstack_state)."""
-    groups = config.block_groups()
-    layer_group = {}
-    for g, (start, count, _) in enumerate(groups):
-        for j in range(count):
-            layer_group[start + j] = (g, j, count)
-    per: dict[tuple, list] = {}
-    flat = []
-    for path, v in nnx.to_flat_state(state) if isinstance(state, nnx.State) else _flat_dict(state):
-        if path and path[0] == "transformer_blocks":
-            g, j, count = layer_group[int(path[1])]
-            key = ("transformer_block_groups", g) + tuple(path[2:])
-            per.setdefault(key, [None] * count)[j] = v
-        else:
-            flat.append((tuple(path), v))
-    for key, parts in per.items():
-        if any(p is None for p in parts):
-            raise ValueError(f"stack_state: missing layers for {'.'.join(map(str, key))}")
-        flat.append((key, _stack(parts)))
-    return _rebuild(flat, state)
+    return _stack_generic(state, stacks(config))
 
 
-def _flat_dict(d, prefix=()):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _flat_dict(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
+# ----------------------------------------------------------------------------------------------
+# the family
 
 
-def _slice(v, j):
-    if isinstance(v, nnx.Variable):
-        k, names = _meta_names(v)
-        kw = {k: names[1:]} if k else {}
-        return v.replace(value=v[...][j], **kw)
-    return v[j]
+class SD3Family(ModelFamily):
+    """SD3 / SD3.5 (``model.kind = "sd35"``): diffusers ``StableDiffusion3Pipeline`` folders.
+
+    Velocity: ``model(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled,
+    timestep=1000 t)``; latents ``(16, H/8, W/8)``; the SD3 shifted grid; context = (CLIP-L + CLIP-G + T5
+    embeddings (B, 77 + T, 4096), pooled CLIP-L + CLIP-G (B, 2048)).
+    """
+
+    name = "sd35"
+    model_class = SD3Transformer2DModel
+    converter = "sd3"
+    class_names = ("SD3Transformer2DModel",)
+    lora_targets = SD35_TARGETS
+    architectures = {
+        "sd3.5-medium": dict(
+            sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+            num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+            pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
+            dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+    }
+    vae_scale_factor = 8
+    pipeline_loader = "awm_jax.pipelines.sd3:load_sd3_pipeline"
+
+    def config_from_dict(self, d, source="config"):
+        return SD3Config.from_dict(dict(d), source=source)
+
+    def stacks(self, cfg):
+        return stacks(cfg)
+
+    def velocity(self, model, x, t, context, **options):
+        emb, pooled = context
+        return model(hidden_states=x, encoder_hidden_states=emb, pooled_projections=pooled,
+                     timestep=jnp.asarray(t, jnp.float32) * 1000.0).astype(jnp.float32)
+
+    def latent_shape(self, cfg, height, width):
+        f = self.vae_scale_factor
+        return (int(cfg.in_channels), int(height) // f, int(width) // f)
+
+    def skip_tensor(self, key, value, cfg, where):
+        if key != POS_EMBED_KEY:
+            return False
+        check_pos_embed(value, cfg, where)
+        return True
 
 
-def _stack(parts):
-    if isinstance(parts[0], nnx.Variable):
-        k, names = _meta_names(parts[0])
-        kw = {k: ("layers",) + names} if k else {}
-        return parts[0].replace(value=jnp.stack([p[...] for p in parts]), **kw)
-    return jnp.stack(parts)
+POS_EMBED_KEY = "pos_embed.pos_embed"
 
 
-def _rebuild(flat, like):
-    if isinstance(like, nnx.State):
-        return nnx.from_flat_state(flat)
-    out: dict = {}
-    for path, v in flat:
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return out
+def check_pos_embed(table: np.ndarray, cfg: SD3Config, where: str) -> None:
+    """The stored ``pos_embed.pos_embed`` buffer must be the table the Flax model recomputes."""
+    from awm_jax.convert import ConversionError
+
+    want = pos_embed_table(cfg)
+    got = np.asarray(table, np.float32)
+    tol = 1e-4 if table.dtype.itemsize >= 4 else 1e-2
+    err = float(np.max(np.abs(got.reshape(want.shape) - want))) if got.size == want.size else np.inf
+    if not err <= tol:
+        raise ConversionError(
+            f"{where}: stored {POS_EMBED_KEY} differs from the sin-cos table of its config "
+            f"(max |diff| {err:.3g})")
+
+
+register_family(SD3Family())

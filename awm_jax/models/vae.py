@@ -12,90 +12,23 @@ Internally activations are NHWC. Parameters: conv ``kernel`` HWIO + ``bias``, li
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
+import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from awm_jax.convert import ConversionError, read_flax_params
+from awm_jax.convert.vae import NAME as _CONVERTER
+from awm_jax.convert.vae import VAEConfig, vae_config
+
 _CONV_AXES = (None, None, "conv_in", "conv_out")
-_DOWN_BLOCK = "DownEncoderBlock2D"
-_UP_BLOCK = "UpDecoderBlock2D"
 _EPS = 1e-6  # diffusers' Encoder/Decoder fix resnet and norm eps at 1e-6
-
-
-@dataclasses.dataclass(frozen=True)
-class VAEConfig:
-    """The fields of diffusers' ``AutoencoderKL`` config that define the network (names as diffusers)."""
-
-    in_channels: int = 3
-    out_channels: int = 3
-    down_block_types: tuple[str, ...] = (_DOWN_BLOCK,)
-    up_block_types: tuple[str, ...] = (_UP_BLOCK,)
-    block_out_channels: tuple[int, ...] = (64,)
-    layers_per_block: int = 1
-    act_fn: str = "silu"
-    latent_channels: int = 4
-    norm_num_groups: int = 32
-    sample_size: int = 32
-    scaling_factor: float = 0.18215
-    shift_factor: float | None = None
-    use_quant_conv: bool = True
-    use_post_quant_conv: bool = True
-    mid_block_add_attention: bool = True
-
-    def __post_init__(self):
-        for name in ("down_block_types", "up_block_types", "block_out_channels"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        n = len(self.block_out_channels)
-        if n == 0:
-            raise ValueError("VAEConfig.block_out_channels must not be empty")
-        if len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise ValueError(
-                f"VAEConfig: down_block_types {self.down_block_types} / up_block_types {self.up_block_types} "
-                f"must each have len(block_out_channels)={n} entries")
-        bad = [t for t in self.down_block_types if t != _DOWN_BLOCK]
-        bad += [t for t in self.up_block_types if t != _UP_BLOCK]
-        if bad:
-            raise ValueError(f"VAEConfig: unsupported block types {bad}; only {_DOWN_BLOCK}/{_UP_BLOCK}")
-        if self.act_fn not in ("silu", "swish"):
-            raise ValueError(f"VAEConfig.act_fn={self.act_fn!r} unsupported; only 'silu'")
-        for c in self.block_out_channels:
-            if c % self.norm_num_groups:
-                raise ValueError(f"VAEConfig: block_out_channels {c} not divisible by norm_num_groups "
-                                 f"{self.norm_num_groups}")
-
-    @property
-    def shift(self) -> float:
-        """``shift_factor`` with diffusers' ``None`` meaning 0."""
-        return 0.0 if self.shift_factor is None else float(self.shift_factor)
-
-    @property
-    def downsample_factor(self) -> int:
-        """Spatial factor between image and latent (8 for the SD/FLUX VAEs)."""
-        return 2 ** (len(self.block_out_channels) - 1)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config") -> VAEConfig:
-        """Build from a diffusers ``config.json`` dict; unknown keys (``_class_name``, ...) are ignored."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
-        if isinstance(kw.get("sample_size"), (list, tuple)):
-            kw["sample_size"] = int(kw["sample_size"][0])
-        try:
-            return cls(**kw)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: invalid AutoencoderKL config: {e}") from e
-
-    def to_dict(self) -> dict[str, Any]:
-        """The diffusers-style config dict (lists for tuples)."""
-        d = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,6 +377,42 @@ def load_vae(path: str | pathlib.Path, dtype=None, param_dtype=None) -> Autoenco
     ``dtype`` is the compute dtype (None: the parameters' dtype); ``param_dtype`` casts stored weights
     (None keeps them as stored).
     """
-    from awm_jax.convert import vae as vae_convert
+    return load(path, dtype=dtype, param_dtype=param_dtype)
 
-    return vae_convert.load(path, dtype=dtype, param_dtype=param_dtype)
+
+def model_from_flax_params(config: VAEConfig, params: Mapping[str, Any], *, dtype=None,
+                           param_dtype=None, source: str = "params") -> AutoencoderKL:
+    """Build the NNX model from ``{flax.key: array}`` without materialising a random init.
+
+    ``dtype``: compute dtype (None: follow the parameters); ``param_dtype``: cast the stored weights
+    (None keeps them as stored).
+    """
+    graphdef, abstract = nnx.split(abstract_vae(config, dtype=dtype))
+    flat = []
+    for path, var in nnx.to_flat_state(abstract):
+        key = ".".join(str(p) for p in path)
+        if key not in params:
+            raise ConversionError(f"{source}: no tensor for model parameter {key!r}")
+        a = jnp.asarray(params[key])
+        want = tuple(var.get_value().shape)
+        if tuple(a.shape) != want:
+            raise ConversionError(f"{source}: tensor {key!r} has shape {tuple(a.shape)}, expected {want}")
+        flat.append((path, var.replace(a if param_dtype is None else a.astype(param_dtype))))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def load(src: str | os.PathLike, *, dtype=None, param_dtype=None) -> AutoencoderKL:
+    """``AutoencoderKL`` from a diffusers VAE folder, a pipeline folder with ``vae/``, or a Flax folder."""
+    config, _, tensors = read_flax_params(src, _CONVERTER)
+    params = dict(tensors)
+    return model_from_flax_params(vae_config(config), params, dtype=dtype, param_dtype=param_dtype,
+                                  source=str(src))
+
+
+def model_params(model: AutoencoderKL) -> dict[str, Any]:
+    """The model's parameters as ``{flax.key: numpy array}`` (for ``awm_jax.convert.save_flax``)."""
+    import numpy as np
+
+    return {".".join(str(p) for p in path): np.asarray(v.get_value())
+            for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+

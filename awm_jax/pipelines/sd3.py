@@ -78,25 +78,22 @@ class SD3Pipeline:
         (``uncond`` is ignored when ``guidance_scale == 1``). ``t`` in [0, 1] -> timestep ``1000 t``.
         Cached per guidance scale so the samplers' jit cache is reused.
         """
+        from awm_jax.models.family import family_of
+        from awm_jax.sampling import classifier_free_guidance
+
         scale = float(guidance_scale)
         if scale in self._velocity:
             return self._velocity[scale]
         graphdef = nnx.graphdef(self.transformer)
-
-        def model(state, x, t, embeds, pooled):
-            m = nnx.merge(graphdef, state)
-            return m(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled,
-                     timestep=1000.0 * t).astype(jnp.float32)
+        family = family_of(self.transformer)
 
         def velocity(x, t, context):
-            state, (emb, pooled), uncond = context
-            if scale == 1.0:
-                return model(state, x, t, emb, pooled)
-            emb_u, pooled_u = uncond
-            v = model(state, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                      jnp.concatenate([emb_u, emb]), jnp.concatenate([pooled_u, pooled]))
-            v_u, v_c = jnp.split(v, 2)
-            return v_u + scale * (v_c - v_u)
+            state, cond, uncond = context
+
+            def model(xx, tt, c):
+                return family.velocity(nnx.merge(graphdef, state), xx, tt, c)
+
+            return classifier_free_guidance(model, scale)(x, t, (tuple(cond), tuple(uncond)))
 
         self._velocity[scale] = velocity
         return velocity
@@ -108,7 +105,8 @@ class SD3Pipeline:
 
         Initial noise: ``latents`` if given, else ``N(0, I)`` drawn with ``key``.
         """
-        from awm_jax.sampling import init_latents, sample_ode, sd3_grid
+        from awm_jax.models.family import family_of
+        from awm_jax.sampling import init_latents, sample_ode
 
         prompts = list(prompts)
         if not prompts:
@@ -127,7 +125,7 @@ class SD3Pipeline:
         if guidance_scale != 1.0:
             emb_u, pooled_u = self.text_encoder.encode([negative_prompt] * len(prompts))
             uncond = (jnp.asarray(emb_u), jnp.asarray(pooled_u))
-        grid = sd3_grid(num_steps, self.shift)
+        grid = family_of(self.transformer).time_grid(num_steps, self.shift, self.latent_shape)
         context = (nnx.state(self.transformer), cond, uncond)
         return sample_ode(self.velocity_fn(guidance_scale), latents, grid, context)
 
@@ -196,28 +194,29 @@ def load_sd3_pipeline(config) -> SD3Pipeline:
     Reads ``model.path`` (the pipeline folder or its ``transformer/``, diffusers or converted Flax),
     ``model.vae_path`` ("" = ``<root>/vae``), ``model.text_encoder_paths`` (must be ``<root>/text_encoder*``
     or "": the tokenizers are read from the same pipeline folder), ``model.resolution``, ``model.dtype``,
-    ``model.param_dtype``, ``model.max_sequence_length``, optional ``model.scan_layers`` / ``remat_policy``.
+    ``model.param_dtype``, ``model.max_sequence_length``, ``model.scan_layers``, ``model.remat_policy``.
     """
+    import ml_collections
+
     from awm_jax.models import load_transformer, load_vae
     from awm_jax.text.sd3 import SD3TextEncoders
 
-    m = config["model"] if isinstance(config, dict) else config.model
-    get = (lambda k, d=None: m.get(k, d))
-    if not get("path"):
+    m = ml_collections.ConfigDict(config["model"]) if isinstance(config, dict) else config.model
+    if not m.path:
         raise ValueError("config model.path is empty: give the SD3 pipeline folder (or its transformer/)")
-    root = _pipeline_root(get("path"))
-    paths = tuple(get("text_encoder_paths", ()) or ())
+    root = _pipeline_root(m.path)
+    paths = tuple(m.text_encoder_paths or ())
     for sub, given in zip(_TEXT_SUBFOLDERS, paths, strict=False):
         if given and pathlib.Path(given).resolve() != (root / sub).resolve():
             raise ValueError(f"config model.text_encoder_paths entry {given!r} is not {root / sub}: text "
                              "encoders and tokenizers are loaded from the pipeline folder of model.path")
-    dtype = None if get("dtype", "float32") == "float32" else jnp.dtype(get("dtype"))
-    param_dtype = jnp.dtype(get("param_dtype", "float32"))
-    kw = {k: get(k) for k in ("scan_layers", "remat_policy") if get(k) is not None}
-    transformer = load_transformer(get("path"), dtype=dtype, param_dtype=param_dtype, **kw)
-    vae = load_vae(get("vae_path") or root)
+    dtype = None if m.dtype == "float32" else jnp.dtype(m.dtype)
+    param_dtype = jnp.dtype(m.param_dtype)
+    transformer = load_transformer(m.path, dtype=dtype, param_dtype=param_dtype, family="sd35",
+                                   scan_layers=bool(m.scan_layers), remat_policy=str(m.remat_policy))
+    vae = load_vae(m.vae_path or root)
     load_t5 = len(paths) < 3 or bool(paths[2])
-    text = SD3TextEncoders.from_pipeline_dir(root, max_sequence_length=int(get("max_sequence_length", 128)),
+    text = SD3TextEncoders.from_pipeline_dir(root, max_sequence_length=int(m.max_sequence_length),
                                              load_t5=load_t5)
-    res = get("resolution")
+    res = m.resolution
     return assemble(root, transformer, vae, text, res, res)

@@ -16,7 +16,7 @@ from awm_jax.rewards.clip_utils import image_features, load_clip
 _LINEAR_SLOTS = (0, 2, 4, 6, 7)  # positions of the Linear layers in the public head's Sequential
 
 
-def _head_class():
+def head_class():
     import torch
 
     class AestheticMLP(torch.nn.Module):
@@ -40,7 +40,7 @@ def _head_class():
 
 def __getattr__(name):  # AestheticMLP is built lazily so importing this module does not need torch
     if name == "AestheticMLP":
-        return _head_class()
+        return head_class()
     raise AttributeError(name)
 
 
@@ -57,7 +57,7 @@ def load_head(path: str, dim: int):
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
-    head = _head_class()(dim)
+    head = head_class()(dim)
     expected = head.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -65,10 +65,10 @@ def save_tiny_aesthetic(path: str, dim: int = 16, seed: int = 0) -> str:
     """Save a random aesthetic MLP head (input ``dim``) as safetensors at ``path``; returns it."""
     import torch
 
-    from awm_jax.rewards.aesthetic import _head_class
+    from awm_jax.rewards.aesthetic import head_class
 
     torch.manual_seed(seed)
-    head = _head_class()(dim)
+    head = head_class()(dim)
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, path)

@@ -2,7 +2,8 @@
 
 Advantages (host numpy): :func:`group_advantages`, :class:`PerPromptStatTracker`,
 :func:`awm_clip_advantages`, :func:`grpo_clip_advantages`,
-:func:`reward_stats`.  Training times: :func:`sample_train_timesteps`, :func:`sample_train_noise`.
+:func:`reward_stats`, :func:`step_advantages` (the trainer's, from its config).  Training times:
+:func:`sample_train_timesteps`, :func:`sample_train_noise`.
 AWM: :func:`awm_log_prob`, :func:`policy_loss`, :func:`policy_loss_mean_over_times`, :func:`velocity_kl`,
 :func:`awm_loss`.  Flow-GRPO: :func:`flow_grpo_step_loss`, :func:`flow_grpo_loss`, :func:`grpo_kl`.
 The jitted train step lives in ``awm_jax.rl.train_step`` (not imported here).
@@ -14,6 +15,7 @@ from awm_jax.rl.advantages import (
     group_advantages,
     grpo_clip_advantages,
     reward_stats,
+    step_advantages,
 )
 from awm_jax.rl.awm import (
     awm_log_prob,
@@ -34,5 +36,6 @@ __all__ = [
     "flow_grpo_loss",
     "flow_grpo_step_loss", "flow_matching_mse", "group_advantages", "grpo_clip_advantages", "grpo_kl",
     "kl_sigma", "noised_latents", "num_train_steps", "policy_loss", "policy_loss_mean_over_times",
-    "repeat_over_times", "reward_stats", "sample_train_noise", "sample_train_timesteps", "velocity_kl",
+    "repeat_over_times", "reward_stats", "sample_train_noise", "sample_train_timesteps", "step_advantages",
+    "velocity_kl",
 ]

@@ -109,3 +109,20 @@ def reward_stats(rewards, group_ids, correct_threshold: float = 1.0) -> dict[str
         "all_correct_frac": float(np.mean(n_correct == counts)),
         "all_wrong_frac": float(np.mean(n_correct == 0)),
     }
+
+
+def step_advantages(rewards, group_ids, config) -> np.ndarray:
+    """The trainer's advantages for one step, per ``config`` (float32 (B,) numpy).
+
+    :func:`group_advantages` over the globally gathered rewards (``advantages.std_mode``, ``advantages.eps``),
+    then the algorithm's clipping: AWM :func:`awm_clip_advantages` (``advantages.clip``,
+    ``awm.advantage_max``), Flow-GRPO :func:`grpo_clip_advantages` (its mask is applied in the loss).
+    """
+    a = config.advantages
+    adv = group_advantages(np.asarray(rewards, np.float64), group_ids, global_std=a.std_mode == "global",
+                           eps=float(a.eps))
+    if config.algorithm == "awm":
+        adv = awm_clip_advantages(adv, float(a.clip), float(config.awm.advantage_max))
+    else:
+        adv, _ = grpo_clip_advantages(adv, float(a.clip))
+    return np.asarray(adv, np.float32)

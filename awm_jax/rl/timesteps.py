@@ -39,7 +39,7 @@ def sample_train_timesteps(key, kind: str, num_times: int, batch_size: int, *, g
     """Draw K training times per sample ``-> (K, B)`` float32.
 
     - ``discrete`` / ``discrete_wo_init``: stratified grid indices (:func:`discrete_strata`), ``t = grid[i]``;
-      ``grid`` is the *unmodified* sampler grid (e.g. ``sd3_grid(14)``; the AWM code indexes the
+      ``grid`` is the *unmodified* sampler grid (e.g. ``shifted_grid(14)``; the AWM code indexes the
       scheduler's timesteps / 1000, not the SA-Solver-tweaked grid).
     - ``uniform``: stratified ``U(uniform_range)`` per (time, sample), strata shuffled over K per sample,
       then the SD3 ``shift`` (the public code's "uniform"; ``uniform_range=(0, 1), shift=1`` is plain U(0,1)).

@@ -1,7 +1,7 @@
 """The jitted, sharded AWM / Flow-GRPO train step and the train state.
 
-The rollout samplers live in ``awm_jax.rl.rollout`` (re-exported here); helpers shared by both in
-``awm_jax.rl._common``.
+The rollout samplers live in ``awm_jax.rl.rollout`` (re-exported here); the model family's velocity and CFG
+in ``awm_jax.rl.policy``; placement on the mesh in ``awm_jax.parallel``.
 
 Contract (used by ``awm_jax.train``)::
 
@@ -9,14 +9,16 @@ Contract (used by ``awm_jax.train``)::
     step = make_train_step(graphdef, config, mesh)     # (state, base_state, batch, key) -> (state, metrics)
     rollout = make_rollout_fn(graphdef, config, mesh)  # (trainable, base_state, embeds, pooled, key) -> dict
 
-**Parameters.** LoRA mode (default): the transformer is (re)built with adapters on ``config.lora.targets``
-(rank, alpha, Gaussian ``A``, zero ``B``; compute dtype ``config.model.dtype``); ``state.trainable`` is the
-fp32 LoRA state, ``base_state`` the frozen base weights.  The reference model is the *same* graphdef merged
-with the LoRA state whose ``B`` is zeroed (no second copy of the weights) and the kl-EMA adapter is a second
-LoRA state.  Full fine-tuning (``config.lora.full_finetune``): ``trainable`` = every parameter (fp32) and
-``base_state`` is a frozen copy used as the reference, so parameter memory is ~ 3x (policy + reference +
-kl-EMA) plus 2x for Adam plus 1x for the eval EMA: about 7 fp32 copies of the model (SD3.5-M, 2.5 B params:
-~70 GB), against 1 copy + 7 copies of the adapters (~0.1 GB) with LoRA.
+**Parameters.** LoRA mode (default): the transformer is (re)built by its model family with adapters on
+``config.lora.targets`` (empty: the family's default targets; rank, alpha, Gaussian ``A``, zero ``B``;
+compute dtype ``config.model.dtype``); ``state.trainable`` is the fp32 LoRA state, ``base_state`` the frozen
+base weights. The reference model is the *same* graphdef merged with the LoRA state whose ``B`` is zeroed
+(no second copy of the weights) and the kl-EMA adapter is a second LoRA state. Full fine-tuning
+(``config.lora.full_finetune``): ``trainable`` = every parameter (fp32) and ``base_state`` is a frozen copy
+used as the reference, so parameter memory is ~ 3x (policy + reference + kl-EMA) plus 2x for Adam plus 1x
+for the eval EMA: about 7 fp32 copies of the model (SD3.5-M, 2.5 B params: ~70 GB), against 1 copy + 7
+copies of the adapters (~0.1 GB) with LoRA.
+
 
 **Step.** One call = one optimizer step on all rollouts of an epoch: the batch of N samples is split into
 M equal micro-batches (``config.train.micro_batch_size`` per batch shard) and, optionally, the K training
@@ -49,27 +51,22 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from awm_jax import parallel
+from awm_jax.models.family import family_of, get_family
 from awm_jax.models.lora import LoRAConfig, LoRAParam
+from awm_jax.parallel import (
+    batch_sharding,
+    constrain_batch,
+    num_batch_shards,
+    place,
+    place_once,
+    state_shardings,
+)
 from awm_jax.rl import awm as awm_lib
 from awm_jax.rl import ema as ema_lib
 from awm_jax.rl import grpo as grpo_lib
-from awm_jax.rl._common import (
-    ALGORITHMS,
-    _algorithm,
-    _batch_spec,
-    _constrain,
-    _full,
-    _get,
-    _model_fn,
-    _n_shards,
-    _place,
-    _place_cached,
-    _state_shardings,
-    _velocity,
-)
+from awm_jax.rl.policy import ALGORITHMS, algorithm, guided, is_full_finetune, model_family, velocity_model
 from awm_jax.rl.rollout import ROLLOUT_SAMPLERS, make_rollout_fn
 from awm_jax.rl.timesteps import sample_train_timesteps
-from awm_jax.sampling.schedules import sd3_grid
 
 __all__ = [
     "ALGORITHMS", "ROLLOUT_SAMPLERS", "TrainState", "create_train_state", "init_lora", "lora_config",
@@ -104,15 +101,18 @@ def _dtype(name) -> Any:
 
 
 def _needs_kl_ema(config) -> bool:
-    return _algorithm(config) == "awm" and (float(config.awm.ema_beta) != 0 or not bool(config.awm.on_policy))
+    return algorithm(config) == "awm" and (float(config.awm.ema_beta) != 0 or not bool(config.awm.on_policy))
 
 
-def lora_config(config) -> LoRAConfig:
-    """:class:`LoRAConfig` from ``config.lora`` (only ``init = "gaussian"`` exists)."""
-    if str(_get(config.lora, "init", "gaussian")) != "gaussian":
+def lora_config(config, family=None) -> LoRAConfig:
+    """:class:`LoRAConfig` from ``config.lora`` (only ``init = "gaussian"`` exists); empty ``lora.targets``
+    means the model family's default targets."""
+    if str(config.lora.init) != "gaussian":
         raise ValueError(f"config key lora.init = {config.lora.init!r}: only 'gaussian' is implemented")
-    return LoRAConfig(rank=int(config.lora.rank), alpha=float(config.lora.alpha),
-                      target_modules=tuple(config.lora.targets))
+    targets = tuple(config.lora.targets)
+    if not targets:
+        targets = tuple((family or get_family(str(config.model.kind))).lora_targets)
+    return LoRAConfig(rank=int(config.lora.rank), alpha=float(config.lora.alpha), target_modules=targets)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -130,19 +130,13 @@ def _flat_paths(state) -> set:
 
 
 def _rebuild(model, config, lora: LoRAConfig | None, seed: int):
-    """Graphdef (+ initial LoRA state) of ``model`` rebuilt with ``lora`` and the configured compute dtype."""
-    from awm_jax.models.mmdit import SD3Transformer2DModel
-
-    if not isinstance(model, SD3Transformer2DModel):
-        return None
-    dtype = _dtype(_get(config.model, "dtype", None)) or model.dtype
-
-    def build():
-        return SD3Transformer2DModel(model.config, rngs=nnx.Rngs(seed), dtype=dtype,
-                                     param_dtype=model.param_dtype, scan_layers=model.scan_layers,
-                                     remat_policy=model.remat_policy, lora=lora)
-
-    abstract = nnx.eval_shape(build)
+    """Graphdef (+ initial LoRA state) of ``model`` rebuilt by its family with ``lora`` and the configured
+    compute dtype (abstractly: no weights are allocated)."""
+    fam = family_of(model, prefer=str(config.model.kind))
+    kw = fam.rebuild_kwargs(model)
+    kw.update(lora=lora, dtype=_dtype(config.model.dtype) or kw["dtype"])
+    cfg = kw.pop("cfg")
+    abstract = nnx.eval_shape(lambda: fam.build(cfg, rngs=nnx.Rngs(seed), **kw))
     if lora is None:
         graphdef, _ = nnx.split(abstract, nnx.Param)
         return graphdef, None
@@ -196,16 +190,14 @@ def _to_f32(tree):
 def create_train_state(model: nnx.Module, config, *, seed: int | None = None):
     """``(graphdef, base_state, TrainState)`` for ``model`` per ``config`` (see the module docstring).
 
-    An ``SD3Transformer2DModel`` is rebuilt abstractly with the configured LoRA targets and compute dtype
-    (its base weights are reused, not copied); a model that already carries LoRA adapters keeps them.
+    The model is rebuilt abstractly by its family with the configured LoRA targets and compute dtype (its
+    base weights are reused, not copied); a model that already carries LoRA adapters keeps them.
     """
-    seed = int(_get(config, "seed", 0) if seed is None else seed)
+    seed = int(config.seed if seed is None else seed)
     tx = make_optimizer(config)
-    if _full(config):
-        rebuilt = _rebuild(model, config, None, seed)
-        graphdef, params = nnx.split(model, nnx.Param)
-        if rebuilt is not None:
-            graphdef = rebuilt[0]
+    if is_full_finetune(config):
+        graphdef = _rebuild(model, config, None, seed)[0]
+        params = nnx.state(model, nnx.Param)
         base_state = params  # the frozen reference
         trainable = _to_f32(params)
     else:
@@ -213,18 +205,15 @@ def create_train_state(model: nnx.Module, config, *, seed: int | None = None):
         if has_lora:
             graphdef, trainable, base_state = nnx.split(model, LoRAParam, nnx.Param)
         else:
-            rebuilt = _rebuild(model, config, lora_config(config), seed)
-            if rebuilt is None:
-                raise ValueError(f"{type(model).__name__} has no LoRAParam adapters and cannot be rebuilt "
-                                 "with config.lora; build it with LoRA or set lora.full_finetune")
-            graphdef, trainable = rebuilt
+            fam = family_of(model, prefer=str(config.model.kind))
+            graphdef, trainable = _rebuild(model, config, lora_config(config, fam), seed)
             base_state = nnx.state(model, nnx.Param)
             _, _, abs_base = nnx.split(nnx.merge(graphdef, trainable, base_state), LoRAParam, nnx.Param)
             if _flat_paths(abs_base) != _flat_paths(base_state):
                 raise ValueError("model parameters do not match the rebuilt LoRA model's base parameters")
         trainable = _to_f32(trainable)
     kl = ema_lib.init_ema(trainable) if _needs_kl_ema(config) else None
-    ev = ema_lib.init_ema(trainable) if bool(_get(config.ema, "eval_ema", True)) else None
+    ev = ema_lib.init_ema(trainable) if bool(config.ema.eval_ema) else None
     state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=tx.init(trainable),
                        kl_ema=kl, eval_ema=ev)
     return graphdef, base_state, state
@@ -236,7 +225,7 @@ def create_train_state(model: nnx.Module, config, *, seed: int | None = None):
 def micro_batch_size(n: int, config, mesh: Mesh | None) -> int:
     """Global micro-batch: the largest divisor of ``n`` that is <= micro_batch_size x batch shards and a
     multiple of the batch shards."""
-    shards = _n_shards(mesh)
+    shards = num_batch_shards(mesh)
     target = max(1, int(config.train.micro_batch_size)) * shards
     for d in range(min(n, target), 0, -1):
         if n % d == 0 and d % shards == 0:
@@ -292,11 +281,13 @@ def _accumulate(loss_and_grad: Callable, params, chunks, num: int):
 # ------------------------------------------------------------------------------------------ losses
 
 
-def _awm_grid(config) -> np.ndarray:
-    return sd3_grid(int(config.sample.num_steps), float(config.sample.shift))
+def _grid(graphdef, config, latent_shape) -> np.ndarray:
+    """The family's sampling grid for these latents (training times index it)."""
+    fam = model_family(graphdef, config)
+    return fam.time_grid(int(config.sample.num_steps), float(config.sample.shift), tuple(latent_shape))
 
 
-def _awm_chunks(batch, key, config, mesh, shape_k: int):
+def _awm_chunks(batch, key, config, mesh, shape_k: int, grid: np.ndarray):
     """Stacked per-chunk inputs ``(num_chunks, ...)`` of the AWM step and the number of chunks."""
     w = config.awm
     x0 = batch["x0"]
@@ -304,7 +295,7 @@ def _awm_chunks(batch, key, config, mesh, shape_k: int):
     k_t, k_n = jax.random.split(key)
     times = batch.get("times")
     if times is None:
-        times = sample_train_timesteps(k_t, str(w.timestep_sampler), shape_k, n, grid=_awm_grid(config),
+        times = sample_train_timesteps(k_t, str(w.timestep_sampler), shape_k, n, grid=grid,
                                        timestep_fraction=float(w.timestep_fraction),
                                        shift=float(config.sample.shift))
     mb = micro_batch_size(n, config, mesh)
@@ -317,8 +308,9 @@ def _awm_chunks(batch, key, config, mesh, shape_k: int):
         c["noise"] = _split_micro(batch["noise"], m, axis=1)
     if batch.get("logp_old") is not None:
         c["logp_old"] = _split_micro(batch["logp_old"], m, axis=1)
-    c = {k: _constrain(v, mesh, axis=2 if k in ("times", "noise", "logp_old") else 1) for k, v in c.items()}
-    scan_times = bool(_get(config.train, "scan_times", False))
+    c = {k: constrain_batch(v, mesh, axis=2 if k in ("times", "noise", "logp_old") else 1)
+         for k, v in c.items()}
+    scan_times = bool(config.train.scan_times)
     if scan_times and str(w.loss_type) != "per_time":
         raise ValueError("config key train.scan_times needs awm.loss_type = 'per_time'")
     if not scan_times:
@@ -337,24 +329,24 @@ def _awm_chunks(batch, key, config, mesh, shape_k: int):
 def _awm_loss_fn(graphdef, config, mesh, full: bool, num_times: int, k_noise) -> Callable:
     """``(params, (base, kl_ema, chunk)) -> ((loss, aux), grads)`` for one AWM chunk."""
     w = config.awm
-    model_fn = _model_fn(graphdef, full)
+    model_fn = velocity_model(graphdef, config)
     on_policy = bool(w.on_policy)
     k_total = int(w.train_timesteps)
 
     def loss(params, base, kl_ema, ch):
-        x0 = _constrain(ch["x0"].astype(jnp.float32), mesh)
-        cond = (_constrain(ch["emb"], mesh), _constrain(ch["pooled"], mesh))
+        x0 = constrain_batch(ch["x0"].astype(jnp.float32), mesh)
+        cond = (constrain_batch(ch["emb"], mesh), constrain_batch(ch["pooled"], mesh))
         times = ch["times"]
         if "noise" in ch:
             noise = ch["noise"]
         else:
             z = _per_sample_noise(k_noise, ch["idx"], k_total, x0.shape[1:])  # (K_total, mb, ...)
             noise = z if "time_index" not in ch else jax.lax.dynamic_slice_in_dim(z, ch["time_index"], 1, 0)
-        noise = _constrain(noise, mesh, axis=1)
+        noise = constrain_batch(noise, mesh, axis=1)
         rep = awm_lib.repeat_over_times(cond, num_times)
 
         def vf(p):
-            return lambda x, t: model_fn(p, base, x, t, *rep)
+            return lambda x, t: model_fn(p, base, x, t, rep)
 
         logp_old = ch.get("logp_old")
         if logp_old is None and not on_policy:
@@ -396,23 +388,23 @@ def _grpo_chunks(batch, config, mesh):
     for k, v in per_step.items():
         v = jnp.swapaxes(_split_micro(v, m), 1, 2)  # (M, S, mb, ...)
         c[k] = v.reshape(m * s_train, *v.shape[2:])
-    return {k: _constrain(v, mesh, axis=1) for k, v in c.items()}, m * s_train
+    return {k: constrain_batch(v, mesh, axis=1) for k, v in c.items()}, m * s_train
 
 
 def _grpo_loss_fn(graphdef, config, mesh, full: bool, t1: float, kind: str) -> Callable:
     g = config.flow_grpo
-    model_fn = _model_fn(graphdef, full)
-    scale = float(g.guidance_scale)
+    model_fn = velocity_model(graphdef, config)
+    scale = float(config.sample.guidance_scale)
 
     def loss(params, base, neg, ch):
-        cond = (_constrain(ch["emb"], mesh), _constrain(ch["pooled"], mesh))
+        cond = (constrain_batch(ch["emb"], mesh), constrain_batch(ch["pooled"], mesh))
         adv = ch["adv"]
         ref = None
         if float(g.beta) != 0:
-            ref = _velocity(model_fn, _ref_params(params, base, full), base, cond, neg, scale)
+            ref = guided(model_fn, _ref_params(params, base, full), base, cond, neg, scale)
         return grpo_lib.flow_grpo_step_loss(
-            _velocity(model_fn, params, base, cond, neg, scale), _constrain(ch["x"], mesh),
-            _constrain(ch["x_next"], mesh), ch["t"], ch["t_next"], adv, ch["lp_old"],
+            guided(model_fn, params, base, cond, neg, scale), constrain_batch(ch["x"], mesh),
+            constrain_batch(ch["x_next"], mesh), ch["t"], ch["t_next"], adv, ch["lp_old"],
             noise_level=float(config.sample.noise_level), t1=t1, clip_range=float(g.clip_range),
             beta=float(g.beta), velocity_fn_ref=ref, mask=(adv != 0).astype(jnp.float32), kind=kind)
 
@@ -424,8 +416,8 @@ def _grpo_loss_fn(graphdef, config, mesh, full: bool, t1: float, kind: str) -> C
 
 def _make_grads(graphdef, config, mesh: Mesh | None) -> Callable:
     """``grads(state, base, batch, key, neg) -> (mean gradients (fp32), mean aux)`` (traceable)."""
-    algo = _algorithm(config)
-    full = _full(config)
+    algo = algorithm(config)
+    full = is_full_finetune(config)
     if algo == "awm":
         num_k = int(config.awm.train_timesteps)
         if num_k < 1:
@@ -434,14 +426,15 @@ def _make_grads(graphdef, config, mesh: Mesh | None) -> Callable:
         sampler = str(config.sample.sampler)
         if sampler not in ("sde", "cps"):
             raise ValueError(f"Flow-GRPO trains SDE/CPS trajectories; sample.sampler = {sampler!r}")
-        t1 = float(sd3_grid(int(config.sample.num_steps), float(config.sample.shift))[1])
 
     def grads(state: TrainState, base, batch, key, neg):
         if algo == "awm":
-            chunks, num, k_chunk, k_noise = _awm_chunks(batch, key, config, mesh, num_k)
+            grid = _grid(graphdef, config, batch["x0"].shape[1:])
+            chunks, num, k_chunk, k_noise = _awm_chunks(batch, key, config, mesh, num_k, grid)
             loss_fn = _awm_loss_fn(graphdef, config, mesh, full, k_chunk, k_noise)
             ctx = state.kl_ema
         else:
+            t1 = float(_grid(graphdef, config, batch["latents"].shape[2:])[1])
             chunks, num = _grpo_chunks(batch, config, mesh)
             loss_fn = _grpo_loss_fn(graphdef, config, mesh, full, t1, sampler)
             ctx = neg
@@ -472,9 +465,10 @@ def make_train_step(graphdef, config, mesh: Mesh | None = None, *, negative=None
     ``max_traces``: wrap the step in ``chex.assert_max_traces`` (raises on an unexpected re-trace).
     ``metrics``: loss, policy_loss, kl, (kl_ema), ratio/clip statistics, grad_norm, finite, step.
     """
-    _algorithm(config)
+    algorithm(config)
     tx = make_optimizer(config)
-    o, e = config.optim, config.ema
+    o = config.optim
+    e = config.ema
     kl_rate, kl_max = float(e.kl_decay_rate), float(e.kl_decay_max)
     grads_fn = _make_grads(graphdef, config, mesh)
 
@@ -515,26 +509,27 @@ def _placed_call(jitted, config, mesh: Mesh | None, negative, donate: bool) -> C
     """Wrap a jitted ``f(state, base, batch, key, neg)``: checks the batch and places every input on the
     mesh (state per the logical rules, batch over (data, fsdp), the unchanging base state once).
     With ``donate``, ``jitted`` is a factory ``(state_shardings, replicated) -> jitted function``."""
-    algo = _algorithm(config)
+    algo = algorithm(config)
     cache: dict = {}
 
     def run(state, base_state, batch: dict, key):
         batch = {k: jnp.asarray(v) for k, v in batch.items() if v is not None}
         _check_batch(batch, algo)
         if "fn" not in cache:
-            st_sh = _state_shardings(state, mesh)
+            st_sh = state_shardings(state, mesh)
             rep = None if mesh is None else parallel.replicated(mesh)
-            cache["sh"] = (st_sh, _state_shardings(base_state, mesh), rep)
+            cache["sh"] = (st_sh, state_shardings(base_state, mesh), rep)
             cache["fn"] = jitted(st_sh, rep) if donate else jitted
         st_sh, base_sh, rep = cache["sh"]
-        state = _place(state, st_sh)
-        base = _place_cached(base_state, base_sh)
+        state = place(state, st_sh)
+        base = place_once(base_state, base_sh)
         if mesh is not None:
             n = batch["advantages"].shape[0]
-            if n % _n_shards(mesh):
-                raise ValueError(f"train batch of {n} samples is not divisible by the {_n_shards(mesh)} "
+            if n % num_batch_shards(mesh):
+                raise ValueError(f"train batch of {n} samples is not divisible by the "
+                                 f"{num_batch_shards(mesh)} "
                                  f"batch shards of mesh {dict(mesh.shape)} (data x fsdp)")
-            batch = {k: _place(v, _batch_spec(mesh, v) if k not in ("times", "noise", "logp_old")
+            batch = {k: place(v, batch_sharding(mesh, v.ndim) if k not in ("times", "noise", "logp_old")
                                else NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"))))
                      for k, v in batch.items()}
             key = jax.device_put(key, rep)

@@ -184,24 +184,28 @@ def sample_sa_solver(velocity_fn: Callable, key, x_init, grid, noise_level: floa
 SAMPLERS = ("sa_solver", "euler_maruyama", "sde", "ode", "cps")
 
 
-def sample_final(sampler: str, velocity_fn: Callable, key, x_init, *, num_steps: int, shift: float = 3.0,
-                 noise_level: float = 0.0, t_window=(0.3, 0.9), context: Any = None):
-    """Final clean latents from a named rollout sampler (what AWM trains on) on the SD3 shift grid.
+def sample(sampler: str, velocity_fn: Callable, key, x_init, grid, *, noise_level: float = 0.0,
+           t_window=(0.3, 0.9), context: Any = None, trajectory: bool = False) -> dict:
+    """Run the named sampler on ``grid`` (the one dispatch used by rollouts, evaluation and pipelines).
 
-    ``sa_solver``: :func:`sample_sa_solver` on ``awm_sa_solver_grid(sd3_grid(num_steps, shift))``;
-    ``euler_maruyama`` / ``sde``: the Flow-GRPO SDE (:func:`sample_sde`, its ``final``); ``cps``:
-    :func:`sample_cps`; ``ode``: :func:`sample_ode`.  (Training times index the *untweaked* grid.)
+    ``sa_solver``: :func:`sample_sa_solver` on ``awm_sa_solver_grid(grid)`` (the AWM rollout grid tweaks;
+    training times index the *untweaked* grid); ``euler_maruyama`` / ``sde``: the Flow-GRPO SDE
+    (:func:`sample_sde`); ``cps``: :func:`sample_cps`; ``ode`` (or any sampler with ``noise_level == 0``
+    except SA-Solver): :func:`sample_ode`.  Returns ``{"x0": final latents}`` and, with ``trajectory`` for
+    ``sde`` / ``cps``, the trajectory fields ``latents, log_probs, timesteps, next_timesteps``.
     """
-    from awm_jax.sampling.schedules import awm_sa_solver_grid, sd3_grid
+    from awm_jax.sampling.schedules import awm_sa_solver_grid
 
-    g = sd3_grid(num_steps, shift)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler {sampler!r} unknown; expected one of {SAMPLERS}")
     if sampler == "sa_solver":
-        g = awm_sa_solver_grid(g)
-        return sample_sa_solver(velocity_fn, key, x_init, g, noise_level, t_window, context)
-    if sampler in ("euler_maruyama", "sde"):
-        return sample_sde(velocity_fn, key, x_init, g, noise_level, context)["final"]
-    if sampler == "cps":
-        return sample_cps(velocity_fn, key, x_init, g, noise_level, context)["final"]
-    if sampler == "ode":
-        return sample_ode(velocity_fn, x_init, g, context)
-    raise ValueError(f"sampler {sampler!r} unknown; expected one of {SAMPLERS}")
+        g = awm_sa_solver_grid(grid)
+        return {"x0": sample_sa_solver(velocity_fn, key, x_init, g, noise_level, t_window, context)}
+    if sampler == "ode" or (noise_level == 0.0 and not trajectory):
+        return {"x0": sample_ode(velocity_fn, x_init, grid, context)}
+    fn = sample_cps if sampler == "cps" else sample_sde
+    traj = fn(velocity_fn, key, x_init, grid, noise_level, context)
+    out = {"x0": traj["final"]}
+    if trajectory:
+        out.update({k: traj[k] for k in ("latents", "log_probs", "timesteps", "next_timesteps")})
+    return out

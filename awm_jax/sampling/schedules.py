@@ -33,9 +33,9 @@ def _check_steps(num_steps) -> int:
     return int(num_steps)
 
 
-def sd3_grid(num_steps: int, shift: float = 3.0, *, diffusers_exact: bool = True,
+def shifted_grid(num_steps: int, shift: float = 3.0, *, diffusers_exact: bool = True,
              num_train_timesteps: int = 1000) -> np.ndarray:
-    """Shifted grid of ``num_steps + 1`` times ending at 0 (SD3 / SD3.5 sampling schedule).
+    """Shifted grid of ``num_steps + 1`` times ending at 0 (the SD3 / SD3.5 flow-matching schedule).
 
     ``diffusers_exact=True`` (default, what the public AWM / Flow-GRPO code samples with) reproduces
     ``FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(num_steps).sigmas``: the unshifted

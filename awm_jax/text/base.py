@@ -111,6 +111,7 @@ class CachedTextEncoder:
     Args:
         encoder: an object with ``encode(prompts)`` or a function ``prompts -> (embeds, pooled)``.
         max_entries: LRU capacity in prompts (0 disables the LRU; pinned prompt sets are extra).
+        max_bytes: LRU capacity in bytes of the cached arrays (None: no byte bound; 0 disables the LRU).
         chunk_size: encode cache misses in chunks of at most this many prompts (None: all at once).
         fingerprint: identifies the encoder + settings for the disk cache; defaults to
             ``encoder.fingerprint`` when the encoder has one.
@@ -123,11 +124,14 @@ class CachedTextEncoder:
         encoder: TextEncoder | EncodeFn,
         *,
         max_entries: int = 256,
+        max_bytes: int | None = None,
         chunk_size: int | None = None,
         fingerprint: str | None = None,
     ):
         if max_entries < 0:
             raise ValueError(f"max_entries must be >= 0, got {max_entries}")
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0 or None, got {max_bytes}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
         if hasattr(encoder, "encode"):
@@ -142,6 +146,8 @@ class CachedTextEncoder:
             )
         self.encoder = encoder
         self.max_entries = int(max_entries)
+        self.max_bytes = None if max_bytes is None else int(max_bytes)
+        self.nbytes = 0  # bytes held by the LRU (pinned sets not counted)
         self.chunk_size = chunk_size
         self.fingerprint = fingerprint if fingerprint is not None else getattr(encoder, "fingerprint", None)
         self._lru: collections.OrderedDict[str, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
@@ -165,6 +171,7 @@ class CachedTextEncoder:
             self._lru.clear()
             self._pinned.clear()
             self.hits = self.misses = 0
+            self.nbytes = 0
 
     def _lookup(self, prompt: str) -> tuple[np.ndarray, np.ndarray] | None:
         if prompt in self._pinned:
@@ -175,12 +182,18 @@ class CachedTextEncoder:
         return None
 
     def _store(self, prompt: str, entry: tuple[np.ndarray, np.ndarray]) -> None:
-        if self.max_entries == 0 or prompt in self._pinned:
+        size = _entry_bytes(entry)
+        cap = np.inf if self.max_bytes is None else self.max_bytes
+        if self.max_entries == 0 or prompt in self._pinned or size > cap:
             return
+        if prompt in self._lru:
+            self.nbytes -= _entry_bytes(self._lru[prompt])
         self._lru[prompt] = entry
         self._lru.move_to_end(prompt)
-        while len(self._lru) > self.max_entries:
-            self._lru.popitem(last=False)
+        self.nbytes += size
+        while len(self._lru) > self.max_entries or self.nbytes > cap:
+            _, old = self._lru.popitem(last=False)
+            self.nbytes -= _entry_bytes(old)
 
     def encode_uncached(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Encode with the wrapped encoder in chunks of ``chunk_size``, bypassing (and not filling) caches."""
@@ -244,7 +257,9 @@ class CachedTextEncoder:
             _write_prompt_set(path, prompts, emb, pooled, fp)
         with self._lock:
             for i, p in enumerate(prompts):
-                self._lru.pop(p, None)
+                old = self._lru.pop(p, None)
+                if old is not None:
+                    self.nbytes -= _entry_bytes(old)
                 self._pinned[p] = (emb[i], pooled[i])
         return path
 
@@ -253,6 +268,10 @@ class CachedTextEncoder:
         if name in ("encoder", "__setstate__", "__getstate__"):
             raise AttributeError(name)
         return getattr(self.encoder, name)
+
+
+def _entry_bytes(entry: tuple[np.ndarray, np.ndarray]) -> int:
+    return int(sum(np.asarray(x).nbytes for x in entry))
 
 
 def _as_prompt_list(prompts: Sequence[str]) -> list[str]:

@@ -13,8 +13,6 @@ cache keyed by prompt. It snapshots the model's weights when constructed.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,30 +101,29 @@ def _apply(graphdef, state, ids):
 
 
 class ToyTextEncoder:
-    """Host text-encoder interface over a ``ToyTextModel`` (weights snapshotted at construction)."""
+    """Host text-encoder interface over a ``ToyTextModel`` (weights snapshotted at construction).
+
+    ``encode`` is LRU-cached by prompt through :class:`awm_jax.text.base.CachedTextEncoder` (``cache``);
+    ``encode_uncached`` runs the model.
+    """
 
     def __init__(self, model: ToyTextModel, cache_size: int = 4096):
         """``cache_size``: maximum number of prompts kept in the LRU cache."""
+        from awm_jax.text.base import CachedTextEncoder
+
         self.graphdef, self.state = nnx.split(model)
         self.max_tokens, self.dim, self.pooled_dim = model.max_tokens, model.dim, model.pooled_dim
-        self.cache_size = int(cache_size)
-        self._cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self.cache = CachedTextEncoder(self.encode_uncached, max_entries=int(cache_size))
 
-    def encode(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(prompt_embeds (B, T, D) np.float32, pooled (B, P) np.float32)."""
+    def encode_uncached(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(prompt_embeds (B, T, D) np.float32, pooled (B, P) np.float32), without the cache."""
         if isinstance(prompts, str):
             raise TypeError("encode expects a list of prompts, got a single string")
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if missing:
-            emb, pooled = _apply(self.graphdef, self.state, jnp.asarray(tokenize(missing, self.max_tokens)))
-            emb, pooled = np.asarray(emb, np.float32), np.asarray(pooled, np.float32)
-            for i, p in enumerate(missing):
-                self._cache[p] = (emb[i], pooled[i])
-        out_e, out_p = [], []
-        for p in prompts:
-            self._cache.move_to_end(p)
-            out_e.append(self._cache[p][0])
-            out_p.append(self._cache[p][1])
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return np.stack(out_e), np.stack(out_p)
+        emb, pooled = _apply(self.graphdef, self.state, jnp.asarray(tokenize(list(prompts), self.max_tokens)))
+        return np.asarray(emb, np.float32), np.asarray(pooled, np.float32)
+
+    def encode(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(prompt_embeds (B, T, D) np.float32, pooled (B, P) np.float32), LRU-cached by prompt."""
+        if isinstance(prompts, str):
+            raise TypeError("encode expects a list of prompts, got a single string")
+        return self.cache.encode(prompts)

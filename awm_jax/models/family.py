@@ -1,0 +1,210 @@
+"""Model families: what the samplers, the RL step, the trainer and the converters need to know of a model.
+
+A :class:`ModelFamily` describes one kind of transformer (SD3 / SD3.5, FLUX.1, the toy world's model):
+
+- **building**: ``build(cfg, rngs=..., dtype=..., param_dtype=..., lora=..., scan_layers=...,
+  remat_policy=...)`` and ``config_from_dict`` (its diffusers config), ``rebuild_kwargs(model)`` (how to
+  build the same model again, e.g. with other LoRA adapters or compute dtype), default LoRA targets
+  (``lora_targets``) and named architectures (``architectures``, for ``config.model.arch``);
+- **the velocity** ``velocity(model, x, t, context, **options) -> v`` (float32) in the project's units: ``t``
+  of shape ``(B,)`` in [0, 1] with t = 1 noise, ``x_t = (1 - t) x0 + t eps``, ``v ~ eps - x0``; ``context`` is
+  what the family's text encoder returns, ``(prompt_embeds (B,T,D), pooled (B,P))``; ``options`` come from
+  ``velocity_options(config)`` (e.g. FLUX's distilled guidance);
+- **latents**: ``latent_shape(cfg, height, width)`` is the shape the samplers work in (packed for FLUX) and
+  ``time_grid(num_steps, shift, latent_shape)`` the family's sampling grid;
+- **weights**: ``converter`` names the key map in ``awm_jax.convert.CONVERTERS`` (conversion, loading and LoRA
+  export), ``class_names`` the diffusers ``_class_name`` s, ``stacks(cfg)`` the scanned block stacks;
+- **pipeline**: ``load_pipeline(config)`` returns the trainer's pipeline (``text_encoder.encode``,
+  ``transformer``, ``decode``, ``latent_shape``) and ``model_config(path)`` the transformer config at a path.
+
+Families register themselves (:func:`register_family`) when their module is imported; :func:`get_family`
+imports the built-in ones on first use, so no core module imports a family it does not use (the toy world
+is one of them). Adding a family = one model module (with its registration), one key map, configs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from awm_jax.models.stacking import Stack
+
+__all__ = ["ModelFamily", "family_for_graph", "family_names", "family_of", "get_family", "graph_config",
+           "register_family"]
+
+# registry name -> module that registers it on import (imported lazily by get_family)
+BUILTIN_FAMILIES = {
+    "sd35": "awm_jax.models.mmdit",
+    "flux": "awm_jax.models.flux",
+    "toy": "awm_jax.toy.family",
+}
+_REGISTRY: dict[str, ModelFamily] = {}
+
+
+class ModelFamily:
+    """Base class and protocol of a model family (see the module docstring); subclasses set the class
+    attributes and implement the methods that raise ``NotImplementedError``."""
+
+    name: str = ""
+    model_class: type = nnx.Module
+    converter: str = ""
+    class_names: tuple[str, ...] = ()
+    lora_targets: tuple[str, ...] = ()
+    architectures: dict[str, dict] = {}
+    vae_scale_factor: int = 8
+    pipeline_loader: str = ""
+
+    # ---------------------------------------------------------------- building
+    def config_from_dict(self, d: dict, source: str = "config") -> Any:
+        """The model config of a diffusers ``config.json`` dict (unknown keys raise, naming ``source``)."""
+        raise NotImplementedError
+
+    def build(self, cfg, *, rngs: nnx.Rngs, dtype=None, param_dtype=None, lora=None,
+              scan_layers: bool = False, remat_policy: str = "none") -> nnx.Module:
+        """A new (randomly initialised) transformer of config ``cfg``."""
+        kw = {k: v for k, v in dict(dtype=dtype, param_dtype=param_dtype).items() if v is not None}
+        return self.model_class(cfg, rngs=rngs, lora=lora, scan_layers=scan_layers, remat_policy=remat_policy,
+                                **kw)
+
+    def rebuild_kwargs(self, model: nnx.Module) -> dict:
+        """Keyword arguments of :meth:`build` (besides ``rngs``) that rebuild ``model``'s architecture."""
+        return dict(cfg=model.config, dtype=model.dtype, param_dtype=model.param_dtype,
+                    scan_layers=model.scan_layers, remat_policy=model.remat_policy, lora=model.lora)
+
+    def architecture(self, arch: str) -> dict:
+        """The diffusers config dict of a named architecture (``config.model.arch``)."""
+        if arch not in self.architectures:
+            raise KeyError(f"model family {self.name!r} has no architecture {arch!r}; "
+                           f"known: {sorted(self.architectures)}")
+        return dict(self.architectures[arch])
+
+    def stacks(self, cfg) -> Sequence[Stack]:
+        """The model's scanned block stacks (per-layer <-> stacked parameter layout)."""
+        return ()
+
+    # ---------------------------------------------------------------- the velocity
+    def velocity(self, model: nnx.Module, x, t, context, **options):
+        """Velocity ``v(x, t)`` (float32) with ``t`` (B,) in [0, 1] and ``context = (embeds, pooled)``."""
+        raise NotImplementedError
+
+    def velocity_options(self, config) -> dict:
+        """Extra static inputs of :meth:`velocity` taken from the trainer config (default: none)."""
+        return {}
+
+    # ---------------------------------------------------------------- latents
+    def latent_shape(self, cfg, height: int, width: int) -> tuple[int, ...]:
+        """Shape of one latent as the samplers see it, for an image of ``height x width`` pixels."""
+        raise NotImplementedError
+
+    def time_grid(self, num_steps: int, shift: float, latent_shape: Sequence[int]) -> np.ndarray:
+        """The family's sampling grid (``num_steps + 1`` decreasing times ending at 0)."""
+        from awm_jax.sampling.schedules import shifted_grid
+
+        return shifted_grid(int(num_steps), float(shift))
+
+    # ---------------------------------------------------------------- weights and pipelines
+    def skip_tensor(self, key: str, value: np.ndarray, cfg, where: str) -> bool:
+        """True for stored tensors that are not model parameters (checked and dropped when loading)."""
+        return False
+
+    def model_config(self, path: str) -> dict:
+        """The transformer's diffusers config dict stored at ``path`` (diffusers, pipeline or Flax folder)."""
+        from awm_jax.convert import read_model_config
+
+        return read_model_config(path, self.converter)
+
+    def load_pipeline(self, config) -> Any:
+        """The trainer's pipeline for ``config.model`` (``text_encoder``, ``transformer``, ``decode``,
+        ``latent_shape``): by default ``pipeline_loader`` (``"module:function"``, imported on use, since
+        pipelines build on the models and not the other way round) called with ``config``."""
+        if not self.pipeline_loader:
+            raise NotImplementedError(f"model family {self.name!r} has no pipeline loader")
+        module, fn = self.pipeline_loader.split(":")
+        return getattr(importlib.import_module(module), fn)(config)
+
+    def __repr__(self) -> str:
+        return f"<ModelFamily {self.name}>"
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    """Add ``family`` to the registry under ``family.name`` (re-registering replaces it)."""
+    if not family.name:
+        raise ValueError(f"{type(family).__name__}: a model family needs a name")
+    _REGISTRY[family.name] = family
+    return family
+
+
+def get_family(name: str) -> ModelFamily:
+    """The family registered as ``name`` (built-in families are imported on first use)."""
+    if name not in _REGISTRY and name in BUILTIN_FAMILIES:
+        importlib.import_module(BUILTIN_FAMILIES[name])
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model family {name!r}; known: {family_names()}")
+    return _REGISTRY[name]
+
+
+def family_names() -> list[str]:
+    """Names of the registered and built-in families."""
+    return sorted(set(_REGISTRY) | set(BUILTIN_FAMILIES))
+
+
+def family_of(model: nnx.Module, prefer: str | None = None) -> ModelFamily:
+    """The family whose ``model_class`` ``model`` is (``prefer`` first: the toy world shares SD3's class)."""
+    if prefer is not None:
+        fam = get_family(prefer)
+        if isinstance(model, fam.model_class):
+            return fam
+    for name in BUILTIN_FAMILIES:
+        if name != "toy":
+            get_family(name)
+    for fam in _REGISTRY.values():
+        if type(model) is fam.model_class:
+            return fam
+    raise TypeError(f"{type(model).__name__} belongs to no registered model family ({family_names()})")
+
+
+def graph_config(graphdef) -> Any:
+    """The static ``config`` attribute of the root module of an ``nnx`` graphdef (None if it has none)."""
+    for item in getattr(graphdef, "attributes", ()):
+        if isinstance(item, tuple) and len(item) == 2 and item[0] == "config":
+            return getattr(item[1], "value", None)
+    return None
+
+
+def family_for_graph(graphdef, kind: str) -> ModelFamily:
+    """The family ``kind`` (``config.model.kind``), checked against the root module class of ``graphdef``."""
+    fam = get_family(kind)
+    nodes = getattr(graphdef, "nodes", None)
+    cls = getattr(nodes[0], "type", None) if nodes else None
+    if cls is not None and isinstance(cls, type) and not issubclass(cls, fam.model_class):
+        raise ValueError(f"config key model.kind = {kind!r} (model class {fam.model_class.__name__}) but the "
+                         f"model is a {cls.__name__}")
+    return fam
+
+
+def family_for_weights(config: dict, where: str) -> ModelFamily:
+    """The family of a transformer folder from its ``config.json`` (Flax model name or ``_class_name``)."""
+    from awm_jax.convert import ConversionError, is_flax_folder
+
+    for name in BUILTIN_FAMILIES:
+        if name != "toy":
+            try:
+                get_family(name)
+            except ImportError:
+                continue
+    model = config.get("awm_jax", {}).get("model") if is_flax_folder(config) else None
+    cls = config.get("_class_name")
+    if model is None and cls is None:  # a hand-written diffusers config without _class_name
+        return get_family("sd35")
+    for fam in _REGISTRY.values():
+        if fam.name == "toy":
+            continue
+        if (model is not None and model == fam.converter) or (model is None and cls in fam.class_names):
+            return fam
+    raise ConversionError(f"{where}/config.json: no model family for "
+                          f"{'Flax model ' + repr(model) if model else '_class_name ' + repr(cls)} "
+                          f"(families: {family_names()})")

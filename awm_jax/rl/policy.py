@@ -1,0 +1,69 @@
+"""The policy as the RL code sees it: the config's algorithm, the model family's velocity over split
+state, and classifier-free guidance.
+
+``velocity_model(graphdef, config)`` is ``fn(params, base, x, t, cond) -> v``: the graphdef merged with the
+trainable state (and the frozen base state for LoRA) and called through its family's ``velocity`` in the
+project's units (``t`` in [0, 1], ``cond = (prompt_embeds, pooled)``); :func:`guided` adds CFG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax.numpy as jnp
+from flax import nnx
+
+from awm_jax.models.family import ModelFamily, family_for_graph
+from awm_jax.sampling.samplers import classifier_free_guidance
+
+__all__ = ["ALGORITHMS", "algorithm", "guided", "is_full_finetune", "model_family", "velocity_model"]
+
+ALGORITHMS = ("awm", "flow_grpo")
+
+
+def algorithm(config) -> str:
+    """``config.algorithm``, validated."""
+    a = str(config.algorithm)
+    if a not in ALGORITHMS:
+        raise ValueError(f"config key algorithm = {a!r}: expected one of {ALGORITHMS}")
+    return a
+
+
+def is_full_finetune(config) -> bool:
+    """``config.lora.full_finetune``: every parameter is trained (no LoRA)."""
+    return bool(config.lora.full_finetune)
+
+
+def model_family(graphdef, config) -> ModelFamily:
+    """The family of ``config.model.kind``, checked against the model in ``graphdef``."""
+    return family_for_graph(graphdef, str(config.model.kind))
+
+
+def velocity_model(graphdef, config) -> Callable:
+    """``fn(params, base, x, t, cond) -> v`` (float32) through the model family's velocity."""
+    fam = model_family(graphdef, config)
+    full = is_full_finetune(config)
+    options = fam.velocity_options(config)
+
+    def fn(params, base, x, t, cond):
+        model = nnx.merge(graphdef, params) if full else nnx.merge(graphdef, params, base)
+        return fam.velocity(model, x, jnp.asarray(t, jnp.float32), tuple(cond), **options)
+
+    return fn
+
+
+def guided(model_fn: Callable, params, base, cond, neg, scale: float) -> Callable:
+    """2-argument velocity closure ``(x, t) -> v`` with classifier-free guidance when ``scale != 1``
+    (``neg``: the empty-prompt ``(embeds (1,T,D), pooled (1,P))``, broadcast to the batch)."""
+    def cond_fn(x, t, c):
+        return model_fn(params, base, x, t, c)
+
+    if scale == 1.0:
+        return lambda x, t: cond_fn(x, t, cond)
+    if neg is None:
+        raise ValueError(f"guidance_scale={scale} needs the empty-prompt embeddings: "
+                         "pass negative=(embeds, pooled)")
+    b = cond[0].shape[0]
+    uncond = tuple(jnp.broadcast_to(u, (b, *u.shape[1:])).astype(c.dtype) for u, c in zip(neg, cond))
+    cfg = classifier_free_guidance(cond_fn, scale)
+    return lambda x, t: cfg(x, t, (tuple(cond), uncond))
