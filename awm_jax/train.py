@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 
 from awm_jax import config_lib, parallel
-from awm_jax.checkpoint import Checkpointer
+from awm_jax.checkpoint import Checkpointer, CheckpointFormatError
 from awm_jax.data import GroupedSampler, load_dataset
 from awm_jax.logging_lib import TrainLogger
 from awm_jax.models.family import get_family
@@ -418,6 +418,9 @@ def main(argv=None) -> int:
         return 2
     try:
         run(config, workdir)
+    except CheckpointFormatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

@@ -240,6 +240,25 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     assert steps == [last] and last < 100000
 
 
+def test_old_positional_workdir_is_refused_by_name(tmp_path, capsys):
+    """A workdir of the old positional checkpoint layout: one error line naming the format, exit 2, and
+    nothing of the old run is touched."""
+    import orbax.checkpoint as ocp
+
+    ck = tmp_path / "checkpoints"
+    old = ocp.CheckpointManager(str(ck), item_names=("state", "meta"),
+                                options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
+    old.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave({"leaves": {"00000": np.zeros(2)}}),
+                                        meta=ocp.args.JsonSave({"step": 3})))
+    old.close()
+    before = sorted(os.listdir(ck / "3"))
+    args = _cli(str(tmp_path), "--config.max_steps=4")[0][3:]  # the CLI arguments, run in-process
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert "old positional layout" in err and "start a new --workdir" in err
+    assert sorted(os.listdir(ck)) == ["3"] and sorted(os.listdir(ck / "3")) == before
+
+
 def test_cli_unknown_key(tmp_path):
     args, env = _cli(str(tmp_path), "--config.optim.learning_rat=1")
     res = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -258,6 +258,16 @@ class Attention(nnx.Module):
 # ------------------------------------------------------------------------------------------ stacking
 
 
+def model_context(model: nnx.Module, config, *, rngs, dtype, param_dtype, scan_layers: bool,
+                  remat_policy: str, lora) -> dict:
+    """Set the attributes every family's transformer carries (``config, dtype, param_dtype, scan_layers,
+    remat_policy, lora``: what ``ModelFamily.rebuild_kwargs`` reads) and return the build context."""
+    block_caller(remat_policy)  # validate early
+    model.config, model.dtype, model.param_dtype = config, dtype, param_dtype
+    model.scan_layers, model.remat_policy, model.lora = bool(scan_layers), remat_policy, lora
+    return {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs, "lora": lora}
+
+
 def remat_policy(name: str):
     """``jax.checkpoint`` policy of a ``remat_policy`` name (validated); ``"none"`` and ``"full"`` -> None."""
     if name not in REMAT_POLICIES:

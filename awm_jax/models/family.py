@@ -10,8 +10,9 @@ A :class:`ModelFamily` describes one kind of transformer (SD3 / SD3.5, FLUX.1, t
   of shape ``(B,)`` in [0, 1] with t = 1 noise, ``x_t = (1 - t) x0 + t eps``, ``v ~ eps - x0``; ``context`` is
   what the family's text encoder returns, ``(prompt_embeds (B,T,D), pooled (B,P))``; ``options`` come from
   ``velocity_options(config)`` (e.g. FLUX's distilled guidance);
-- **latents**: ``latent_shape(cfg, height, width)`` is the shape the samplers work in (packed for FLUX) and
-  ``time_grid(num_steps, shift, latent_shape)`` the family's sampling grid;
+- **latents**: ``latent_shape(cfg, height, width)`` is the shape the samplers work in and
+  ``time_grid(num_steps, shift, latent_shape)`` the family's sampling grid (a family that packs latents, as
+  FLUX does 2x2, packs and unpacks inside ``velocity``);
 - **weights**: ``converter`` names the key map in ``awm_jax.convert.CONVERTERS`` (conversion, loading and LoRA
   export), ``class_names`` the diffusers ``_class_name`` s, ``stacks(cfg)`` the scanned block stacks;
 - **pipeline**: ``load_pipeline(config)`` returns the trainer's pipeline (``text_encoder.encode``,
@@ -192,10 +193,7 @@ def family_for_weights(config: dict, where: str) -> ModelFamily:
 
     for name in BUILTIN_FAMILIES:
         if name != "toy":
-            try:
-                get_family(name)
-            except ImportError:
-                continue
+            get_family(name)
     model = config.get("awm_jax", {}).get("model") if is_flax_folder(config) else None
     cls = config.get("_class_name")
     if model is None and cls is None:  # a hand-written diffusers config without _class_name

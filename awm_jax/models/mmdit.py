@@ -44,6 +44,7 @@ from awm_jax.models.blocks import (
     block_caller,
     linear,
     make_stack,
+    model_context,
     modulate,
     scan_stack,
 )
@@ -243,12 +244,9 @@ class SD3Transformer2DModel(nnx.Module):
 
     def __init__(self, config: SD3Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                  scan_layers: bool = False, remat_policy: str = "none", lora: LoRAConfig | None = None):
-        if isinstance(config, dict):
-            config = SD3Config.from_dict(config)
-        block_caller(remat_policy)  # validate early
-        self.config, self.dtype, self.param_dtype = config, dtype, param_dtype
-        self.scan_layers, self.remat_policy, self.lora = bool(scan_layers), remat_policy, lora
-        ctx = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs, "lora": lora}
+        config = SD3Config.from_dict(config) if isinstance(config, dict) else config
+        ctx = model_context(self, config, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                            scan_layers=scan_layers, remat_policy=remat_policy, lora=lora)
         d = config.inner_dim
         self.pos_embed = PatchEmbed(config, ctx)
         self.time_text_embed = TimestepTextEmbedding(d, config.pooled_projection_dim, "time_text_embed", ctx)
