@@ -37,7 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.arch = "sd3.5-medium"  # named architecture of the family (its `architectures`): plans from shapes
     m.path = ""  # directory of the transformer weights (converted or diffusers); "" = toy random init
     m.vae_path = ""  # VAE weights directory (sd35)
-    m.text_encoder_paths = ("", "", "")  # CLIP-L, CLIP-G, T5-XXL directories (sd35)
+    m.text_encoder_paths = ("", "", "")  # text encoder dirs, "" = in the pipeline folder (SD3: CLIP-L, G, T5)
     m.max_sequence_length = 128  # T5 tokens (the AWM code uses 128)
     m.resolution = 512  # image side in pixels
     m.dtype = "bfloat16"  # compute dtype of the transformer
@@ -205,6 +205,33 @@ def sd35m(task: str, algorithm: str = "awm", paper: bool = False) -> ml_collecti
         _flow_grpo(c, t)
     elif algorithm != "awm":
         raise ValueError(f"unknown algorithm {algorithm!r}")
+    return c
+
+
+def flux(task: str, algorithm: str = "awm", paper: bool = False) -> ml_collections.ConfigDict:
+    """FLUX.1-dev config for ``task`` in {geneval, ocr, pickscore}: the SD3.5-M task config with these keys
+    changed (the public AWM code ships no FLUX script; the values follow the AWM paper and Flow-GRPO's
+    ``pickscore_flux`` config)."""
+    c = sd35m(task, algorithm, paper)
+    c.model.kind = "flux"  # the FLUX.1 family (awm_jax.models.flux)
+    c.model.arch = "flux.1-dev"  # 19 double + 38 single blocks, 3072 wide, guidance embedding
+    c.model.path = "weights/flux.1-dev"  # diffusers FluxPipeline folder (transformer/ may be converted)
+    c.model.vae_path = ""  # "" = <path>/vae
+    c.model.text_encoder_paths = ("", "")  # CLIP-L, T5-XXL: read from the pipeline folder
+    c.model.max_sequence_length = 512  # FLUX's T5 length (FluxPipeline default; SD3.5: 128)
+    c.model.guidance = 3.5  # distilled guidance as a model input (no CFG), Flow-GRPO's flux configs
+    c.lora.rank = 64  # the paper: LoRA r 64, alpha 128 on FLUX (SD3.5: 32 / 64)
+    c.lora.alpha = 128.0
+    c.lora.targets = ()  # the family's default: attention + feed-forward projections of both block kinds
+    c.sample.guidance_scale = 1.0  # no CFG for FLUX.1-dev, in AWM and in Flow-GRPO
+    c.eval.num_steps = 28  # FluxPipeline's default and Flow-GRPO's FLUX eval steps (SD3.5: 40)
+    if paper:
+        c.sample.noise_level = 0.9  # Euler-Maruyama at FLUX's SDE noise level (SD3.5: 0.7)
+    if algorithm == "flow_grpo":
+        c.sample.num_steps = 6  # Flow-GRPO pickscore_flux: 6 rollout steps (SD3.5: 10)
+        c.sample.noise_level = 0.9  # FLUX SDE noise level a (SD3.5: 0.7)
+        if task == "pickscore":
+            c.flow_grpo.beta = 0.0  # pickscore_flux trains without the KL term
     return c
 
 

@@ -30,7 +30,7 @@ def test_shipped_set_is_complete():
     names = {os.path.basename(p)[:-3] for p in SHIPPED}
     for task in ("geneval", "ocr", "pickscore"):
         for suffix in ("", "_paper", "_flow_grpo"):
-            assert f"sd35m_{task}{suffix}" in names
+            assert f"sd35m_{task}{suffix}" in names and f"flux_{task}{suffix}" in names
     assert "toy" in names
 
 
@@ -53,6 +53,20 @@ def test_paper_variants():
         c = _load(f"sd35m_{task}_paper.py")
         assert c.sample.sampler == "euler_maruyama" and c.awm.train_timesteps == 4
         assert c.awm.weighting == "uniform" and c.awm.beta == beta and c.awm.ema_beta == 0.0
+
+
+def test_flux_configs():
+    for task in ("geneval", "ocr", "pickscore"):
+        a, g, pp = (_load(f"flux_{task}{s}.py") for s in ("", "_flow_grpo", "_paper"))
+        for c in (a, g, pp):
+            assert (c.model.kind, c.model.arch, c.model.max_sequence_length) == ("flux", "flux.1-dev", 512)
+            assert (c.lora.rank, c.lora.alpha, tuple(c.lora.targets)) == (64, 128.0, ())  # family default
+            assert c.sample.guidance_scale == 1.0 and c.model.guidance == 3.5  # no CFG: distilled guidance
+        assert g.sample.sampler == "sde" and g.sample.noise_level == 0.9 and g.sample.num_steps == 6
+        assert pp.sample.sampler == "euler_maruyama" and pp.sample.noise_level == 0.9
+        diff = _diff(a.to_dict(), g.to_dict())
+        assert all(k == "algorithm" or k.startswith(("sample.", "flow_grpo.")) for k in diff), diff
+    assert _load("flux_pickscore_flow_grpo.py").flow_grpo.beta == 0.0
 
 
 def _diff(a, b, prefix=""):
@@ -139,17 +153,18 @@ def test_missing_config_file():
 
 
 @functools.cache
-def _abstract_sizes(arch_items, rank, alpha, targets):
+def _abstract_sizes(kind, arch_items, rank, alpha, targets):
     """(base params, LoRA params) of the abstract model (nnx.eval_shape: no weights, no FLOPs)."""
     from flax import nnx
 
+    from awm_jax.models import get_family
     from awm_jax.models.lora import LoRAConfig, LoRAParam
-    from awm_jax.models.mmdit import SD3Config, SD3Transformer2DModel
 
-    tcfg = SD3Config.from_dict(dict(arch_items))
+    fam = get_family(kind)
+    tcfg = fam.config_from_dict(dict(arch_items))
     lora = LoRAConfig(rank=rank, alpha=alpha, target_modules=targets)
     # scan_layers: stacked blocks trace once (same parameter count as the per-layer layout, much faster)
-    model = nnx.eval_shape(lambda: SD3Transformer2DModel(tcfg, rngs=nnx.Rngs(0), lora=lora, scan_layers=True))
+    model = nnx.eval_shape(lambda: fam.build(tcfg, rngs=nnx.Rngs(0), lora=lora, scan_layers=True))
     n_lora = sum(x.size for x in jax.tree.leaves(nnx.state(model, LoRAParam)))
     n_all = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     return n_all - n_lora, n_lora
@@ -165,12 +180,15 @@ def test_model_shapes_from_config(path):
 
     targets = lora_config(cfg).target_modules  # () in a config: the model family's default targets
     assert targets
-    n_base, n_lora = _abstract_sizes(items, cfg.lora.rank, cfg.lora.alpha, tuple(targets))
+    n_base, n_lora = _abstract_sizes(cfg.model.kind, items, cfg.lora.rank, cfg.lora.alpha, tuple(targets))
     if cfg.model.arch == "sd3.5-medium":
         assert arch["num_layers"] == 24 and arch["num_attention_heads"] * arch["attention_head_dim"] == 1536
         assert 2.2e9 < n_base < 2.3e9, n_base  # SD3.5 Medium transformer: 2.24B parameters
         # r=32 on 8 attention projections of 24 blocks (+ 13 dual-attention ones), ~24M
         assert 20e6 < n_lora < 30e6, n_lora
+    elif cfg.model.arch == "flux.1-dev":
+        assert 11.8e9 < n_base < 12.0e9, n_base  # FLUX.1-dev transformer: 11.9B parameters
+        assert 100e6 < n_lora < 400e6, n_lora  # r=64 on attention + feed-forward of 19 + 38 blocks
     else:
         assert n_base < 20e6 and n_lora > 0
 
