@@ -65,13 +65,18 @@ def test_trainable_alone_by_name_without_target(tmp_path):
     ro.close()
 
 
+def write_positional_checkpoint(directory, step: int) -> None:
+    """A checkpoint in the old positional layout (one ``state`` item of numbered leaves + ``meta``)."""
+    old = ocp.CheckpointManager(str(directory), item_names=("state", "meta"),
+                                options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
+    old.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"leaves": {"00000": np.zeros(2)}}),
+                                           meta=ocp.args.JsonSave({"step": step})))
+    old.close()
+
+
 def test_old_positional_layout_is_named(tmp_path):
     d = tmp_path / "ck"
-    old = ocp.CheckpointManager(str(d), item_names=("state", "meta"),
-                                options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
-    old.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave({"leaves": {"00000": np.zeros(2)}}),
-                                        meta=ocp.args.JsonSave({"step": 4})))
-    old.close()
+    write_positional_checkpoint(d, 4)
     ck = Checkpointer(str(d), async_save=False)
     with pytest.raises(CheckpointFormatError, match="old positional layout.*start a new --workdir"):
         ck.restore_latest(_templates())

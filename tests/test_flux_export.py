@@ -2,13 +2,12 @@
 (tiny random dev-variant ``FluxTransformer2DModel``), bad modules raise; smoke test of
 ``benchmarks/flux_memory_plan.py`` on a tiny config.
 
-The torch oracle runs with correctly rounded timestep frequencies (``_exact_timestep_embedding``, the same
+The torch oracle runs with correctly rounded timestep frequencies (``tests.flux_oracle``, the same
 patch as ``tests/test_flux_model.py``): torch's float32 CPU ``exp`` is off by 1 ulp for a few frequencies,
 which the random models turn into ~1e-5 of the output at guidance 3.5.
 """
 
 import importlib.util
-import math
 import pathlib
 import sys
 
@@ -23,6 +22,7 @@ from awm_jax.convert import lora_export as le
 from awm_jax.models import load_transformer, transformer_params
 from awm_jax.models.flux import FLUX_LORA_TARGETS
 from awm_jax.models.lora import LoRAConfig, LoRAParam
+from tests.flux_oracle import oracle
 
 CFG = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
            num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=12, axes_dims_rope=(4, 6, 6),
@@ -31,19 +31,6 @@ INFO = dict(model="flux", rank=4, alpha=8.0, base_model="tiny-flux", algorithm="
             step=5, which="policy")
 TOL = 1e-5
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _exact_timestep_embedding(timesteps, embedding_dim, flip_sin_to_cos=False, downscale_freq_shift=1,
-                              scale=1, max_period=10000):
-    """diffusers' ``get_timestep_embedding`` with correctly rounded frequencies (see the module docstring)."""
-    half = embedding_dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32) / (half - downscale_freq_shift)
-    freqs = torch.from_numpy(np.exp(exponent.numpy().astype(np.float64)).astype(np.float32))
-    emb = scale * (timesteps[:, None].float() * freqs[None, :])
-    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=-1)
-    if flip_sin_to_cos:
-        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
-    return torch.nn.functional.pad(emb, (0, 1, 0, 0)) if embedding_dim % 2 else emb
 
 
 def _key(path):
@@ -68,11 +55,8 @@ def _inputs(seed=0):
 
 
 def _torch_out(m, inputs):
-    import diffusers.models.embeddings as embeddings
-
     kw = {k: torch.from_numpy(v) for k, v in inputs.items()}
-    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
-        mp.setattr(embeddings, "get_timestep_embedding", _exact_timestep_embedding)
+    with oracle():
         return m.eval()(**kw, return_dict=False)[0].numpy()
 
 

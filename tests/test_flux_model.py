@@ -1,9 +1,7 @@
 """Parity of the Flax NNX FLUX.1 transformer with diffusers' ``FluxTransformer2DModel`` (tiny random models),
 scan / remat / LoRA / sharding names, input errors, and the ``FluxFamily`` (packing, ids, grid)."""
 
-import contextlib
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +22,7 @@ from awm_jax.models.flux import (
 from awm_jax.models.lora import LoRAConfig, LoRAParam, lora_paths, split_lora, zero_lora
 from awm_jax.models.stacking import stack_state, unstack_state
 from awm_jax.parallel import LOGICAL_AXIS_RULES
+from tests.flux_oracle import exact_timestep_embedding, oracle
 
 BASE = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=12, axes_dims_rope=(4, 6, 6))
@@ -38,7 +37,7 @@ EXTRA = {"small": dict(BASE, num_layers=1, num_single_layers=2)}  # remat gradie
 # (packed grid h2 x w2, text length): non-square both ways, two text lengths
 CASES = [((2, 3), 5), ((3, 2), 7)]
 FP32_TOL = 1e-5
-RAW_TOL = 5e-5  # vs pristine diffusers (torch's not correctly rounded exp): see _exact_timestep_embedding
+RAW_TOL = 5e-5  # vs pristine diffusers (torch's not correctly rounded exp): see exact_timestep_embedding
 BF16_TOL = 3e-2
 
 
@@ -95,39 +94,9 @@ def _inputs(name, grid, t_len, batch=2, seed=0):
         guidance=np.array([3.5, 1.5, 2.0][:batch], np.float32) if c.get("guidance_embeds") else None)
 
 
-def _exact_timestep_embedding(timesteps, embedding_dim, flip_sin_to_cos=False, downscale_freq_shift=1,
-                              scale=1, max_period=10000):
-    """diffusers' ``get_timestep_embedding`` with correctly rounded frequencies ``exp(exponent)``.
-
-    torch's float32 CPU ``exp`` is not correctly rounded (here 3 of FLUX's 128 frequencies are 1 ulp off), and
-    ``sin(1000 * g * f)`` turns 1 ulp of ``f`` into ~1e-4 of the embedding at guidance 3.5 / t near 1, about
-    1.5e-5 of these random models' output. The Flax model uses correctly rounded frequencies (deterministic,
-    unlike libm), so the strict parity checks give the oracle the same ones; everything else is diffusers'.
-    """
-    half = embedding_dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32) / (half - downscale_freq_shift)
-    freqs = torch.from_numpy(np.exp(exponent.numpy().astype(np.float64)).astype(np.float32))
-    emb = scale * (timesteps[:, None].float() * freqs[None, :])
-    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=-1)
-    if flip_sin_to_cos:
-        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
-    return torch.nn.functional.pad(emb, (0, 1, 0, 0)) if embedding_dim % 2 else emb
-
-
-@contextlib.contextmanager
-def _oracle(exact_freqs=True):
-    """no_grad, and (by default) diffusers with correctly rounded timestep frequencies (see above)."""
-    import diffusers.models.embeddings as embeddings
-
-    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
-        if exact_freqs:
-            mp.setattr(embeddings, "get_timestep_embedding", _exact_timestep_embedding)
-        yield
-
-
 def _ref(tm, inputs, exact_freqs=True):
     kw = {k: None if v is None else torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
-    with _oracle(exact_freqs):
+    with oracle(exact_freqs):
         return tm(**kw, return_dict=False)[0].numpy()
 
 
@@ -182,12 +151,12 @@ def test_exact_frequency_oracle_is_diffusers_formula():
 
     t = torch.tensor([0.0, 0.37, 1.0, 2.5])  # small arguments: 1 ulp of a frequency is invisible here
     for dim, shift in ((256, 0.0), (255, 1.0)):
-        a = _exact_timestep_embedding(t, dim, True, shift)
+        a = exact_timestep_embedding(t, dim, True, shift)
         b = get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=shift)
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     big = torch.tensor([3500.0])
-    assert float((_exact_timestep_embedding(big, 256, True, 0) - get_timestep_embedding(big, 256, True, 0))
+    assert float((exact_timestep_embedding(big, 256, True, 0) - get_timestep_embedding(big, 256, True, 0))
                  .abs().max()) < 1e-3
 
 
@@ -387,7 +356,7 @@ def test_family_velocity_matches_diffusers_packed():
         assert vel.shape == x.shape and vel.dtype == jnp.float32
         packed = FluxPipeline._pack_latents(torch.from_numpy(x), b, 4, h, w)
         img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
-        with _oracle():
+        with oracle():
             out = tm(hidden_states=packed, encoder_hidden_states=torch.from_numpy(emb),
                      pooled_projections=torch.from_numpy(pooled), timestep=torch.from_numpy(t),
                      img_ids=img_ids, txt_ids=torch.zeros(t_len, 3),

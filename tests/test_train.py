@@ -243,14 +243,10 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
 def test_old_positional_workdir_is_refused_by_name(tmp_path, capsys):
     """A workdir of the old positional checkpoint layout: one error line naming the format, exit 2, and
     nothing of the old run is touched."""
-    import orbax.checkpoint as ocp
+    from tests.test_checkpoint import write_positional_checkpoint
 
     ck = tmp_path / "checkpoints"
-    old = ocp.CheckpointManager(str(ck), item_names=("state", "meta"),
-                                options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
-    old.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave({"leaves": {"00000": np.zeros(2)}}),
-                                        meta=ocp.args.JsonSave({"step": 3})))
-    old.close()
+    write_positional_checkpoint(ck, 3)
     before = sorted(os.listdir(ck / "3"))
     args = _cli(str(tmp_path), "--config.max_steps=4")[0][3:]  # the CLI arguments, run in-process
     assert train.main(args) == 2

@@ -25,6 +25,7 @@ is one of them). Adding a family = one model module (with its registration), one
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Sequence
 from typing import Any
@@ -129,6 +130,25 @@ class ModelFamily:
 
     def __repr__(self) -> str:
         return f"<ModelFamily {self.name}>"
+
+
+def config_from_diffusers(cls, d: dict, source: str, class_name: str):
+    """The config dataclass ``cls`` of a diffusers ``config.json`` dict: ``_``-prefixed keys ignored, unknown
+    or invalid keys raise ``ValueError`` naming ``source`` and the diffusers ``class_name``."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in dict(d).items() if not k.startswith("_")}
+    unknown = sorted(set(kw) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown {class_name} config keys {unknown}")
+    try:
+        return cls(**kw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: invalid {class_name} config: {e}") from e
+
+
+def config_to_diffusers(cfg) -> dict:
+    """The diffusers-style config dict of a config dataclass (lists for tuples)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
 def register_family(family: ModelFamily) -> ModelFamily:

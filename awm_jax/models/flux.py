@@ -48,7 +48,7 @@ from awm_jax.models.blocks import (
     modulate,
     scan_stack,
 )
-from awm_jax.models.family import ModelFamily, register_family
+from awm_jax.models.family import ModelFamily, config_from_diffusers, config_to_diffusers, register_family
 from awm_jax.models.layers import LayerNorm, gelu_tanh
 from awm_jax.models.lora import LoRAConfig
 from awm_jax.models.stacking import Stack
@@ -123,21 +123,11 @@ class FluxConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> FluxConfig:
         """Build from a diffusers ``config.json`` dict; ``_``-prefixed keys ignored, unknown keys raise."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in dict(d).items() if not k.startswith("_")}
-        unknown = sorted(set(kw) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown {NAME} config keys {unknown}")
-        try:
-            return cls(**kw)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: invalid {NAME} config: {e}") from e
+        return config_from_diffusers(cls, d, source, NAME)
 
     def to_dict(self) -> dict[str, Any]:
         """The diffusers-style config dict (lists for tuples)."""
-        d = dataclasses.asdict(self)
-        d["axes_dims_rope"] = list(self.axes_dims_rope)
-        return d
+        return config_to_diffusers(self)
 
 
 def stacks(config: FluxConfig) -> tuple[Stack, Stack]:
@@ -424,6 +414,7 @@ class FluxFamily(ModelFamily):
     lora_targets = FLUX_LORA_TARGETS
     architectures = {"flux.1-dev": _arch(True), "flux.1-schnell": _arch(False)}
     vae_scale_factor = 8
+    pipeline_loader = "awm_jax.pipelines.flux:load_flux_pipeline"
 
     def config_from_dict(self, d, source="config"):
         return FluxConfig.from_dict(dict(d), source=source)

@@ -48,7 +48,7 @@ from awm_jax.models.blocks import (
     modulate,
     scan_stack,
 )
-from awm_jax.models.family import ModelFamily, register_family
+from awm_jax.models.family import ModelFamily, config_from_diffusers, config_to_diffusers, register_family
 from awm_jax.models.layers import LayerNorm
 from awm_jax.models.lora import SD35_TARGETS, LoRAConfig
 from awm_jax.models.stacking import Stack
@@ -116,15 +116,7 @@ class SD3Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> SD3Config:
         """Build from a diffusers ``config.json`` dict; ``_``-prefixed keys ignored, unknown keys raise."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if not k.startswith("_")}
-        unknown = sorted(set(kw) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown SD3Transformer2DModel config keys {unknown}")
-        try:
-            return cls(**kw)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: invalid SD3Transformer2DModel config: {e}") from e
+        return config_from_diffusers(cls, d, source, "SD3Transformer2DModel")
 
     @classmethod
     def from_json(cls, path: str | pathlib.Path) -> SD3Config:
@@ -138,9 +130,7 @@ class SD3Config:
 
     def to_dict(self) -> dict[str, Any]:
         """The diffusers-style config dict (lists for tuples)."""
-        d = dataclasses.asdict(self)
-        d["dual_attention_layers"] = list(self.dual_attention_layers)
-        return d
+        return config_to_diffusers(self)
 
 
 # ----------------------------------------------------------------------------------------------
