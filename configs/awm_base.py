@@ -76,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     s.noise_level = 0.4  # SA-Solver tau / SDE noise level a
     s.noise_t_min = 0.3  # SA-Solver: stochastic only for noise_t_min <= t <= noise_t_max
     s.noise_t_max = 0.9  # upper end of the stochastic window
-    s.shift = 3.0  # SD3 time shift of the sampling grid
+    s.shift = 3.0  # time shift of the sampling grid (SD3: 3; FLUX: 0 = dynamic by resolution)
     s.guidance_scale = 1.0  # classifier-free guidance in rollouts and Flow-GRPO training (1.0 = none, as AWM)
     s.batch_size = 8  # rollout micro-batch per device (memory knob only; results do not depend on it)
 
@@ -224,6 +224,7 @@ def flux(task: str, algorithm: str = "awm", paper: bool = False) -> ml_collectio
     c.lora.alpha = 128.0
     c.lora.targets = ()  # the family's default: attention + feed-forward projections of both block kinds
     c.sample.guidance_scale = 1.0  # no CFG for FLUX.1-dev, in AWM and in Flow-GRPO
+    c.sample.shift = 0.0  # FLUX: 0 = resolution-dependent (dynamic) shift of FLUX.1-dev; schnell: 1.0
     c.eval.num_steps = 28  # FluxPipeline's default and Flow-GRPO's FLUX eval steps (SD3.5: 40)
     if paper:
         c.sample.noise_level = 0.9  # Euler-Maruyama at FLUX's SDE noise level (SD3.5: 0.7)

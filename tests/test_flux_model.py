@@ -387,7 +387,7 @@ def test_family_shapes_grid_and_options():
     for n, (lh, lw) in ((4, (64, 64)), (28, (128, 96)), (10, (32, 48))):
         seq = (lh // 2) * (lw // 2)
         sched.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), mu=calculate_shift(seq, 256, 4096, 0.5, 1.15))
-        grid = fam.time_grid(n, 3.0, (16, lh, lw))
+        grid = fam.time_grid(n, 0.0, (16, lh, lw))  # shift 0: dynamic (FLUX.1-dev's scheduler)
         assert grid.shape == (n + 1,) and grid[-1] == 0
         np.testing.assert_allclose(grid, sched.sigmas.numpy(), rtol=0, atol=1e-6)
     from awm_jax import config_lib
@@ -398,8 +398,9 @@ def test_family_shapes_grid_and_options():
     grouped = [s.grouped for s in fam.stacks(cfg)]
     assert grouped == ["transformer_block_groups", "single_transformer_block_groups"]
     assert fam.stacks(cfg)[1].groups == ((0, 38),)
-    with pytest.raises(NotImplementedError, match="no pipeline loader"):
-        fam.load_pipeline(tc)
+    assert fam.pipeline_loader == "awm_jax.pipelines.flux:load_flux_pipeline"
+    static = fam.time_grid(4, 1.0, (16, 8, 8))  # FLUX.1-schnell's static shift 1: the plain sigmas
+    np.testing.assert_allclose(static, [1.0, 0.75, 0.5, 0.25, 0.0], atol=1e-12)
 
 
 def test_full_size_architectures_match_diffusers():

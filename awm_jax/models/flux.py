@@ -461,10 +461,16 @@ class FluxFamily(ModelFamily):
         return (int(cfg.in_channels) // 4, height // f, width // f)
 
     def time_grid(self, num_steps, shift, latent_shape):
-        """FluxPipeline's grid for this latent size (``shift`` is ignored: FLUX shifts by resolution)."""
-        from awm_jax.sampling.schedules import flux_grid, flux_image_seq_len
+        """FluxPipeline's sigmas ``linspace(1, 1/N, N)`` + 0: ``shift <= 0`` shifts them by resolution (the
+        dynamic shift of FLUX.1-dev's scheduler), ``shift > 0`` statically (FLUX.1-schnell's scheduler: 1)."""
+        from awm_jax.sampling.schedules import flux_grid, flux_image_seq_len, shift_times
 
-        return flux_grid(int(num_steps), image_seq_len=flux_image_seq_len(latent_shape))
+        n = int(num_steps)
+        if float(shift) <= 0:
+            return flux_grid(n, image_seq_len=flux_image_seq_len(latent_shape))
+        if n < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        return np.concatenate([shift_times(np.linspace(1.0, 1.0 / n, n), float(shift)), [0.0]])
 
 
 register_family(FluxFamily())
