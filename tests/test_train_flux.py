@@ -62,7 +62,7 @@ def _check_records(m):
 
 def test_flux_awm_two_steps_and_export(tiny_flux, tmp_path):
     import torch
-    from diffusers import FluxTransformer2DModel
+    from diffusers import FluxPipeline, FluxTransformer2DModel
 
     from awm_jax.checkpoint import Checkpointer
     from awm_jax.convert.lora_export import PEFT_WEIGHTS
@@ -96,6 +96,12 @@ def test_flux_awm_two_steps_and_export(tiny_flux, tmp_path):
     np.testing.assert_allclose(lb[key].detach().numpy(), params["transformer_blocks.0.attn.to_q.lora_b"].T,
                                rtol=0, atol=0)
     assert isinstance(lb[key], torch.nn.Parameter)
+    pipe = FluxPipeline.from_pretrained(tiny_flux)  # the pipeline-level loader takes the same folder
+    pipe.load_lora_weights(str(dst))
+    got = dict(pipe.transformer.named_parameters())
+    keys = [k for k in got if "lora_B" in k]
+    assert len(keys) == len(b)
+    np.testing.assert_array_equal(got[key].detach().numpy(), lb[key].detach().numpy())
     ck = Checkpointer(str(work / "checkpoints"), read_only=True)
     try:
         assert {"trainable", "opt_state", "kl_ema", "rng", "meta", "config"} <= ck.items_at(2)
