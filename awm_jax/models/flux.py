@@ -72,7 +72,8 @@ FULL_SINGLE_LAYERS = 38
 # attention and the MLP branch: without it the single-stream half of the network has no adapted output).
 # A bare "proj_out" suffix would also adapt the final top-level ``proj_out`` (the velocity read-out, left
 # frozen like the embedders and adaLN modulations), so the single blocks' ``proj_out`` are listed by full
-# path, one per layer of the full-size models (38 single blocks).
+# path, one per layer of the full-size models (38 single blocks). Flow-GRPO's FLUX trainer (the public AWM
+# code has none) adapts only the first 12 entries; ``lora.targets`` set to those reproduces its layout.
 FLUX_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
                      "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
                      "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp") + tuple(

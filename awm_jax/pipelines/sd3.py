@@ -15,11 +15,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from awm_jax.models.vae import AutoencoderKL, latents_to_images_uint8, make_decode_fn
+from awm_jax.models.vae import AutoencoderKL
+from awm_jax.pipelines.base import (
+    T2IPipeline,
+    check_text_encoder_paths,
+    model_dtypes,
+    model_section,
+    pipeline_root,
+)
 
 
 def _scheduler_shift(root: pathlib.Path) -> float:
@@ -36,40 +41,20 @@ def _scheduler_shift(root: pathlib.Path) -> float:
 
 
 @dataclasses.dataclass
-class SD3Pipeline:
+class SD3Pipeline(T2IPipeline):
     """SD3 pipeline components and sampling (see the module docstring).
 
-    ``height``/``width`` are the image size (default: transformer ``sample_size`` x VAE factor, as diffusers).
+    ``height``/``width`` are the image size (default: transformer ``sample_size`` x VAE factor, as diffusers);
+    ``shift`` is the scheduler's static sigma shift.
     """
 
-    transformer: nnx.Module
-    vae: AutoencoderKL
-    text_encoder: Any
     shift: float
-    height: int
-    width: int
-    _decode_fn: Callable | None = dataclasses.field(default=None, repr=False)
-    _velocity: dict = dataclasses.field(default_factory=dict, repr=False)
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return self.vae.config.downsample_factor
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         """(C, h, w) of one latent."""
         f = self.vae_scale_factor
         return (self.transformer.config.in_channels, self.height // f, self.width // f)
-
-    def decode(self, latents: jax.Array) -> jax.Array:
-        """Model-space latents (B, C, h, w) -> uint8 images (B, H, W, 3) (jitted; callable inside jit)."""
-        if self._decode_fn is None:
-            self._decode_fn = make_decode_fn(self.vae)
-        return self._decode_fn(latents)
-
-    def decode_pure(self, vae_state, latents: jax.Array) -> jax.Array:
-        """Decode with explicit VAE state (``nnx.state(self.vae)``): for callers that jit it themselves."""
-        return latents_to_images_uint8(nnx.merge(nnx.graphdef(self.vae), vae_state), latents)
 
     def velocity_fn(self, guidance_scale: float = 1.0) -> Callable:
         """``velocity_fn(x, t, context)`` for ``awm_jax.sampling`` with ``context = (state, cond, uncond)``.
@@ -78,14 +63,13 @@ class SD3Pipeline:
         (``uncond`` is ignored when ``guidance_scale == 1``). ``t`` in [0, 1] -> timestep ``1000 t``.
         Cached per guidance scale so the samplers' jit cache is reused.
         """
-        from awm_jax.models.family import family_of
         from awm_jax.sampling import classifier_free_guidance
 
         scale = float(guidance_scale)
         if scale in self._velocity:
             return self._velocity[scale]
         graphdef = nnx.graphdef(self.transformer)
-        family = family_of(self.transformer)
+        family = self.family
 
         def velocity(x, t, context):
             state, cond, uncond = context
@@ -105,33 +89,17 @@ class SD3Pipeline:
 
         Initial noise: ``latents`` if given, else ``N(0, I)`` drawn with ``key``.
         """
-        from awm_jax.models.family import family_of
-        from awm_jax.sampling import init_latents, sample_ode
+        from awm_jax.sampling import sample_ode
 
         prompts = list(prompts)
-        if not prompts:
-            raise ValueError("sample_latents: no prompts")
-        if latents is None:
-            if key is None:
-                raise ValueError("sample_latents: give a PRNG key or initial latents")
-            latents = init_latents(key, len(prompts), self.latent_shape)
-        latents = jnp.asarray(latents, jnp.float32)
-        if latents.shape != (len(prompts), *self.latent_shape):
-            raise ValueError(f"sample_latents: latents shape {tuple(latents.shape)} != "
-                             f"{(len(prompts), *self.latent_shape)}")
-        emb, pooled = self.text_encoder.encode(prompts)
-        cond = (jnp.asarray(emb), jnp.asarray(pooled))
+        latents = self.initial_latents(len(prompts), key, latents)
+        cond = self.encode(prompts)
         uncond = cond
         if guidance_scale != 1.0:
-            emb_u, pooled_u = self.text_encoder.encode([negative_prompt] * len(prompts))
-            uncond = (jnp.asarray(emb_u), jnp.asarray(pooled_u))
-        grid = family_of(self.transformer).time_grid(num_steps, self.shift, self.latent_shape)
+            uncond = self.encode([negative_prompt] * len(prompts))
+        grid = self.family.time_grid(num_steps, self.shift, self.latent_shape)
         context = (nnx.state(self.transformer), cond, uncond)
         return sample_ode(self.velocity_fn(guidance_scale), latents, grid, context)
-
-    def __call__(self, prompts: Sequence[str], **kwargs) -> np.ndarray:
-        """Sample and decode: uint8 images (B, H, W, 3) as numpy (kwargs of :meth:`sample_latents`)."""
-        return np.asarray(self.decode(self.sample_latents(prompts, **kwargs)))
 
 
 def load_sd3(pipeline_dir: str | pathlib.Path, *, height: int | None = None, width: int | None = None,
@@ -179,15 +147,6 @@ def assemble(root: pathlib.Path, transformer: nnx.Module, vae: AutoencoderKL, te
 _TEXT_SUBFOLDERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
-def _pipeline_root(model_path: str) -> pathlib.Path:
-    p = pathlib.Path(model_path)
-    for cand in (p, p.parent):
-        if (cand / "model_index.json").exists():
-            return cand
-    raise FileNotFoundError(f"config model.path={model_path!r}: neither it nor its parent is a diffusers "
-                            "pipeline folder (model_index.json); the SD3 pipeline needs the tokenizers there")
-
-
 def load_sd3_pipeline(config) -> SD3Pipeline:
     """The trainer's entry: an :class:`SD3Pipeline` from ``config.model`` (ConfigDict or dict).
 
@@ -196,22 +155,14 @@ def load_sd3_pipeline(config) -> SD3Pipeline:
     or "": the tokenizers are read from the same pipeline folder), ``model.resolution``, ``model.dtype``,
     ``model.param_dtype``, ``model.max_sequence_length``, ``model.scan_layers``, ``model.remat_policy``.
     """
-    import ml_collections
-
     from awm_jax.models import load_transformer, load_vae
     from awm_jax.text.sd3 import SD3TextEncoders
 
-    m = ml_collections.ConfigDict(config["model"]) if isinstance(config, dict) else config.model
-    if not m.path:
-        raise ValueError("config model.path is empty: give the SD3 pipeline folder (or its transformer/)")
-    root = _pipeline_root(m.path)
+    m = model_section(config) if isinstance(config, dict) else config.model
+    root = pipeline_root(m.path, "SD3")
     paths = tuple(m.text_encoder_paths or ())
-    for sub, given in zip(_TEXT_SUBFOLDERS, paths, strict=False):
-        if given and pathlib.Path(given).resolve() != (root / sub).resolve():
-            raise ValueError(f"config model.text_encoder_paths entry {given!r} is not {root / sub}: text "
-                             "encoders and tokenizers are loaded from the pipeline folder of model.path")
-    dtype = None if m.dtype == "float32" else jnp.dtype(m.dtype)
-    param_dtype = jnp.dtype(m.param_dtype)
+    check_text_encoder_paths(root, paths, _TEXT_SUBFOLDERS)
+    dtype, param_dtype = model_dtypes(m)
     transformer = load_transformer(m.path, dtype=dtype, param_dtype=param_dtype, family="sd35",
                                    scan_layers=bool(m.scan_layers), remat_policy=str(m.remat_policy))
     vae = load_vae(m.vae_path or root)

@@ -2,7 +2,8 @@
 
 ``TextEncoder`` is the interface (``encode(prompts) -> (prompt_embeds (B,T,D), pooled (B,P))`` float32
 numpy); ``CachedTextEncoder`` adds an LRU + on-disk prompt-set cache to any encoder; ``SD3TextEncoders``
-is the SD3/SD3.5 CLIP-L + CLIP-G + T5 stack (imported lazily: it pulls in torch).
+is the SD3/SD3.5 CLIP-L + CLIP-G + T5 stack and ``FluxTextEncoders`` the FLUX.1 CLIP-L + T5 pair (both
+imported lazily: they pull in torch).
 """
 
 from awm_jax.text.base import (
@@ -15,6 +16,7 @@ from awm_jax.text.base import (
 
 __all__ = [
     "CachedTextEncoder",
+    "FluxTextEncoders",
     "SD3TextEncoders",
     "TextEncoder",
     "VocabularyError",
@@ -28,4 +30,8 @@ def __getattr__(name: str):
         from awm_jax.text.sd3 import SD3TextEncoders
 
         return SD3TextEncoders
+    if name == "FluxTextEncoders":
+        from awm_jax.text.flux import FluxTextEncoders
+
+        return FluxTextEncoders
     raise AttributeError(f"module 'awm_jax.text' has no attribute {name!r}")

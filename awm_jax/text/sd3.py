@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import pathlib
 from collections.abc import Sequence
@@ -27,47 +26,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from awm_jax.text.base import CachedTextEncoder, check_vocab_size
+from awm_jax.text.base import CachedTextEncoder
+from awm_jax.text.hf import TruncationWarning, files_signature, load_component_pair, read_json
 
 __all__ = ["SD3TextEncoders"]
-
-logger = logging.getLogger(__name__)
-
-
-def _read_json(path: pathlib.Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"missing {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-
-
-def _component_class(index: dict, name: str, root: pathlib.Path) -> str | None:
-    """Class name of a pipeline component from model_index.json; None when the entry is null/absent."""
-    entry = index.get(name)
-    if entry is None or (isinstance(entry, (list, tuple)) and (len(entry) != 2 or entry[1] is None)):
-        return None
-    if not isinstance(entry, (list, tuple)):
-        raise ValueError(f"{root / 'model_index.json'}: entry {name!r} = {entry!r} is not [library, class]")
-    return str(entry[1])
-
-
-def _transformers_class(cls_name: str, root: pathlib.Path, component: str):
-    import transformers
-
-    cls = getattr(transformers, cls_name, None)
-    if cls is None:
-        raise ValueError(
-            f"{root / 'model_index.json'}: component {component!r} names class {cls_name!r}, which "
-            f"transformers {transformers.__version__} does not provide"
-        )
-    return cls
-
-
-def _files_signature(folder: pathlib.Path) -> list[tuple[str, int, int]]:
-    """(name, size, mtime_ns) of every file of a component folder: cheap, no hashing of GB of weights."""
-    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
 
 
 class SD3TextEncoders:
@@ -122,7 +84,7 @@ class SD3TextEncoders:
             )
         self.seq_len = self.tokenizer_max_length + self.max_sequence_length
         self.fingerprint = fingerprint or self._default_fingerprint()
-        self._warned_truncation = False
+        self._truncation = TruncationWarning()
         self.cache = CachedTextEncoder(
             self.encode_uncached, max_entries=cache_size, chunk_size=chunk_size, fingerprint=self.fingerprint
         )
@@ -158,43 +120,24 @@ class SD3TextEncoders:
         root = pathlib.Path(path).expanduser().resolve()
         if not root.is_dir():
             raise FileNotFoundError(f"SD3 pipeline folder {root} does not exist")
-        index = _read_json(root / "model_index.json")
+        index = read_json(root / "model_index.json")
 
-        def load_pair(tok_name: str, enc_name: str):
-            tok_cls_name = _component_class(index, tok_name, root)
-            enc_cls_name = _component_class(index, enc_name, root)
-            if tok_cls_name is None or enc_cls_name is None:
-                return None, None
-            tok_dir, enc_dir = root / tok_name, root / enc_name
-            for d in (tok_dir, enc_dir):
-                if not d.is_dir():
-                    raise FileNotFoundError(f"model_index.json lists {d.name!r} but folder {d} is missing")
-            tok = _transformers_class(tok_cls_name, root, tok_name).from_pretrained(
-                str(tok_dir), local_files_only=True
-            )
-            enc = _transformers_class(enc_cls_name, root, enc_name).from_pretrained(
-                str(enc_dir), local_files_only=True, dtype=dtype
-            )
-            check_vocab_size(
-                len(tok), int(enc.config.vocab_size), tok_dir, what=f"{tok_name} ({tok_cls_name})",
-                min_fraction=min_vocab_fraction,
-            )
-            return tok, enc
-
-        tok_l, enc_l = load_pair("tokenizer", "text_encoder")
-        tok_g, enc_g = load_pair("tokenizer_2", "text_encoder_2")
+        kw = {"dtype": dtype, "min_vocab_fraction": min_vocab_fraction}
+        tok_l, enc_l = load_component_pair(root, index, "tokenizer", "text_encoder", **kw)
+        tok_g, enc_g = load_component_pair(root, index, "tokenizer_2", "text_encoder_2", **kw)
         if enc_l is None or enc_g is None:
             raise ValueError(
                 f"{root / 'model_index.json'}: SD3 needs both CLIP encoders (text_encoder, text_encoder_2)"
             )
-        tok_t5, enc_t5 = load_pair("tokenizer_3", "text_encoder_3") if load_t5 else (None, None)
+        tok_t5, enc_t5 = (load_component_pair(root, index, "tokenizer_3", "text_encoder_3", **kw) if load_t5
+                          else (None, None))
         n_pos = min(int(enc_l.config.max_position_embeddings), int(enc_g.config.max_position_embeddings))
         if int(tok_l.model_max_length) > n_pos:
             raise ValueError(
                 f"{root / 'tokenizer'}: model_max_length {tok_l.model_max_length} exceeds the CLIP encoders' "
                 f"max_position_embeddings {n_pos} (missing or wrong tokenizer_config.json?)"
             )
-        tcfg = _read_json(root / "transformer" / "config.json") if (root / "transformer").is_dir() else {}
+        tcfg = read_json(root / "transformer" / "config.json") if (root / "transformer").is_dir() else {}
         joint = tcfg.get("joint_attention_dim")
         if enc_t5 is None and joint is None:
             raise ValueError(
@@ -216,7 +159,7 @@ class SD3TextEncoders:
         for sub in subs:
             d = root / sub
             if d.is_dir() and (sub[-1] != "3" or enc_t5 is not None):
-                parts[sub] = _files_signature(d)
+                parts[sub] = files_signature(d)
         parts["vocab"] = [len(t) for t in (tok_l, tok_g, tok_t5) if t is not None]
         fp = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
         return cls(
@@ -232,25 +175,13 @@ class SD3TextEncoders:
         return "SD3TextEncoders:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     # ------------------------------------------------------------------ encoding
-    def _note_truncation(self, tokenizer, prompts: list[str], max_length: int, which: str) -> None:
-        if self._warned_truncation:
-            return
-        lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True, verbose=False).input_ids]
-        n = sum(length > max_length for length in lengths)
-        if n:
-            self._warned_truncation = True
-            logger.warning(
-                "%d of %d prompts exceed %d %s tokens and were truncated (as diffusers does); "
-                "further truncations are not reported", n, len(prompts), max_length, which,
-            )
-
     def _clip(self, index: int, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         tokenizer, encoder = self.tokenizers[index], self.clip_encoders[index]
         ids = tokenizer(
             prompts, padding="max_length", max_length=self.tokenizer_max_length, truncation=True,
             return_tensors="pt",
         ).input_ids
-        self._note_truncation(tokenizer, prompts, self.tokenizer_max_length, "CLIP")
+        self._truncation.check(tokenizer, prompts, self.tokenizer_max_length, "CLIP")
         out = encoder(ids.to(self.device), output_hidden_states=True)
         pooled = out[0]
         hidden = out.hidden_states[-2].to(dtype=self.clip_encoders[0].dtype)
@@ -266,7 +197,7 @@ class SD3TextEncoders:
             prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
             add_special_tokens=True, return_tensors="pt",
         ).input_ids
-        self._note_truncation(self.tokenizer_3, prompts, self.max_sequence_length, "T5")
+        self._truncation.check(self.tokenizer_3, prompts, self.max_sequence_length, "T5")
         return self.text_encoder_3(ids.to(self.device))[0].to(dtype=self.text_encoder_3.dtype)
 
     @torch.inference_mode()
