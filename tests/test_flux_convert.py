@@ -12,7 +12,6 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 from flax import nnx
-from test_flux_model import _oracle, _rel
 
 from awm_jax.convert import ConversionError, flux, get_converter, read_flax_params, to_diffusers, to_flax
 from awm_jax.convert.io import SafetensorsReader, write_sharded
@@ -21,6 +20,8 @@ from awm_jax.models.flux import FluxConfig, stacks
 from awm_jax.models.flux import FluxTransformer2DModel as FlaxFlux
 from awm_jax.models.lora import LoRAParam
 from awm_jax.models.stacking import stack_state
+from tests.flux_oracle import oracle
+from tests.test_flux_model import _rel
 
 TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=12, axes_dims_rope=(4, 6, 6))
@@ -211,7 +212,7 @@ def dev_ref(dev_dir):
              encoder_hidden_states=torch.randn(2, 7, 24, generator=g),
              pooled_projections=torch.randn(2, 12, generator=g), timestep=torch.tensor([0.3, 0.95]),
              img_ids=img.reshape(6, 3), txt_ids=torch.zeros(7, 3), guidance=torch.tensor([3.5, 4.0]))
-    with _oracle():
+    with oracle():
         ref = FluxTransformer2DModel.from_pretrained(dev_dir).eval()(**x).sample.double().numpy()
     return {k: v.numpy() for k, v in x.items()}, ref
 
