@@ -23,15 +23,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from awm_jax.text.base import CachedTextEncoder
-from awm_jax.text.hf import TruncationWarning, files_signature, load_component_pair, read_json
+from awm_jax.text.hf import CachedEncoders, files_signature, load_component_pair, read_json
 
 __all__ = ["FluxTextEncoders", "MAX_T5_LENGTH"]
 
 MAX_T5_LENGTH = 512  # FluxPipeline.check_inputs rejects longer T5 sequences
 
 
-class FluxTextEncoders:
+class FluxTextEncoders(CachedEncoders):
     """CLIP-L + T5 encoders of a FLUX.1 pipeline folder; ``encode`` is LRU-cached.
 
     Prefer :meth:`from_pipeline_dir`. ``encode(prompts)`` returns float32 numpy
@@ -66,10 +65,7 @@ class FluxTextEncoders:
         self.pooled_dim = int(text_encoder.config.hidden_size)
         self.seq_len = self.max_sequence_length
         self.fingerprint = fingerprint or self._default_fingerprint()
-        self._truncation = TruncationWarning()
-        self.cache = CachedTextEncoder(
-            self.encode_uncached, max_entries=cache_size, chunk_size=chunk_size, fingerprint=self.fingerprint
-        )
+        self._init_cache(cache_size, chunk_size)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -155,10 +151,3 @@ class FluxTextEncoders:
         embeds = self.text_encoder_2(t5_ids, output_hidden_states=False)[0]
         return embeds.float().cpu().numpy(), pooled.float().cpu().numpy()
 
-    def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Encode prompts (LRU-cached by prompt): float32 numpy ``(B, L, D_t5)`` and ``(B, D_clip)``."""
-        return self.cache.encode(prompts)
-
-    def load_prompt_set(self, prompts: Sequence[str], cache_dir: str | os.PathLike) -> pathlib.Path:
-        """Pin a fixed prompt set's embeddings from/to ``cache_dir/<hash>.npz`` (see CachedTextEncoder)."""
-        return self.cache.load_prompt_set(prompts, cache_dir)

@@ -13,8 +13,8 @@ import pathlib
 
 from awm_jax.text.base import check_vocab_size
 
-__all__ = ["TruncationWarning", "component_class", "files_signature", "load_component_pair", "read_json",
-           "transformers_class"]
+__all__ = ["CachedEncoders", "TruncationWarning", "component_class", "files_signature", "load_component_pair",
+           "read_json", "transformers_class"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,3 +103,27 @@ class TruncationWarning:
                 "%d of %d prompts exceed %d %s tokens and were truncated (as diffusers does); "
                 "further truncations are not reported", n, len(prompts), max_length, which,
             )
+
+
+class CachedEncoders:
+    """Base of a pipeline's host text encoders: ``encode`` through one LRU :class:`CachedTextEncoder` over the
+    subclass's ``encode_uncached``, on-disk prompt sets, and truncation warnings. Subclasses call
+    :meth:`_init_cache` at the end of ``__init__`` (after setting ``fingerprint``)."""
+
+    def _init_cache(self, cache_size: int, chunk_size: int | None) -> None:
+        from awm_jax.text.base import CachedTextEncoder
+
+        self._truncation = TruncationWarning()
+        self.cache = CachedTextEncoder(self.encode_uncached, max_entries=cache_size, chunk_size=chunk_size,
+                                       fingerprint=self.fingerprint)
+
+    def encode_uncached(self, prompts):
+        raise NotImplementedError
+
+    def encode(self, prompts):
+        """Encode prompts (LRU-cached by prompt): float32 numpy ``(prompt_embeds (B,T,D), pooled (B,P))``."""
+        return self.cache.encode(prompts)
+
+    def load_prompt_set(self, prompts, cache_dir) -> pathlib.Path:
+        """Pin a fixed prompt set's embeddings from/to ``cache_dir/<hash>.npz`` (see CachedTextEncoder)."""
+        return self.cache.load_prompt_set(prompts, cache_dir)

@@ -26,13 +26,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from awm_jax.text.base import CachedTextEncoder
-from awm_jax.text.hf import TruncationWarning, files_signature, load_component_pair, read_json
+from awm_jax.text.hf import CachedEncoders, files_signature, load_component_pair, read_json
 
 __all__ = ["SD3TextEncoders"]
 
 
-class SD3TextEncoders:
+class SD3TextEncoders(CachedEncoders):
     """CLIP-L + CLIP-G + (optional) T5 encoders of an SD3 pipeline folder; ``encode`` is LRU-cached.
 
     Prefer :meth:`from_pipeline_dir`. ``encode(prompts)`` returns float32 numpy
@@ -84,10 +83,7 @@ class SD3TextEncoders:
             )
         self.seq_len = self.tokenizer_max_length + self.max_sequence_length
         self.fingerprint = fingerprint or self._default_fingerprint()
-        self._truncation = TruncationWarning()
-        self.cache = CachedTextEncoder(
-            self.encode_uncached, max_entries=cache_size, chunk_size=chunk_size, fingerprint=self.fingerprint
-        )
+        self._init_cache(cache_size, chunk_size)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -217,10 +213,3 @@ class SD3TextEncoders:
         pooled = torch.cat([pooled_l, pooled_g], dim=-1)
         return embeds.float().cpu().numpy(), pooled.float().cpu().numpy()
 
-    def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Encode prompts (LRU-cached by prompt): float32 numpy ``(B, 77 + L, D)`` and ``(B, P)``."""
-        return self.cache.encode(prompts)
-
-    def load_prompt_set(self, prompts: Sequence[str], cache_dir: str | os.PathLike) -> pathlib.Path:
-        """Pin a fixed prompt set's embeddings from/to ``cache_dir/<hash>.npz`` (see CachedTextEncoder)."""
-        return self.cache.load_prompt_set(prompts, cache_dir)
