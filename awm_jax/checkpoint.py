@@ -15,14 +15,23 @@ A checkpoint at step ``s`` is a directory of *named* items (orbax ``Composite``)
 Resume restores the items by name onto the current state's structure and shardings; export reads
 ``trainable`` or ``eval_ema`` alone, without a target and without building an optimizer. Restoring walks
 the saved steps from the newest down; a step that fails to restore (corrupt or partial files) is skipped
-with a warning. A directory written in the old positional layout (one ``state`` item of numbered leaves)
-raises :class:`CheckpointFormatError` naming that format.
+with a :class:`CheckpointRestoreWarning` naming its directory and the failing file, and moved aside to
+``<step>.corrupt`` once an older step restored. When *no* saved step restores,
+:meth:`Checkpointer.restore_latest` raises :class:`NoUsableCheckpointError` naming every checkpoint and
+changes nothing, unless the caller allows a fresh start (``allow_fresh=True``: the bad steps are moved
+aside and ``None`` is returned). Partial saves
+(``*.orbax-checkpoint-tmp-*`` directories of a writer killed mid-save) are never valid and are removed when a
+writable :class:`Checkpointer` opens the directory. A directory written in the old positional layout (one
+``state`` item of numbered leaves) raises :class:`CheckpointFormatError` naming that format.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
+import sys
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -32,7 +41,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 __all__ = ["ARRAY_ITEMS", "JSON_ITEMS", "CheckpointFormatError", "CheckpointRestoreWarning", "Checkpointer",
-           "flat_params"]
+           "NoUsableCheckpointError", "flat_params"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +58,17 @@ class CheckpointFormatError(RuntimeError):
     """A checkpoint directory written in a layout this version does not read."""
 
 
+class NoUsableCheckpointError(RuntimeError):
+    """Checkpoints exist but none of them can be restored (nothing was changed on disk)."""
+
+    def __init__(self, message: str, failures: list[tuple[int, str, str]]):
+        super().__init__(message)
+        self.failures = failures  # (step, step directory, reason)
+
+
+TMP_MARKER = ".orbax-checkpoint-tmp-"  # orbax's suffix of a step directory that is still being written
+
+
 class Checkpointer:
     """Keep-last-k orbax checkpoints of named items in ``directory`` (created unless ``read_only``)."""
 
@@ -61,7 +81,26 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=not read_only, read_only=read_only)
         self._saved: set[int] = set()
+        self.removed_partial: list[str] = [] if read_only else self._remove_partial_saves()
+        self.quarantined: list[str] = []  # step directories moved aside by restore_latest
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEM_NAMES)
+
+    def _remove_partial_saves(self) -> list[str]:
+        """Delete the ``*.orbax-checkpoint-tmp-*`` leftovers of saves that never finished (primary process
+        only, before this process saves anything); returns their paths."""
+        if jax.process_index() != 0 or not os.path.isdir(self.directory):
+            return []
+        removed = []
+        for name in sorted(os.listdir(self.directory)):
+            if TMP_MARKER in name:
+                path = os.path.join(self.directory, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.remove(path)
+                removed.append(path)
+                log.info("removed the partial checkpoint save %s", path)
+        return removed
 
     def all_steps(self) -> list[int]:
         """Saved (finalized) steps, ascending."""
@@ -129,29 +168,49 @@ class Checkpointer:
                 _check_structure(tmpl, result[name], name)
         return result
 
-    def restore_latest(self, templates: Mapping[str, Any], json_items: Iterable[str] = ("meta",)):
+    def restore_latest(self, templates: Mapping[str, Any], json_items: Iterable[str] = ("meta",),
+                       allow_fresh: bool = False):
         """Restore the newest restorable checkpoint: every item in ``templates`` that the step holds (the
-        step must hold the ``trainable`` one) plus ``json_items``. Returns ``(step, items)`` or ``None``.
+        step must hold the ``trainable`` one) plus ``json_items``. Returns ``(step, items)``, or ``None`` when
+        the directory holds no checkpoint.
 
-        Corrupt or partial checkpoints are skipped with a :class:`CheckpointRestoreWarning`.
+        A step that fails to restore is skipped with a :class:`CheckpointRestoreWarning` naming its directory
+        and the failing file; once an older step restored, the bad ones are moved aside (``<step>.corrupt``).
+        When every step fails, :class:`NoUsableCheckpointError` is raised and nothing is moved, unless
+        ``allow_fresh``: then the bad steps are moved aside and ``None`` is returned.
         """
+        failures: list[tuple[int, str, str]] = []
         for step in reversed(self.all_steps()):
             have = self.items_at(step)  # the old layout raises here, before any fallback
             names = [n for n in templates if n in have] + list(json_items)
+            step_dir = os.path.join(self.directory, str(step))
             try:
                 if "trainable" in templates and "trainable" not in have:
                     raise ValueError("the step holds no 'trainable' item")
+                for name in json_items:  # cheap checks first: a missing JSON item fails without array reads
+                    if name in have and not os.path.isfile(os.path.join(step_dir, name, "metadata")):
+                        raise FileNotFoundError(f"missing file {os.path.join(step_dir, name, 'metadata')}")
+                _filter_late_callback_errors()  # a failed tensorstore read leaves callbacks on a closed loop
                 out = self.restore(step, names, {n: templates[n] for n in names if n in templates})
                 meta = out.get("meta")
                 if "meta" in json_items and (meta is None or "step" not in meta):
                     raise ValueError("metadata missing or has no 'step'")
-                return step, out
             except Exception as e:  # noqa: BLE001 - any failure means "unusable checkpoint"
-                msg = (f"checkpoint at step {step} in {self.directory} could not be restored "
-                       f"({type(e).__name__}: {str(e)[:300]}); falling back to an older one")
-                warnings.warn(msg, CheckpointRestoreWarning, stacklevel=2)
-                log.warning(msg)
-                self._quarantine(step)
+                reason = _describe_failure(e, step_dir)
+                failures.append((step, step_dir, reason))
+                warnings.warn(f"checkpoint at step {step} ({step_dir}) could not be restored: {reason}; "
+                              "trying an older one", CheckpointRestoreWarning, stacklevel=2)
+                continue
+            for bad_step, _, _ in failures:
+                self._quarantine(bad_step)
+            return step, out
+        if failures and not allow_fresh:
+            listed = "; ".join(f"step {s} ({d}): {_short(r)}" for s, d, r in failures)
+            raise NoUsableCheckpointError(
+                f"none of the {len(failures)} checkpoints in {self.directory} can be restored [{listed}]; "
+                "nothing was changed", failures)
+        for bad_step, _, _ in failures:
+            self._quarantine(bad_step)
         return None
 
     def _quarantine(self, step: int) -> None:
@@ -164,6 +223,7 @@ class Checkpointer:
                 n += 1
                 dst = f"{src}.corrupt{n}"
             os.rename(src, dst)
+            self.quarantined.append(dst)
         self._saved.discard(step)
         self._mngr.reload()
 
@@ -190,6 +250,50 @@ def flat_params(tree: Mapping) -> dict[str, np.ndarray]:
 
     walk(tree, "")
     return out
+
+
+_PATH_IN_MESSAGE = re.compile(r'(?:local file|file) "?(/[^"\s]+)"?')
+_SPEC_DUMP = re.compile(r"\s*\[tensorstore_spec(?:\[\d+\])?='[^']*'\]")  # tensorstore's JSON spec of the read
+
+
+def _describe_failure(e: BaseException, step_dir: str) -> str:
+    """``bad file PATH: Type: message`` (the deepest file of ``step_dir`` the error names, else the item
+    directory), on one line, the whole message less tensorstore's spec dumps."""
+    text = _SPEC_DUMP.sub("", " ".join(f"{type(e).__name__}: {e}".split()))
+    paths = [f for f in _PATH_IN_MESSAGE.findall(text) if f.startswith(step_dir)]
+    files = [f for f in paths if not f.endswith("/")]
+    if not files and isinstance(e, OSError) and getattr(e, "filename", None):
+        files = [str(e.filename)]
+    if files:
+        return f"bad file {files[-1]}: {text}"
+    if paths:
+        return f"bad item directory {paths[-1]}: {text}"
+    return text
+
+
+def _short(reason: str, n: int = 240) -> str:
+    return reason if len(reason) <= n else reason[:n] + "..."
+
+
+_LATE_ERROR = "Event loop is closed"
+
+
+def _filter_late_callback_errors() -> None:
+    """Drop the ``RuntimeError('Event loop is closed')`` that tensorstore's pending read callbacks raise (one
+    traceback per array, through ``sys.unraisablehook``) after orbax gave up on a corrupt checkpoint; every
+    other unraisable exception still reaches the previous hook. Installed once."""
+    hook = sys.unraisablehook
+    if getattr(hook, "_awm_filter", False):
+        return
+
+    def filtered(unraisable):
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == _LATE_ERROR:
+            return
+        hook(unraisable)
+
+    filtered._awm_filter = True
+    sys.unraisablehook = filtered
 
 
 def _abstract(x):

@@ -153,13 +153,20 @@ USAGE = """usage: python -m awm_jax.train --config configs/NAME.py --workdir DIR
   --workdir DIR         outputs: config.json, metrics.jsonl, eval.jsonl, tb/, samples/, checkpoints/;
                         an existing workdir is resumed from its latest checkpoint
   --config.KEY=VALUE    override any config key, e.g. --config.max_steps=4 --config.optim.lr=1e-4
+  --fresh               = --config.checkpoint.allow_fresh_start=true: when every checkpoint in the workdir is
+                        unusable, start again from step 0 (bad checkpoints kept as <step>.corrupt, old logs as
+                        *.jsonl.before-fresh) instead of stopping with an error
 """
+
+FRESH_FLAG = "--fresh"
+FRESH_KEY = "checkpoint.allow_fresh_start"
 
 
 def parse_args(argv: Sequence[str]) -> tuple[str, str, list[tuple[str, str]]]:
-    """Parse ``--config PATH --workdir DIR [--config.a.b=V | --config.a.b V ...]``.
+    """Parse ``--config PATH --workdir DIR [--fresh] [--config.a.b=V | --config.a.b V ...]``.
 
-    Returns ``(config_path, workdir, overrides)``.
+    Returns ``(config_path, workdir, overrides)``; ``--fresh`` is the override
+    ``checkpoint.allow_fresh_start=true``.
     """
     config_path = workdir = None
     overrides: list[tuple[str, str]] = []
@@ -170,6 +177,10 @@ def parse_args(argv: Sequence[str]) -> tuple[str, str, list[tuple[str, str]]]:
         if arg in ("-h", "--help"):
             print(USAGE)
             raise SystemExit(0)
+        if arg == FRESH_FLAG:
+            overrides.append((FRESH_KEY, "true"))
+            i += 1
+            continue
         if "=" in arg:
             name, value = arg.split("=", 1)
             consumed = 1
@@ -186,7 +197,8 @@ def parse_args(argv: Sequence[str]) -> tuple[str, str, list[tuple[str, str]]]:
         elif name.startswith("--config."):
             overrides.append((name[len("--config."):], value))
         else:
-            raise ConfigError(f"unknown argument '{arg}' (expected --config, --workdir, --config.KEY=VALUE)")
+            raise ConfigError(f"unknown argument '{arg}' (expected --config, --workdir, --fresh, "
+                              "--config.KEY=VALUE)")
         i += consumed
     if config_path is None:
         raise ConfigError("missing --config PATH")

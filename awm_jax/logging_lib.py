@@ -101,6 +101,14 @@ def save_image_grid(path: str, images: np.ndarray, captions: list[str]) -> str:
     return path
 
 
+def _fmt(value, spec: str) -> str:
+    """A progress-bar number: ``format(value, spec)`` for numbers, anything else (a non-finite value that
+    :func:`to_jsonable` turned into ``"nan"``, a missing one) as its text."""
+    if isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool):
+        return format(float(value), spec)
+    return "nan" if value is None else str(value)
+
+
 class TrainLogger:
     """metrics.jsonl + eval.jsonl + TensorBoard + tqdm, resumable at ``start_step``."""
 
@@ -143,8 +151,8 @@ class TrainLogger:
         self._scalars("train", record["step"], record)
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(reward=f"{record.get('reward_mean', float('nan')):.3f}",
-                                  loss=f"{record.get('loss', float('nan')):.4f}")
+            self._bar.set_postfix(reward=_fmt(record.get("reward_mean"), ".3f"),
+                                  loss=_fmt(record.get("loss"), ".4f"))
 
     def log_eval(self, record: dict, images: np.ndarray | None = None, captions=None) -> None:
         """One evaluation's metrics, plus a PNG grid of its samples."""

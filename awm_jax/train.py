@@ -10,6 +10,11 @@ Workdir outputs: ``config.json``, ``metrics.jsonl``, ``eval.jsonl``, ``tb/`` (Te
 ``samples/eval_*.png`` (grids with prompts), ``checkpoints/`` (orbax, keep-last-k). Running the same
 command again resumes. SIGTERM / SIGINT save a checkpoint and exit 0.
 
+Failure behaviour: bad input (config keys and values, prompt files, the mesh shape, the workdir) is checked
+before anything is written and stops with one ``error: ...`` line, exit 2; so does a workdir whose checkpoints
+are all unusable (``--fresh`` / ``checkpoint.allow_fresh_start`` starts again from step 0 on purpose);
+``train.max_nonfinite`` non-finite updates in a row save a checkpoint and exit 3.
+
 The model, train step and reward come from a *components factory* (``config.components``,
 "module:function", default :func:`default_components`, which asks the model family of ``config.model.kind``
 for its pipeline) so the loop is independent of the model family. Checkpoints hold named items
@@ -36,21 +41,26 @@ import ml_collections
 import numpy as np
 
 from awm_jax import config_lib, parallel
-from awm_jax.checkpoint import Checkpointer, CheckpointFormatError
-from awm_jax.data import GroupedSampler, load_dataset
+from awm_jax.checkpoint import Checkpointer, CheckpointFormatError, NoUsableCheckpointError
+from awm_jax.data import GroupedSampler, PromptFileError, load_dataset
 from awm_jax.logging_lib import TrainLogger
 from awm_jax.models.family import get_family
 from awm_jax.rewards.bridge import RewardBridge
 from awm_jax.rl.advantages import reward_stats, step_advantages
 from awm_jax.text.base import CachedTextEncoder
 
-__all__ = ["Components", "default_components", "run", "main", "NonFiniteError"]
+__all__ = ["Components", "default_components", "run", "main", "NonFiniteError", "TrainError"]
 
 log = logging.getLogger("awm_jax.train")
 
 
 class NonFiniteError(RuntimeError):
     """Too many non-finite (skipped) updates in a row."""
+
+
+class TrainError(RuntimeError):
+    """Bad input found by the trainer (prompt files, mesh shape, workdir, checkpoints that do not fit the
+    config): the CLI prints ``error: <message>`` and exits 2."""
 
 
 @dataclasses.dataclass
@@ -281,17 +291,24 @@ def checkpoint_items(state, rng, meta: dict, config) -> dict:
     return items
 
 
-def restore_checkpoint(ckpt: Checkpointer, state, rng):
-    """``(step, state, rng, meta)`` from the newest restorable checkpoint, or None."""
+def restore_checkpoint(ckpt: Checkpointer, state, rng, allow_fresh: bool = False):
+    """``(step, state, rng, meta)`` from the newest restorable checkpoint, or None (no checkpoint, or none
+    usable and ``allow_fresh``); raises :class:`NoUsableCheckpointError` when none is usable otherwise."""
     templates = {n: getattr(state, n) for n in _STATE_ITEMS if getattr(state, n, None) is not None}
     templates["rng"] = {"key_data": jax.random.key_data(rng)}
-    found = ckpt.restore_latest(templates)
+    try:
+        found = ckpt.restore_latest(templates, allow_fresh=allow_fresh)
+    except NoUsableCheckpointError as e:
+        raise NoUsableCheckpointError(
+            f"{e}; to start again from step 0 on purpose, rerun with --fresh (= --config.checkpoint."
+            "allow_fresh_start=true): the bad checkpoints are then kept as <step>.corrupt and the old logs "
+            "as *.jsonl.before-fresh", e.failures) from None
     if found is None:
         return None
     step, items = found
     missing = sorted(set(templates) - set(items))
     if missing:
-        raise RuntimeError(f"checkpoint {step} in {ckpt.directory} lacks items {missing} that this config "
+        raise TrainError(f"checkpoint {step} in {ckpt.directory} lacks items {missing} that this config "
                            "keeps (was it written with another config?)")
     fixed = {n: jax.tree.map(_uncommit, templates[n], items[n]) for n in templates if n != "rng"}
     state = state.replace(step=jnp.asarray(step, jnp.int32), **fixed)
@@ -299,34 +316,118 @@ def restore_checkpoint(ckpt: Checkpointer, state, rng):
     return step, state, rng, dict(items["meta"])
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Train per ``config`` in ``workdir`` (resuming if it holds checkpoints); return the final record."""
+def _check_workdir(workdir: str) -> None:
+    """The workdir is a directory (or can be created as one) this process may write."""
+    if not workdir or not str(workdir).strip():
+        raise TrainError("--workdir is empty")
+    path = os.path.abspath(workdir)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise TrainError(f"--workdir {workdir!r} exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise TrainError(f"--workdir {workdir!r} is not writable")
+        return
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise TrainError(f"--workdir {workdir!r} cannot be created: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TrainError(f"--workdir {workdir!r} cannot be created: {parent} is not writable")
+
+
+def _check_mesh(config) -> None:
+    """``mesh.data x mesh.fsdp x mesh.tensor`` must cover exactly the devices (``mesh.data=-1``: the rest)."""
+    n = jax.device_count()
+    data, fsdp, tensor = config.mesh.data, config.mesh.fsdp, config.mesh.tensor
+    for key, v in (("mesh.fsdp", fsdp), ("mesh.tensor", tensor)):
+        if not isinstance(v, int) or v < 1:
+            raise TrainError(f"config key '{key}' = {v!r} must be an int >= 1")
+    if not isinstance(data, int) or (data < 1 and data != -1):
+        raise TrainError(f"config key 'mesh.data' = {data!r} must be an int >= 1, or -1 for the remaining "
+                         "devices")
+    if data == -1:
+        if n % (fsdp * tensor):
+            raise TrainError(f"config keys 'mesh.fsdp' = {fsdp} x 'mesh.tensor' = {tensor} = {fsdp * tensor} "
+                             f"do not divide the {n} devices")
+    elif data * fsdp * tensor != n:
+        raise TrainError(f"config keys 'mesh.data' = {data} x 'mesh.fsdp' = {fsdp} x 'mesh.tensor' = "
+                         f"{tensor} = {data * fsdp * tensor} devices, but there are {n} (set mesh.data=-1 to "
+                         "use all the remaining devices)")
+
+
+def _load_prompts(which: str, spec: str, fmt: str):
+    try:
+        return load_dataset(spec, fmt)
+    except PromptFileError as e:
+        raise TrainError(f"config key 'data.{which}_prompts' = {spec!r}: {e}") from e
+
+
+def preflight(config: ml_collections.ConfigDict, workdir: str):
+    """Every check of the run's input that needs no model: config values, the workdir, the mesh shape, the
+    prompt files (parsed). Runs before anything is written; returns ``(train_set, eval_set or None)``."""
     config_lib.validate(config)
-    os.makedirs(workdir, exist_ok=True)
-    config_lib.save_config(config, workdir)
-    comp = _resolve_factory(config.components)(config)
-    dataset = load_dataset(config.data.train_prompts, config.data.train_format)
+    _check_workdir(workdir)
+    _check_mesh(config)
+    dataset = _load_prompts("train", config.data.train_prompts, config.data.train_format)
     eval_set = None
     if config.eval.every > 0 and config.data.eval_prompts:
-        eval_set = load_dataset(config.data.eval_prompts, config.data.eval_format)
+        eval_set = _load_prompts("eval", config.data.eval_prompts, config.data.eval_format)
+    return dataset, eval_set
+
+
+def _set_aside_logs(workdir: str, logger_msg: list[str]) -> None:
+    """A fresh start over unusable checkpoints keeps the old run's logs as ``*.jsonl.before-fresh``."""
+    for name in ("metrics.jsonl", "eval.jsonl"):
+        src = os.path.join(workdir, name)
+        if os.path.isfile(src):
+            dst, n = src + ".before-fresh", 0
+            while os.path.exists(dst):
+                n += 1
+                dst = f"{src}.before-fresh{n}"
+            os.rename(src, dst)
+            logger_msg.append(f"the old {name} was kept as {dst}")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Train per ``config`` in ``workdir`` (resuming if it holds checkpoints); return the final record.
+
+    Bad input raises :class:`TrainError` / ``ConfigError`` before anything is written; checkpoints that all
+    fail to restore raise :class:`NoUsableCheckpointError` before any log or config file is touched.
+    """
+    dataset, eval_set = preflight(config, workdir)
+    comp = _resolve_factory(config.components)(config)
     sampler = GroupedSampler(len(dataset), config.data.prompts_per_step, config.data.group_size, config.seed)
     embed = _embedding_cache(comp.pipeline.text_encoder, config)
     bridge = RewardBridge(comp.scorer, retries=config.reward.retries, gather=False)  # gathered below
     rng = jax.random.key(config.seed)
 
-    # ---- resume
+    # ---- resume (before config.json and the logs are written: an unusable workdir is left as it was)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                         async_save=config.checkpoint.async_save)
     state = comp.state
     start, wall_prev, nonfinite = 0, 0.0, 0
-    restored = restore_checkpoint(ckpt, state, rng)
+    try:
+        restored = restore_checkpoint(ckpt, state, rng, allow_fresh=config.checkpoint.allow_fresh_start)
+    except BaseException:
+        ckpt.close()
+        raise
+    notes = [f"removed the partial checkpoint save {p}" for p in ckpt.removed_partial]
     if restored is not None:
         start, state, rng, meta = restored
         wall_prev, nonfinite = float(meta.get("wall_s", 0.0)), int(meta.get("nonfinite_in_a_row", 0))
         if int(meta.get("data_position", start)) != start:
             raise RuntimeError(f"checkpoint {start}: data position {meta['data_position']} != step {start}")
+    elif ckpt.quarantined:  # a fresh start on purpose over unusable checkpoints
+        notes.append(f"no usable checkpoint (kept as {', '.join(ckpt.quarantined)}): starting from step 0 "
+                     "(checkpoint.allow_fresh_start)")
+        if jax.process_index() == 0:
+            _set_aside_logs(workdir, notes)
+    config_lib.save_config(config, workdir)
     logger = TrainLogger(workdir, start, config.max_steps, tensorboard=config.log.tensorboard,
                          progress=config.log.progress, is_main=jax.process_index() == 0)
+    for note in notes:
+        logger.message(note)
     if restored is not None:
         logger.message(f"resumed from step {start} in {workdir}")
 
@@ -418,13 +519,20 @@ def main(argv=None) -> int:
         return 2
     try:
         run(config, workdir)
-    except CheckpointFormatError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (config_lib.ConfigError, TrainError, PromptFileError, CheckpointFormatError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except NoUsableCheckpointError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 3
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":

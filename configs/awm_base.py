@@ -133,6 +133,9 @@ def base_config() -> ml_collections.ConfigDict:
     k.every = 10  # save every N optimizer steps (and at the end / on SIGTERM)
     k.keep = 3  # keep the last k checkpoints
     k.async_save = True  # orbax asynchronous checkpointing
+    # when the workdir holds checkpoints and none can be restored: False = stop with an error naming them;
+    # True = start again from step 0, bad ones kept as <step>.corrupt, old logs as *.jsonl.before-fresh
+    k.allow_fresh_start = False  # start from step 0 when every checkpoint is unusable (CLI: --fresh)
 
     c.mesh = ms = ml_collections.ConfigDict()
     ms.data = -1  # data-parallel axis size (-1 = all remaining devices)
