@@ -144,8 +144,7 @@ def _embedding_cache(encoder, config) -> CachedTextEncoder:
     """The run's one prompt-embedding cache: an LRU over the encoder's uncached ``encode``, bounded by
     ``model.text_cache_mb`` MiB of cached arrays."""
     fn = getattr(encoder, "encode_uncached", None) or encoder.encode
-    mb = float(config.model.text_cache_mb)
-    return CachedTextEncoder(fn, max_entries=(1 << 31) if mb > 0 else 0, max_bytes=int(mb * 2**20))
+    return CachedTextEncoder(fn, max_entries=None, max_bytes=int(float(config.model.text_cache_mb) * 2**20))
 
 
 def _gather(x: np.ndarray) -> np.ndarray:
@@ -337,23 +336,14 @@ def _check_workdir(workdir: str) -> None:
 
 
 def _check_mesh(config) -> None:
-    """``mesh.data x mesh.fsdp x mesh.tensor`` must cover exactly the devices (``mesh.data=-1``: the rest)."""
-    n = jax.device_count()
-    data, fsdp, tensor = config.mesh.data, config.mesh.fsdp, config.mesh.tensor
-    for key, v in (("mesh.fsdp", fsdp), ("mesh.tensor", tensor)):
-        if not isinstance(v, int) or v < 1:
-            raise TrainError(f"config key '{key}' = {v!r} must be an int >= 1")
-    if not isinstance(data, int) or (data < 1 and data != -1):
-        raise TrainError(f"config key 'mesh.data' = {data!r} must be an int >= 1, or -1 for the remaining "
-                         "devices")
-    if data == -1:
-        if n % (fsdp * tensor):
-            raise TrainError(f"config keys 'mesh.fsdp' = {fsdp} x 'mesh.tensor' = {tensor} = {fsdp * tensor} "
-                             f"do not divide the {n} devices")
-    elif data * fsdp * tensor != n:
-        raise TrainError(f"config keys 'mesh.data' = {data} x 'mesh.fsdp' = {fsdp} x 'mesh.tensor' = "
-                         f"{tensor} = {data * fsdp * tensor} devices, but there are {n} (set mesh.data=-1 to "
-                         "use all the remaining devices)")
+    """``mesh.data x mesh.fsdp x mesh.tensor`` must fit the devices (``parallel.make_mesh``'s rule)."""
+    m = config.mesh
+    try:
+        parallel.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
+    except ValueError as e:
+        raise TrainError(f"config keys 'mesh.data' = {m.data}, 'mesh.fsdp' = {m.fsdp}, 'mesh.tensor' = "
+                         f"{m.tensor} do not fit the {jax.device_count()} devices ({e}; mesh.data=-1 takes "
+                         "all the remaining devices)") from None
 
 
 def _load_prompts(which: str, spec: str, fmt: str):
@@ -519,10 +509,8 @@ def main(argv=None) -> int:
         return 2
     try:
         run(config, workdir)
-    except (config_lib.ConfigError, TrainError, PromptFileError, CheckpointFormatError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except NoUsableCheckpointError as e:
+    except (config_lib.ConfigError, TrainError, PromptFileError, CheckpointFormatError,
+            NoUsableCheckpointError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except NonFiniteError as e:

@@ -19,7 +19,7 @@ from flax import nnx
 from awm_jax.convert import ConversionError, folder_config, read_flax_params
 from awm_jax.models.family import ModelFamily, family_for_weights, family_of, get_family
 from awm_jax.models.lora import LoRAParam
-from awm_jax.models.stacking import stack_state, unstack_state
+from awm_jax.models.stacking import flatten, nest, stack_state, unstack_state
 
 __all__ = ["load_transformer", "transformer_params", "detect_family"]
 
@@ -72,8 +72,7 @@ def load_transformer(path: str | os.PathLike, dtype: Any = None, *, param_dtype:
             continue
         values[_path(key)] = jnp.asarray(arr, dtype=pdt)
     if kwargs.get("scan_layers"):
-        nested = stack_state(_nest(values), fam.stacks(cfg))
-        values = {tuple(p): v for p, v in _flatten(nested)}
+        values = dict(flatten(stack_state(nest(values), fam.stacks(cfg))))
 
     missing = [p for p, v in flat if p not in values]
     init = _init_missing(build, missing, flat) if missing else {}
@@ -105,24 +104,6 @@ def _init_missing(build, missing: list[tuple], flat) -> dict[tuple, jax.Array]:
         return {p: v[...] for p, v in nnx.to_flat_state(state)}
 
     return init()
-
-
-def _nest(values: dict[tuple, Any]) -> dict:
-    out: dict = {}
-    for path, v in values.items():
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return out
-
-
-def _flatten(d: dict, prefix: tuple = ()):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _flatten(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
 
 
 def transformer_params(model: nnx.Module) -> dict[str, np.ndarray]:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["Stack", "runs", "stack_state", "unstack_state"]
+__all__ = ["Stack", "flatten", "nest", "runs", "stack_state", "unstack_state"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,19 +45,31 @@ def _meta_names(var):
     return None, None
 
 
+def flatten(d: dict, prefix: tuple = ()):
+    """``(path tuple, leaf)`` pairs of a nested dict."""
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from flatten(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def nest(flat) -> dict:
+    """The nested dict of ``(path tuple, leaf)`` pairs (or a ``{path tuple: leaf}`` mapping)."""
+    out: dict = {}
+    for path, v in (flat.items() if isinstance(flat, dict) else flat):
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return out
+
+
 def _flat(state):
     if isinstance(state, nnx.State):
         yield from nnx.to_flat_state(state)
     else:
-        yield from _flat_dict(state)
-
-
-def _flat_dict(d, prefix=()):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _flat_dict(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
+        yield from flatten(state)
 
 
 def _slice(v, j):
@@ -77,15 +89,7 @@ def _stack(parts):
 
 
 def _rebuild(flat, like):
-    if isinstance(like, nnx.State):
-        return nnx.from_flat_state(flat)
-    out: dict = {}
-    for path, v in flat:
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return out
+    return nnx.from_flat_state(flat) if isinstance(like, nnx.State) else nest(flat)
 
 
 def _index(key) -> int:

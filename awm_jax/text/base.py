@@ -110,7 +110,8 @@ class CachedTextEncoder:
 
     Args:
         encoder: an object with ``encode(prompts)`` or a function ``prompts -> (embeds, pooled)``.
-        max_entries: LRU capacity in prompts (0 disables the LRU; pinned prompt sets are extra).
+        max_entries: LRU capacity in prompts (0 disables the LRU, None: bounded by ``max_bytes`` only;
+            pinned prompt sets are extra).
         max_bytes: LRU capacity in bytes of the cached arrays (None: no byte bound; 0 disables the LRU).
         chunk_size: encode cache misses in chunks of at most this many prompts (None: all at once).
         fingerprint: identifies the encoder + settings for the disk cache; defaults to
@@ -123,13 +124,13 @@ class CachedTextEncoder:
         self,
         encoder: TextEncoder | EncodeFn,
         *,
-        max_entries: int = 256,
+        max_entries: int | None = 256,
         max_bytes: int | None = None,
         chunk_size: int | None = None,
         fingerprint: str | None = None,
     ):
-        if max_entries < 0:
-            raise ValueError(f"max_entries must be >= 0, got {max_entries}")
+        if max_entries is not None and max_entries < 0:
+            raise ValueError(f"max_entries must be >= 0 or None, got {max_entries}")
         if max_bytes is not None and max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0 or None, got {max_bytes}")
         if chunk_size is not None and chunk_size < 1:
@@ -145,7 +146,7 @@ class CachedTextEncoder:
                 f"encoder must have .encode(prompts) or be callable; got {type(encoder).__name__}"
             )
         self.encoder = encoder
-        self.max_entries = int(max_entries)
+        self.max_entries = None if max_entries is None else int(max_entries)
         self.max_bytes = None if max_bytes is None else int(max_bytes)
         self.nbytes = 0  # bytes held by the LRU (pinned sets not counted)
         self.chunk_size = chunk_size
@@ -191,7 +192,8 @@ class CachedTextEncoder:
         self._lru[prompt] = entry
         self._lru.move_to_end(prompt)
         self.nbytes += size
-        while len(self._lru) > self.max_entries or self.nbytes > cap:
+        entries = np.inf if self.max_entries is None else self.max_entries
+        while len(self._lru) > entries or self.nbytes > cap:
             _, old = self._lru.popitem(last=False)
             self.nbytes -= _entry_bytes(old)
 
