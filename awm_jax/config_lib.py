@@ -208,11 +208,11 @@ def parse_args(argv: Sequence[str]) -> tuple[str, str, list[tuple[str, str]]]:
 
 
 _CHOICES = {
-    "algorithm": ("awm", "flow_grpo"),
+    "algorithm": ("awm", "flow_grpo", "nft", "elbo_reinforce", "elbo_grpo"),
     "model.remat_policy": ("none", "full", "dots_saveable", "nothing_saveable"),
     "sample.sampler": ("sa_solver", "euler_maruyama", "ode", "sde", "cps"),
     "awm.timestep_sampler": ("discrete", "discrete_wo_init", "uniform", "logit_normal"),
-    "awm.weighting": ("uniform", "t", "t2", "ghuber"),
+    "awm.weighting": ("uniform", "t", "t2", "ghuber", "elbo"),
     "awm.loss_type": ("per_time", "mean_over_times"),
     "advantages.std_mode": ("global", "group"),
     "data.train_format": ("text", "geneval", "ocr"),
@@ -266,6 +266,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         )
     if cfg.model.text_cache_mb < 0:
         raise ConfigError(f"config key 'model.text_cache_mb' must be >= 0, got {cfg.model.text_cache_mb}")
+    if cfg.algorithm == "nft" and not cfg.nft.beta > 0:
+        raise ConfigError(f"config key 'nft.beta' must be > 0, got {cfg.nft.beta}")
+    if cfg.train.scan_times and cfg.algorithm == "elbo_grpo":
+        raise ConfigError("config key 'train.scan_times' = True: elbo_grpo's ratio needs all K times at once")
     if cfg.train.scan_times and cfg.awm.loss_type != "per_time":
         raise ConfigError("config key 'train.scan_times' = True needs awm.loss_type = 'per_time'")
     if cfg.lora.rank <= 0 and not cfg.lora.full_finetune:

@@ -47,6 +47,7 @@ from awm_jax.logging_lib import TrainLogger
 from awm_jax.models.family import get_family
 from awm_jax.rewards.bridge import RewardBridge
 from awm_jax.rl.advantages import reward_stats, step_advantages
+from awm_jax.rl.policy import rolls_out_with_old
 from awm_jax.text.base import CachedTextEncoder
 
 __all__ = ["Components", "default_components", "run", "main", "NonFiniteError", "TrainError"]
@@ -118,7 +119,7 @@ def default_components(config: ml_collections.ConfigDict) -> Components:
         return ema if (config.eval.use_ema and ema is not None) else s.trainable
 
     rollout_params = None
-    if config.algorithm == "awm" and not config.awm.on_policy:  # as the reference: roll out with kl_ema
+    if rolls_out_with_old(config):  # AWM off-policy (as the reference), nft, elbo_grpo: roll out with kl_ema
         def rollout_params(s):
             ema = getattr(s, "kl_ema", None)
             return s.trainable if ema is None else ema

@@ -27,7 +27,8 @@ _TASKS = {
 def base_config() -> ml_collections.ConfigDict:
     """Every key the trainer knows, with the public AWM code's SD3.5-Medium defaults."""
     c = ml_collections.ConfigDict()
-    c.algorithm = "awm"  # "awm" | "flow_grpo"
+    # objective (docs/objectives.md): "awm" | "flow_grpo" | "nft" (DiffusionNFT) | "elbo_reinforce" | "elbo_grpo"
+    c.algorithm = "awm"
     c.seed = 42  # master seed: init, data order, rollout and training noise all derive from (seed, step)
     c.max_steps = 1000  # number of optimizer steps (one per rollout epoch); bounds a run
     c.components = "awm_jax.train:default_components"  # "module:function" returning the loop's components
@@ -87,18 +88,23 @@ def base_config() -> ml_collections.ConfigDict:
     a.correct_threshold = 1.0  # reward >= this counts as "correct" (all-correct / all-wrong fractions)
 
     c.awm = w = ml_collections.ConfigDict()
+    # awm.*: AWM's keys, shared by the other clean-sample objectives (nft, elbo_reinforce, elbo_grpo)
     w.train_timesteps = 6  # K training times per sample
     w.timestep_sampler = "discrete_wo_init"  # "discrete" | "discrete_wo_init" | "uniform" | "logit_normal"
     w.timestep_fraction = 0.9  # discrete samplers: upper stratum bound int(num_steps * fraction)
-    w.weighting = "ghuber"  # w(t): "uniform" | "t" | "t2" | "ghuber"
+    w.weighting = "ghuber"  # w(t): "uniform" | "t" | "t2" | "ghuber" | "elbo" ((1 - t) / t, the ELBO's)
     w.ghuber_power = 0.25  # ghuber power p
     w.beta = 0.001  # weight of KL to the reference (base) model, velocity space
     w.ema_beta = 1.0  # weight of KL to the kl-EMA adapter (0 disables the kl-EMA term)
     w.kl_elbo = False  # divide the KL terms by 2 sigma(t)^2
-    w.clip_range = 1.0  # PPO ratio clip c
+    w.clip_range = 1.0  # PPO ratio clip c (awm, elbo_grpo)
     w.advantage_max = 1.0  # A <- clip(A) / clip * advantage_max
     w.on_policy = True  # logp_old = stopgrad(logp); False uses the sampling policy's logp
     w.loss_type = "per_time"  # "per_time" | "mean_over_times" (ratio of the means over the K times)
+
+    c.nft = n = ml_collections.ConfigDict()  # DiffusionNFT (A_max = advantages.clip, KL = awm.beta)
+    n.beta = 1.0  # implicit-policy strength b: v+ = (1 - b) v_old + b v, v- = (1 + b) v_old - b v
+    n.adaptive_weighting = True  # divide each x0-space error by stopgrad(mean |x0_pred - x0|)
 
     c.flow_grpo = g = ml_collections.ConfigDict()
     g.clip_range = 1e-4  # PPO clip
@@ -106,6 +112,7 @@ def base_config() -> ml_collections.ConfigDict:
     g.timestep_fraction = 0.99  # train the first int(num_steps * fraction) sampling steps
 
     c.ema = e = ml_collections.ConfigDict()
+    # the kl-EMA adapter is also the old (sampling) policy of nft / elbo_grpo (and of AWM off-policy)
     e.kl_decay_rate = 0.001  # kl-EMA decay d = min(kl_decay_max, kl_decay_rate * step)
     e.kl_decay_max = 0.3  # cap of the kl-EMA decay
     e.eval_ema = True  # keep an evaluation EMA of the adapter, decay min((1+s)/(10+s), eval_decay_max)
@@ -160,6 +167,37 @@ def _flow_grpo(c: ml_collections.ConfigDict, task: dict) -> None:
     c.flow_grpo.beta = task["grpo_beta"]
 
 
+def _nft(c: ml_collections.ConfigDict) -> None:
+    """DiffusionNFT's keys (NVlabs/DiffusionNFT config/nft.py, scripts/train_nft_sd3.py; docs/objectives.md)."""
+    c.algorithm = "nft"
+    c.nft.beta = 1.0  # config.beta = 1.0 (geneval, pickscore; 0.1 for ocr)
+    c.nft.adaptive_weighting = True  # the script's "adaptive weighting" (always on)
+    c.awm.beta = 1e-4  # train.beta: KL to the reference (LoRA disabled), velocity MSE
+    c.awm.ema_beta = 0.0  # no kl-EMA term: the adapter is the old policy only
+    c.ema.kl_decay_max = 0.5  # old policy: decay_type 1, min(0.001 step, 0.5) (rate = kl_decay_rate)
+    c.ema.eval_decay_max = 0.9  # EMAModuleWrapper(decay=0.9) for evaluation
+
+
+def _nft_sd35(c: ml_collections.ConfigDict) -> None:
+    """The SD3.5 rollout / training-time settings of DiffusionNFT."""
+    c.sample.sampler = "ode"  # deterministic rollouts (the authors' "dpm2" solver; ours: the ODE sampler)
+    c.sample.num_steps = 10  # config.sample.num_steps = 10
+    c.sample.noise_level = 0.0  # deterministic
+    c.sample.guidance_scale = 1.0  # no CFG in rollouts or training
+    c.awm.train_timesteps = 9  # int(num_steps * timestep_fraction) = int(10 * 0.99) grid times per sample
+    c.awm.timestep_sampler = "discrete"  # sampler grid times (the authors: 9 of the 10, per-sample order)
+    c.awm.timestep_fraction = 0.99  # train.timestep_fraction
+    c.data.prompts_per_step = 48  # num_groups = 48 prompts x 24 images
+
+
+def _elbo(c: ml_collections.ConfigDict, name: str) -> None:
+    """ELBO policy gradients: the AWM setting with the ELBO weighting and another policy-gradient functional."""
+    c.algorithm = name
+    c.awm.weighting = "elbo"  # per-time weight (1 - t) / t of the flow-matching ELBO
+    if name == "elbo_grpo":
+        c.awm.clip_range = 0.2  # PPO clip of the ELBO ratio (on the mean over the K times)
+
+
 def _paper(c: ml_collections.ConfigDict, task: dict) -> None:
     """The AWM paper's settings (Sec. 5): Euler-Maruyama, K=4, w(t)=1, beta 0.4/0.4/0.01, no EMA term."""
     c.sample.sampler = "euler_maruyama"
@@ -206,6 +244,11 @@ def sd35m(task: str, algorithm: str = "awm", paper: bool = False) -> ml_collecti
         _paper(c, t)
     if algorithm == "flow_grpo":
         _flow_grpo(c, t)
+    elif algorithm == "nft":
+        _nft(c)
+        _nft_sd35(c)
+    elif algorithm in ("elbo_reinforce", "elbo_grpo"):
+        _elbo(c, algorithm)
     elif algorithm != "awm":
         raise ValueError(f"unknown algorithm {algorithm!r}")
     return c
@@ -288,4 +331,10 @@ def toy(algorithm: str = "awm") -> ml_collections.ConfigDict:
     if algorithm == "flow_grpo":
         _flow_grpo(c, _TASKS["geneval"])
         c.sample.guidance_scale = 1.0  # the toy text encoder has no empty-prompt embedding
+    elif algorithm == "nft":
+        _nft(c)  # the toy's rollouts (20 ODE steps) and K = 6 times as AWM: same rollouts, other loss
+    elif algorithm in ("elbo_reinforce", "elbo_grpo"):
+        _elbo(c, algorithm)
+    elif algorithm != "awm":
+        raise ValueError(f"unknown algorithm {algorithm!r}")
     return c

@@ -115,13 +115,13 @@ def step_advantages(rewards, group_ids, config) -> np.ndarray:
     """The trainer's advantages for one step, per ``config`` (float32 (B,) numpy).
 
     :func:`group_advantages` over the globally gathered rewards (``advantages.std_mode``, ``advantages.eps``),
-    then the algorithm's clipping: AWM :func:`awm_clip_advantages` (``advantages.clip``,
+    then the algorithm's clipping: AWM (and nft / elbo_*) :func:`awm_clip_advantages` (``advantages.clip``,
     ``awm.advantage_max``), Flow-GRPO :func:`grpo_clip_advantages` (its mask is applied in the loss).
     """
     a = config.advantages
     adv = group_advantages(np.asarray(rewards, np.float64), group_ids, global_std=a.std_mode == "global",
                            eps=float(a.eps))
-    if config.algorithm == "awm":
+    if str(config.algorithm) != "flow_grpo":  # AWM and the other clean-sample objectives
         adv = awm_clip_advantages(adv, float(a.clip), float(config.awm.advantage_max))
     else:
         adv, _ = grpo_clip_advantages(adv, float(a.clip))

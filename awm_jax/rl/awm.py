@@ -14,7 +14,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-WEIGHTINGS = ("uniform", "t", "t2", "ghuber")
+WEIGHTINGS = ("uniform", "t", "t2", "ghuber", "elbo")
 LOSS_TYPES = ("per_time", "mean_over_times")
 
 
@@ -34,7 +34,8 @@ def awm_log_prob(v_pred, eps, x0, t, weighting: str = "uniform", ghuber_power: f
     """Per-sample AWM log-likelihood surrogate ``-> (B,)`` float32.
 
     ``mse = mean_CHW (v_pred - (eps - x0))^2``; ``uniform``: ``-mse``; ``t``: ``-mse t``;
-    ``t2``: ``-mse t^2``; ``ghuber``: ``-((mse + 1e-10)^p - 1e-10^p) t / p``.
+    ``t2``: ``-mse t^2``; ``ghuber``: ``-((mse + 1e-10)^p - 1e-10^p) t / p``; ``elbo``: ``-mse (1 - t) / t``
+    (the variational bound's weight of a velocity error, ``t`` floored at 1e-3; docs/objectives.md).
     """
     mse = flow_matching_mse(v_pred, eps, x0)
     t = jnp.asarray(t, jnp.float32)
@@ -44,6 +45,8 @@ def awm_log_prob(v_pred, eps, x0, t, weighting: str = "uniform", ghuber_power: f
         return -mse * t
     if weighting == "t2":
         return -mse * t * t
+    if weighting == "elbo":
+        return -mse * (1.0 - t) / jnp.maximum(t, 1e-3)
     if weighting == "ghuber":
         p = float(ghuber_power)
         if p <= 0:

@@ -16,9 +16,12 @@ from flax import nnx
 from awm_jax.models.family import ModelFamily, family_for_graph
 from awm_jax.sampling.samplers import classifier_free_guidance
 
-__all__ = ["ALGORITHMS", "algorithm", "guided", "is_full_finetune", "model_family", "velocity_model"]
+__all__ = ["ALGORITHMS", "X0_ALGORITHMS", "algorithm", "guided", "is_full_finetune", "model_family",
+           "rolls_out_with_old", "trains_on_x0", "velocity_model"]
 
-ALGORITHMS = ("awm", "flow_grpo")
+# the objectives (config key ``algorithm``; docs/objectives.md): all but Flow-GRPO train on the clean sample
+ALGORITHMS = ("awm", "flow_grpo", "nft", "elbo_reinforce", "elbo_grpo")
+X0_ALGORITHMS = ("awm", "nft", "elbo_reinforce", "elbo_grpo")
 
 
 def algorithm(config) -> str:
@@ -27,6 +30,18 @@ def algorithm(config) -> str:
     if a not in ALGORITHMS:
         raise ValueError(f"config key algorithm = {a!r}: expected one of {ALGORITHMS}")
     return a
+
+
+def trains_on_x0(config) -> bool:
+    """The objective trains on the rollouts' clean samples ``x0`` (AWM batch), not on SDE trajectories."""
+    return algorithm(config) in X0_ALGORITHMS
+
+
+def rolls_out_with_old(config) -> bool:
+    """Rollouts come from the old policy (the kl-EMA adapter state): AWM off-policy, DiffusionNFT (its
+    code samples with the "old" adapter) and ``elbo_grpo`` (PPO: the ratio's denominator sampled)."""
+    a = algorithm(config)
+    return a in ("nft", "elbo_grpo") or (a == "awm" and not bool(config.awm.on_policy))
 
 
 def is_full_finetune(config) -> bool:

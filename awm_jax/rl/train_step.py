@@ -64,7 +64,16 @@ from awm_jax.parallel import (
 from awm_jax.rl import awm as awm_lib
 from awm_jax.rl import ema as ema_lib
 from awm_jax.rl import grpo as grpo_lib
-from awm_jax.rl.policy import ALGORITHMS, algorithm, guided, is_full_finetune, model_family, velocity_model
+from awm_jax.rl import objectives as obj_lib
+from awm_jax.rl.policy import (
+    ALGORITHMS,
+    algorithm,
+    guided,
+    is_full_finetune,
+    model_family,
+    trains_on_x0,
+    velocity_model,
+)
 from awm_jax.rl.rollout import ROLLOUT_SAMPLERS, make_rollout_fn
 from awm_jax.rl.timesteps import sample_train_timesteps
 
@@ -101,7 +110,12 @@ def _dtype(name) -> Any:
 
 
 def _needs_kl_ema(config) -> bool:
-    return algorithm(config) == "awm" and (float(config.awm.ema_beta) != 0 or not bool(config.awm.on_policy))
+    """The kl-EMA adapter state exists: AWM's EMA term / off-policy, or the old policy of nft / elbo_grpo."""
+    a = algorithm(config)
+    if a in obj_lib.NEEDS_OLD:
+        return True
+    return trains_on_x0(config) and (float(config.awm.ema_beta) != 0 or
+                                     (a == "awm" and not bool(config.awm.on_policy)))
 
 
 def lora_config(config, family=None) -> LoRAConfig:
@@ -372,6 +386,58 @@ def _awm_logp(vf, x0, times, noise, w):
     return lp.reshape(k, b)
 
 
+def _objective_loss_fn(graphdef, config, mesh, full: bool, num_times: int, k_noise) -> Callable:
+    """``(params, base, kl_ema, chunk) -> (loss, aux)`` of an ``awm_jax.rl.objectives`` objective (nft,
+    elbo_reinforce, elbo_grpo) on the AWM chunks: times, noise and micro-batches as AWM; the old policy's
+    velocity from the kl-EMA adapter state."""
+    w = config.awm
+    algo = algorithm(config)
+    model_fn = velocity_model(graphdef, config)
+    k_total = int(w.train_timesteps)
+    kl = dict(beta=float(w.beta), ema_beta=float(w.ema_beta), kl_elbo=bool(w.kl_elbo))
+    if algo == "nft":
+        hyper = dict(nft_beta=float(config.nft.beta), advantage_max=float(w.advantage_max),
+                     loss_scale=float(config.advantages.clip),
+                     adaptive_weighting=bool(config.nft.adaptive_weighting), **kl)
+        fn = obj_lib.nft_loss
+    elif algo == "elbo_reinforce":
+        hyper = dict(weighting=str(w.weighting), ghuber_power=float(w.ghuber_power), **kl)
+        fn = obj_lib.elbo_reinforce_loss
+    else:
+        hyper = dict(clip_range=float(w.clip_range), weighting=str(w.weighting),
+                     ghuber_power=float(w.ghuber_power), **kl)
+        fn = obj_lib.elbo_grpo_loss
+
+    def loss(params, base, kl_ema, ch):
+        x0 = constrain_batch(ch["x0"].astype(jnp.float32), mesh)
+        cond = (constrain_batch(ch["emb"], mesh), constrain_batch(ch["pooled"], mesh))
+        times = ch["times"]
+        if "noise" in ch:
+            noise = ch["noise"]
+        else:
+            z = _per_sample_noise(k_noise, ch["idx"], k_total, x0.shape[1:])
+            noise = z if "time_index" not in ch else jax.lax.dynamic_slice_in_dim(z, ch["time_index"], 1, 0)
+        noise = constrain_batch(noise, mesh, axis=1)
+        rep = awm_lib.repeat_over_times(cond, num_times)
+        xt = awm_lib.noised_latents(x0, times, noise)
+        k, b = times.shape
+
+        def v_of(p):
+            v = model_fn(p, base, xt.reshape(k * b, *xt.shape[2:]), times.reshape(-1), rep)
+            return v.astype(jnp.float32).reshape(xt.shape)
+
+        out = {"v": v_of(params)}
+        if algo in obj_lib.NEEDS_OLD:
+            out["v_old"] = jax.lax.stop_gradient(v_of(kl_ema))
+        if kl["beta"] != 0:
+            out["v_ref"] = jax.lax.stop_gradient(v_of(_ref_params(params, base, full)))
+        if kl["ema_beta"] != 0 and kl_ema is not None:
+            out["v_ema"] = jax.lax.stop_gradient(v_of(kl_ema))
+        return fn(out, {"x0": x0, "noise": noise, "times": times, "adv": ch["adv"]}, **hyper)
+
+    return loss
+
+
 def _grpo_chunks(batch, config, mesh):
     """Stacked per-(micro-batch, train step) inputs of the Flow-GRPO step."""
     lat = batch["latents"]
@@ -418,7 +484,7 @@ def _make_grads(graphdef, config, mesh: Mesh | None) -> Callable:
     """``grads(state, base, batch, key, neg) -> (mean gradients (fp32), mean aux)`` (traceable)."""
     algo = algorithm(config)
     full = is_full_finetune(config)
-    if algo == "awm":
+    if trains_on_x0(config):
         num_k = int(config.awm.train_timesteps)
         if num_k < 1:
             raise ValueError(f"config key awm.train_timesteps = {num_k} must be >= 1")
@@ -428,10 +494,11 @@ def _make_grads(graphdef, config, mesh: Mesh | None) -> Callable:
             raise ValueError(f"Flow-GRPO trains SDE/CPS trajectories; sample.sampler = {sampler!r}")
 
     def grads(state: TrainState, base, batch, key, neg):
-        if algo == "awm":
+        if algo != "flow_grpo":
             grid = _grid(graphdef, config, batch["x0"].shape[1:])
             chunks, num, k_chunk, k_noise = _awm_chunks(batch, key, config, mesh, num_k, grid)
-            loss_fn = _awm_loss_fn(graphdef, config, mesh, full, k_chunk, k_noise)
+            make = _awm_loss_fn if algo == "awm" else _objective_loss_fn
+            loss_fn = make(graphdef, config, mesh, full, k_chunk, k_noise)
             ctx = state.kl_ema
         else:
             t1 = float(_grid(graphdef, config, batch["latents"].shape[2:])[1])
@@ -544,7 +611,7 @@ _GRPO_KEYS = ("latents", "log_probs", "timesteps", "next_timesteps", "prompt_emb
 
 
 def _check_batch(batch: dict, algo: str) -> None:
-    need = _AWM_KEYS if algo == "awm" else _GRPO_KEYS
+    need = _GRPO_KEYS if algo == "flow_grpo" else _AWM_KEYS
     missing = [k for k in need if k not in batch]
     if missing:
         raise KeyError(f"{algo} train batch lacks keys {missing} (has {sorted(batch)})")
@@ -552,7 +619,7 @@ def _check_batch(batch: dict, algo: str) -> None:
     for k in need:
         if batch[k].shape[0] != n:
             raise ValueError(f"{algo} train batch: {k} has leading size {batch[k].shape[0]}, advantages {n}")
-    if algo == "awm":
+    if algo != "flow_grpo":
         extra = [k for k in ("times", "noise", "logp_old") if k in batch]
         if "logp_old" in extra and not {"times", "noise"} <= set(extra):
             raise ValueError("batch['logp_old'] needs the 'times' and 'noise' it was computed with")
