@@ -27,8 +27,7 @@ _TASKS = {
 def base_config() -> ml_collections.ConfigDict:
     """Every key the trainer knows, with the public AWM code's SD3.5-Medium defaults."""
     c = ml_collections.ConfigDict()
-    # objective (docs/objectives.md): "awm" | "flow_grpo" | "nft" (DiffusionNFT) | "elbo_reinforce" | "elbo_grpo"
-    c.algorithm = "awm"
+    c.algorithm = "awm"  # objective (docs/objectives.md): awm|flow_grpo|nft|elbo_reinforce|elbo_grpo
     c.seed = 42  # master seed: init, data order, rollout and training noise all derive from (seed, step)
     c.max_steps = 1000  # number of optimizer steps (one per rollout epoch); bounds a run
     c.components = "awm_jax.train:default_components"  # "module:function" returning the loop's components
@@ -168,7 +167,8 @@ def _flow_grpo(c: ml_collections.ConfigDict, task: dict) -> None:
 
 
 def _nft(c: ml_collections.ConfigDict) -> None:
-    """DiffusionNFT's keys (NVlabs/DiffusionNFT config/nft.py, scripts/train_nft_sd3.py; docs/objectives.md)."""
+    """DiffusionNFT's keys (NVlabs/DiffusionNFT config/nft.py, scripts/train_nft_sd3.py; docs/objectives.md).
+    """
     c.algorithm = "nft"
     c.nft.beta = 1.0  # config.beta = 1.0 (geneval, pickscore; 0.1 for ocr)
     c.nft.adaptive_weighting = True  # the script's "adaptive weighting" (always on)
@@ -191,7 +191,7 @@ def _nft_sd35(c: ml_collections.ConfigDict) -> None:
 
 
 def _elbo(c: ml_collections.ConfigDict, name: str) -> None:
-    """ELBO policy gradients: the AWM setting with the ELBO weighting and another policy-gradient functional."""
+    """ELBO policy gradients: the AWM setting with the ELBO weighting and another policy-gradient loss."""
     c.algorithm = name
     c.awm.weighting = "elbo"  # per-time weight (1 - t) / t of the flow-matching ELBO
     if name == "elbo_grpo":

@@ -1,4 +1,4 @@
-"""The jitted, sharded AWM / Flow-GRPO train step and the train state.
+"""The jitted, sharded train step of every objective (AWM, Flow-GRPO, nft, elbo_*) and the train state.
 
 The rollout samplers live in ``awm_jax.rl.rollout`` (re-exported here); the model family's velocity and CFG
 in ``awm_jax.rl.policy``; placement on the mesh in ``awm_jax.parallel``.
@@ -27,6 +27,9 @@ fp32 gradients of the chunk losses and their mean is clipped (global norm) and a
 kl-EMA and eval-EMA are updated.  A non-finite loss or gradient leaves the whole state unchanged
 (``metrics["finite"] = False``).  The state is donated; training noise and times are drawn per sample from
 ``key`` so results do not depend on the micro-batching or the mesh.
+
+The other clean-sample objectives (``config.algorithm`` nft / elbo_reinforce / elbo_grpo,
+``awm_jax.rl.objectives``) use AWM's batch, chunks, times and noise; their old policy is the kl-EMA state.
 
 AWM batch: ``x0 (N,C,H,W), prompt_embeds (N,T,D), pooled (N,P), advantages (N,)`` (already clipped), optional
 ``times (K,N)``, ``noise (K,N,C,H,W)`` and ``logp_old (K,N)`` (all three needed for an external ``logp_old``).
@@ -431,8 +434,8 @@ def _objective_loss_fn(graphdef, config, mesh, full: bool, num_times: int, k_noi
             out["v_old"] = jax.lax.stop_gradient(v_of(kl_ema))
         if kl["beta"] != 0:
             out["v_ref"] = jax.lax.stop_gradient(v_of(_ref_params(params, base, full)))
-        if kl["ema_beta"] != 0 and kl_ema is not None:
-            out["v_ema"] = jax.lax.stop_gradient(v_of(kl_ema))
+        if kl["ema_beta"] != 0 and kl_ema is not None:  # the old policy *is* the kl-EMA adapter: one pass
+            out["v_ema"] = out["v_old"] if "v_old" in out else jax.lax.stop_gradient(v_of(kl_ema))
         return fn(out, {"x0": x0, "noise": noise, "times": times, "adv": ch["adv"]}, **hyper)
 
     return loss
