@@ -236,3 +236,20 @@ def test_toy_config_trains(tmp_path):
     assert [r["step"] for r in rows] == [1]
     assert all(np.isfinite(r["loss"]) and not r["skipped"] for r in rows)
     assert rows[0]["positive_loss"] > 0 and "old_deviate" in rows[0]
+
+
+def test_objective_configs():
+    """The shipped configs carry the authors' NFT defaults (docs/objectives.md) and the toy ones differ from
+    configs/toy.py only in objective keys (same rollouts)."""
+    n = config_lib.load_config(os.path.join(ROOT, "configs", "sd35m_geneval_nft.py"))
+    assert (n.algorithm, n.nft.beta, n.awm.beta, n.awm.ema_beta) == ("nft", 1.0, 1e-4, 0.0)
+    assert (n.sample.guidance_scale, n.sample.num_steps, n.awm.train_timesteps) == (1.0, 10, 9)
+    assert (n.ema.kl_decay_rate, n.ema.kl_decay_max, n.advantages.clip) == (0.001, 0.5, 5.0)
+    e = config_lib.load_config(os.path.join(ROOT, "configs", "sd35m_geneval_elbo_grpo.py"))
+    assert (e.algorithm, e.awm.weighting, e.awm.clip_range) == ("elbo_grpo", "elbo", 0.2)
+    base = config_lib.load_config(os.path.join(ROOT, "configs", "toy.py")).to_dict()
+    for name in ("nft", "elbo_reinforce", "elbo_grpo"):
+        c = config_lib.load_config(os.path.join(ROOT, "configs", f"toy_{name}.py")).to_dict()
+        diff = {f"{k}.{j}" for k in c if isinstance(c[k], dict) for j in c[k] if c[k][j] != base[k][j]}
+        assert not any(k.startswith(("sample.", "data.", "optim.")) for k in diff), (name, diff)
+        assert c["algorithm"] == name
