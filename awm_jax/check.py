@@ -13,13 +13,15 @@ Checked, each problem reported with its config key and path, ALL problems at onc
   ``model.path`` with its ``transformer/``, ``vae/`` (or ``model.vae_path``), ``text_encoder*/`` and
   ``tokenizer*/``);
 - the prompt files (``data.train_prompts``, ``data.eval_prompts`` when evaluating), parsed;
-- the reward: a known ``reward.name``, its required model paths given and every given path present.
+- the reward: a known ``reward.name``, its required model paths given and every given path present;
+- the optional TensorBoard writer when ``log.tensorboard`` is on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import os
 import sys
 from typing import Any
@@ -133,6 +135,9 @@ def check_run(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
     if config.eval.every > 0 and config.data.eval_prompts:
         eval_set = _prompts("eval", config.data.eval_prompts, config.data.eval_format, problems)
     problems.extend(rewards.config_problems(config))
+    if config.log.tensorboard and importlib.util.find_spec("tensorboardX") is None:
+        problems.append("config key 'log.tensorboard' = True: tensorboardX is not installed (pip install "
+                        "'awm_jax[tensorboard]', or --config.log.tensorboard=false)")
     if problems:
         raise CheckError(problems)
     return Inputs(train_set, eval_set)

@@ -44,23 +44,7 @@ def readme_train_commands() -> list[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """The three runs compile the same tiny programs: share them through a module-local compilation cache."""
-    import jax
-
-    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs,
-           jax.config.jax_persistent_cache_min_entry_size_bytes)
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", old[2])
-
-
-@pytest.fixture(scope="module")
-def layout(tmp_path_factory, compile_cache):
+def layout(tmp_path_factory):
     """A working directory with every asset of the shipped sd35m configs' defaults, tiny and random."""
     root = tmp_path_factory.mktemp("assets")
     build_tiny_sd3_pipeline(root / "weights" / "sd3.5-medium", seed=0)
