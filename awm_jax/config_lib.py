@@ -85,6 +85,14 @@ def _unknown_key(cfg, key: str) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
+def _parse_free(text: str):
+    """A value without a declared type (``reward.kwargs.*``): JSON (numbers, booleans, lists), else text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 def _parse_value(key: str, text: str, old):
     """Parse ``text`` to the type of the existing value ``old``."""
     if isinstance(old, bool):
@@ -137,6 +145,9 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[tuple[st
                 raise _unknown_key(cfg, key)
             node = node[p]
         leaf = parts[-1]
+        if leaf not in node and parts[:-1] == ["reward", "kwargs"]:  # free keywords of any reward
+            node[leaf] = _parse_free(text)
+            continue
         if leaf not in node:
             raise _unknown_key(cfg, key)
         if isinstance(node[leaf], ml_collections.ConfigDict):

@@ -152,7 +152,7 @@ class TrainLogger:
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix(reward=_fmt(record.get("reward_mean"), ".3f"),
-                                  loss=_fmt(record.get("loss"), ".4f"))
+                                  loss=_fmt(record.get("loss"), ".3e"))
 
     def log_eval(self, record: dict, images: np.ndarray | None = None, captions=None) -> None:
         """One evaluation's metrics, plus a PNG grid of its samples."""
@@ -183,3 +183,34 @@ class TrainLogger:
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
+
+
+def run_summary(workdir: str, last: dict, max_steps: int) -> str:
+    """The end-of-run summary: steps done, the final held-out metrics, where checkpoints, grids and
+    TensorBoard logs are."""
+    import glob
+
+    lines = [f"run finished: step {last.get('step', '?')} of {max_steps} in {workdir}"]
+    if last:
+        lines.append(f"  last step: reward_mean {_fmt(last.get('reward_mean'), '.4f')}, "
+                     f"loss {_fmt(last.get('loss'), '.3e')}")
+    path = os.path.join(workdir, "eval.jsonl")
+    evals = JsonlLog(path).read() if os.path.isfile(path) else []
+    if evals:
+        first, final = evals[0], evals[-1]
+        keys = [k for k in ("accuracy/overall", "accuracy", "reward_mean") if k in final]
+        parts = ", ".join(f"{k} {_fmt(first.get(k), '.4f')} (step {first['step']}) -> {_fmt(final[k], '.4f')}"
+                          for k in keys)
+        lines.append(f"  held-out eval at step {final['step']}: {parts} ({path})")
+    ck = os.path.join(workdir, "checkpoints")
+    steps = sorted(int(d) for d in os.listdir(ck) if d.isdigit()) if os.path.isdir(ck) else []
+    if steps:
+        lines.append(f"  checkpoints: {ck} (steps {', '.join(map(str, steps))})")
+    grids = sorted(glob.glob(os.path.join(workdir, "samples", "*.png")))
+    if grids:
+        newest = os.path.basename(grids[-1])
+        lines.append(f"  image grids: {os.path.join(workdir, 'samples')} (newest {newest})")
+    if os.path.isdir(os.path.join(workdir, "tb")):
+        lines.append(f"  TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tb')}")
+    lines.append(f"  metrics: {os.path.join(workdir, 'metrics.jsonl')}")
+    return "\n".join(lines)

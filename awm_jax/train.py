@@ -10,9 +10,11 @@ Workdir outputs: ``config.json``, ``metrics.jsonl``, ``eval.jsonl``, ``tb/`` (Te
 ``samples/eval_*.png`` (grids with prompts), ``checkpoints/`` (orbax, keep-last-k). Running the same
 command again resumes. SIGTERM / SIGINT save a checkpoint and exit 0.
 
-Failure behaviour: bad input (config keys and values, prompt files, the mesh shape, the workdir) is checked
-before anything is written and stops with one ``error: ...`` line, exit 2; so does a workdir whose checkpoints
-are all unusable (``--fresh`` / ``checkpoint.allow_fresh_start`` starts again from step 0 on purpose);
+Failure behaviour: bad input (config keys and values, the model, prompt and reward files, the mesh shape,
+the workdir; :mod:`awm_jax.check`, alone with ``--check``) is checked before any model loads or anything is
+written and stops with ``error: ...`` listing every problem, exit 2 (a failed start leaves no empty
+workdir); so does a workdir whose checkpoints are all unusable (``--fresh`` /
+``checkpoint.allow_fresh_start`` starts again from step 0 on purpose);
 ``train.max_nonfinite`` non-finite updates in a row save a checkpoint and exit 3.
 
 The model, train step and reward come from a *components factory* (``config.components``,
@@ -24,7 +26,6 @@ for its pipeline) so the loop is independent of the model family. Checkpoints ho
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 import math
@@ -41,9 +42,11 @@ import ml_collections
 import numpy as np
 
 from awm_jax import config_lib, parallel
+from awm_jax.check import CheckError, check_run, resolve_factory
+from awm_jax.check import report as check_report
 from awm_jax.checkpoint import Checkpointer, CheckpointFormatError, NoUsableCheckpointError
-from awm_jax.data import GroupedSampler, PromptFileError, load_dataset
-from awm_jax.logging_lib import TrainLogger
+from awm_jax.data import GroupedSampler, PromptFileError
+from awm_jax.logging_lib import TrainLogger, run_summary
 from awm_jax.models.family import get_family
 from awm_jax.rewards.bridge import RewardBridge
 from awm_jax.rl.advantages import reward_stats, step_advantages
@@ -112,7 +115,7 @@ def default_components(config: ml_collections.ConfigDict) -> Components:
     eval_cfg.sample.noise_level = 0.0
     eval_cfg.sample.guidance_scale = 1.0
     eval_rollout = ts.make_rollout_fn(graphdef, eval_cfg, mesh, latent_shape=shape)
-    scorer = rewards.get(config.reward.name, **config.reward.kwargs.to_dict())
+    scorer = rewards.from_config(config)
 
     def eval_params(s):
         ema = getattr(s, "eval_ema", None)
@@ -126,16 +129,6 @@ def default_components(config: ml_collections.ConfigDict) -> Components:
 
     return Components(pipeline, state, base_state, step, rollout, eval_rollout, scorer,
                       rollout_params_of=rollout_params, eval_params_of=eval_params)
-
-
-def _resolve_factory(spec: str):
-    if ":" not in spec:
-        raise config_lib.ConfigError(f"config key 'components' = {spec!r}: expected 'module:function'")
-    mod, fn = spec.split(":", 1)
-    try:
-        return getattr(importlib.import_module(mod), fn)
-    except (ImportError, AttributeError) as e:
-        raise config_lib.ConfigError(f"config key 'components' = {spec!r} cannot be imported: {e}") from e
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -316,55 +309,12 @@ def restore_checkpoint(ckpt: Checkpointer, state, rng, allow_fresh: bool = False
     return step, state, rng, dict(items["meta"])
 
 
-def _check_workdir(workdir: str) -> None:
-    """The workdir is a directory (or can be created as one) this process may write."""
-    if not workdir or not str(workdir).strip():
-        raise TrainError("--workdir is empty")
-    path = os.path.abspath(workdir)
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            raise TrainError(f"--workdir {workdir!r} exists and is not a directory")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise TrainError(f"--workdir {workdir!r} is not writable")
-        return
-    parent = os.path.dirname(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise TrainError(f"--workdir {workdir!r} cannot be created: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise TrainError(f"--workdir {workdir!r} cannot be created: {parent} is not writable")
-
-
-def _check_mesh(config) -> None:
-    """``mesh.data x mesh.fsdp x mesh.tensor`` must fit the devices (``parallel.make_mesh``'s rule)."""
-    m = config.mesh
-    try:
-        parallel.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
-    except ValueError as e:
-        raise TrainError(f"config keys 'mesh.data' = {m.data}, 'mesh.fsdp' = {m.fsdp}, 'mesh.tensor' = "
-                         f"{m.tensor} do not fit the {jax.device_count()} devices ({e}; mesh.data=-1 takes "
-                         "all the remaining devices)") from None
-
-
-def _load_prompts(which: str, spec: str, fmt: str):
-    try:
-        return load_dataset(spec, fmt)
-    except PromptFileError as e:
-        raise TrainError(f"config key 'data.{which}_prompts' = {spec!r}: {e}") from e
-
-
 def preflight(config: ml_collections.ConfigDict, workdir: str):
-    """Every check of the run's input that needs no model: config values, the workdir, the mesh shape, the
-    prompt files (parsed). Runs before anything is written; returns ``(train_set, eval_set or None)``."""
-    config_lib.validate(config)
-    _check_workdir(workdir)
-    _check_mesh(config)
-    dataset = _load_prompts("train", config.data.train_prompts, config.data.train_format)
-    eval_set = None
-    if config.eval.every > 0 and config.data.eval_prompts:
-        eval_set = _load_prompts("eval", config.data.eval_prompts, config.data.eval_format)
-    return dataset, eval_set
+    """Every check of the run's input that needs no model (:func:`awm_jax.check.check_run`: config values, the
+    workdir, the mesh shape, the model, prompt and reward files), all problems at once, before anything is
+    written; returns ``(train_set, eval_set or None)``."""
+    inputs = check_run(config, workdir)
+    return inputs.train_set, inputs.eval_set
 
 
 def _set_aside_logs(workdir: str, logger_msg: list[str]) -> None:
@@ -387,7 +337,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     fail to restore raise :class:`NoUsableCheckpointError` before any log or config file is touched.
     """
     dataset, eval_set = preflight(config, workdir)
-    comp = _resolve_factory(config.components)(config)
+    comp = resolve_factory(config.components)(config)
     sampler = GroupedSampler(len(dataset), config.data.prompts_per_step, config.data.group_size, config.seed)
     embed = _embedding_cache(comp.pipeline.text_encoder, config)
     bridge = RewardBridge(comp.scorer, retries=config.reward.retries, gather=False)  # gathered below
@@ -497,9 +447,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def main(argv=None) -> int:
-    """Command-line entry point; returns the process exit code."""
+    """Command-line entry point; returns the process exit code. ``--check``: the pre-flight checks only."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    check_only = "--check" in argv
+    argv = [a for a in argv if a != "--check"]
     try:
         path, workdir, overrides = config_lib.parse_args(argv)
         config = config_lib.load_config(path)
@@ -508,16 +460,47 @@ def main(argv=None) -> int:
     except config_lib.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if check_only:
+        return check_report(config, workdir, path)
+    existed = os.path.exists(workdir)
+    code = 0
     try:
-        run(config, workdir)
+        last = run(config, workdir)
     except (config_lib.ConfigError, TrainError, PromptFileError, CheckpointFormatError,
-            NoUsableCheckpointError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 2
+            NoUsableCheckpointError, CheckError) as e:
+        _print_error(e)
+        code = 2
     except NonFiniteError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 3
-    return 0
+        code = 3
+    except BaseException:
+        if not existed:
+            _remove_empty_tree(workdir)
+        raise
+    if code and not existed:
+        _remove_empty_tree(workdir)
+    if code == 0 and jax.process_index() == 0:
+        print(run_summary(workdir, last, config.max_steps), flush=True)
+    return code
+
+
+def _print_error(e: BaseException) -> None:
+    """``error: ...``: one line, or the problem list of a :class:`CheckError` one per line."""
+    if isinstance(e, CheckError) and len(e.problems) > 1:
+        print(f"error: {e}", file=sys.stderr)
+    else:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+
+
+def _remove_empty_tree(path: str) -> None:
+    """A failed start leaves no empty workdir: remove ``path`` and its sub-folders when they hold no file."""
+    if not os.path.isdir(path):
+        return
+    for root, _dirs, _files in os.walk(path, topdown=False):
+        try:
+            os.rmdir(root)  # fails (kept) when it still holds a file
+        except OSError:
+            pass
 
 
 def _one_line(e: BaseException) -> str:

@@ -21,7 +21,17 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")  # the committed records (pass --out to write there)
+RUNS_DIR = os.path.join(ROOT, "runs", "benchmarks")  # default output: never onto committed files
+
+
+def require_plotting(what: str) -> None:
+    """Stop before any work when matplotlib (the optional plotting dependency, dev extra) is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit(f"error: {what} plots its results with matplotlib, which is not installed: "
+                         "pip install matplotlib (or -e '.[dev]')") from None
 
 
 def torch_device(name: str):
@@ -212,10 +222,11 @@ def add_common_args(p) -> None:
 
 
 def out_path(arg: str | None, name: str) -> str | None:
-    """Resolve ``--out``: default ``benchmarks/results/<name>.jsonl``, ``-`` for none."""
+    """Resolve ``--out``: default ``runs/benchmarks/<name>.jsonl`` (the committed records are written with
+    ``--out benchmarks/results/<name>.jsonl``), ``-`` for none."""
     if arg == "-":
         return None
-    return arg or os.path.join(RESULTS_DIR, f"{name}.jsonl")
+    return arg or os.path.join(RUNS_DIR, f"{name}.jsonl")
 
 
 def torch_compile_timing(module_fn: Callable, call: Callable[[Callable], Any], runs: int, warmup: int,

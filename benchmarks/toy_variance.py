@@ -219,9 +219,11 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2, choices=[1, 2])
     p.add_argument("--root", default="runs/toy_variance")
-    p.add_argument("--out", default=U.RESULTS_DIR)
+    p.add_argument("--out", default=os.path.join(U.RUNS_DIR, NAME),
+                   help="report dir (default runs/benchmarks/toy_variance; the record: benchmarks/results)")
     p.add_argument("--analyze-only", action="store_true")
     args = p.parse_args(argv)
+    U.require_plotting("benchmarks/toy_variance.py")  # before minutes of training, not after
     if not args.analyze_only:
         run_both(args)
     curves = {obj: load_curve(os.path.join(args.root, obj)) for obj in OBJECTIVES}

@@ -35,9 +35,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = m = ml_collections.ConfigDict()
     m.kind = "sd35"  # model family (awm_jax.models.family): "sd35" (SD3 / SD3.5), "flux", "toy"
     m.arch = "sd3.5-medium"  # named architecture of the family (its `architectures`): plans from shapes
-    m.path = ""  # directory of the transformer weights (converted or diffusers); "" = toy random init
-    m.vae_path = ""  # VAE weights directory (sd35)
-    m.text_encoder_paths = ("", "", "")  # text encoder dirs, "" = in the pipeline folder (SD3: CLIP-L, G, T5)
+    # model.path: the diffusers pipeline folder (model_index.json, transformer/, vae/, text_encoder*/,
+    # tokenizer*/; transformer/ and vae/ may hold converted Flax weights) or its transformer/;
+    # "" = toy random init
+    m.path = ""  # the pipeline folder (or its transformer/ folder)
+    m.vae_path = ""  # VAE weights directory; "" = <pipeline folder>/vae
+    # text encoder dirs, "" = <pipeline folder>/text_encoder{,_2,_3} (SD3: CLIP-L, G, T5; FLUX: CLIP-L, T5);
+    # SD3's third entry "none" skips T5 (zeros, as diffusers without it)
+    m.text_encoder_paths = ("", "", "")  # one per text encoder
     m.max_sequence_length = 128  # T5 tokens (the AWM code uses 128)
     m.resolution = 512  # image side in pixels
     m.dtype = "bfloat16"  # compute dtype of the transformer
@@ -119,7 +124,26 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.reward = r = ml_collections.ConfigDict()
     r.name = "geneval"  # name in awm_jax.rewards' registry
-    r.kwargs = ml_collections.ConfigDict()  # passed to awm_jax.rewards.get(name, **kwargs) (model paths)
+    # Each shipped reward's settings: the section named by reward.name is passed to awm_jax.rewards.get
+    # (paths "" = not given / the scorer's default); reward.kwargs holds any other reward's keywords
+    # (aesthetic, multi; --config.reward.kwargs.NAME=VALUE adds one) and overrides the section. Paths are
+    # relative to the working directory (the layout of tools/fetch_assets.py).
+    r.geneval = rg = ml_collections.ConfigDict()  # reward "geneval" (detector + CLIP colour classifier)
+    rg.detector_path = "weights/rewards/mask2former-swin-small-coco"  # detector folder (transformers format)
+    rg.clip_path = "weights/rewards/clip-vit-large-patch14"  # CLIP colour classifier folder (+ its processor)
+    rg.batch_size = 8  # detector images per forward pass
+    rg.device = "cpu"  # torch device of the detector and CLIP
+    r.ocr = ro = ml_collections.ConfigDict()  # reward "ocr" (RapidOCR, ONNX)
+    ro.det_model_path = ""  # text detector .onnx ("" = the model shipped in the rapidocr wheel)
+    ro.rec_model_path = ""  # text recogniser .onnx ("" = the wheel's)
+    ro.cls_model_path = ""  # angle classifier .onnx ("" = the wheel's)
+    ro.det_limit_side_len = 736  # detector resize side (rapidocr default; 512 with "max" keeps 512 px images)
+    ro.det_limit_type = "min"  # "min" | "max": which image side det_limit_side_len bounds
+    r.pickscore = rp = ml_collections.ConfigDict()  # reward "pickscore" (CLIP-H with PickScore_v1 weights)
+    rp.model_path = "weights/rewards/pickscore_v1"  # CLIPModel folder
+    rp.processor_path = "weights/rewards/clip-vit-h-14"  # its processor folder ("" = model_path)
+    rp.device = "cpu"  # torch device
+    r.kwargs = ml_collections.ConfigDict()  # extra keywords to awm_jax.rewards.get(name, ...): other rewards
     r.retries = 2  # reward bridge retries per batch
 
     c.eval = v = ml_collections.ConfigDict()
@@ -216,13 +240,9 @@ def sd35m(task: str, algorithm: str = "awm", paper: bool = False) -> ml_collecti
     t = _TASKS[task]
     c = base_config()
     c.lora.targets = SD35_LORA_TARGETS
-    c.model.path = "weights/sd3.5-medium/transformer"  # converted or diffusers dir
-    c.model.vae_path = "weights/sd3.5-medium/vae"
-    c.model.text_encoder_paths = (
-        "weights/sd3.5-medium/text_encoder",
-        "weights/sd3.5-medium/text_encoder_2",
-        "weights/sd3.5-medium/text_encoder_3",
-    )
+    c.model.path = "weights/sd3.5-medium"  # the diffusers pipeline folder (tools/fetch_assets.py layout)
+    c.model.vae_path = ""  # "" = <path>/vae
+    c.model.text_encoder_paths = ("", "", "")  # CLIP-L, CLIP-G, T5: read from the pipeline folder
     c.data.prompts_per_step = t["prompts"]
     c.data.train_format = t["fmt"]
     c.data.eval_format = t["fmt"]

@@ -16,14 +16,26 @@ import pathlib  # noqa: E402
 import pytest  # noqa: E402
 
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
+DATA = pathlib.Path(__file__).resolve().parent / "data"
+# name -> (the full public set, in ../shared when the checkout has it; the project's own small sample)
+PROMPT_SETS = {
+    "geneval_test": ("data/prompts/geneval_test_metadata.jsonl", "prompts/geneval_sample.jsonl"),
+    "ocr_test": ("data/prompts/ocr_test.txt", "prompts/ocr_sample.txt"),
+}
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> pathlib.Path:
-    """The ../shared folder beside the checkout (prompt sets, reference)."""
-    if not SHARED.exists():
-        raise FileNotFoundError(f"expected the shared folder at {SHARED}")
-    return SHARED
+def prompt_set():
+    """``prompt_set(name) -> (path, full)``: the full public prompt set from ``../shared`` where the checkout
+    has it (CI does), else the project's small sample in ``tests/data/prompts`` (a plain clone)."""
+
+    def get(name: str) -> tuple[pathlib.Path, bool]:
+        full, sample = PROMPT_SETS[name]
+        if (SHARED / full).is_file():
+            return SHARED / full, True
+        return DATA / sample, False
+
+    return get
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -27,11 +27,12 @@ def test_text_and_ocr_and_geneval(tmp_path):
     assert p == ["a dog", "a dog", "two cats"] and m[2]["include"][0]["count"] == 2
 
 
-def test_shared_prompt_files_load(shared_dir):
-    g = data.load_prompts(str(shared_dir / "data/prompts/geneval_test_metadata.jsonl"), "geneval")
-    o = data.load_prompts(str(shared_dir / "data/prompts/ocr_test.txt"), "ocr")
-    assert len(g) > 500 and {"tag", "include"} <= set(g.metadata[0])
-    assert len(o) == 1018 and all(m["target"] for m in o.metadata)
+def test_prompt_set_files_load(prompt_set):
+    (gp, g_full), (op, o_full) = prompt_set("geneval_test"), prompt_set("ocr_test")
+    g = data.load_prompts(str(gp), "geneval")
+    o = data.load_prompts(str(op), "ocr")
+    assert len(g) == (553 * 4 if g_full else 24) and {"tag", "include"} <= set(g.metadata[0])
+    assert len(o) == (1018 if o_full else 20) and all(m["target"] for m in o.metadata)
 
 
 def test_empty_file(tmp_path):

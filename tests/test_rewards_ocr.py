@@ -33,8 +33,9 @@ def render(text: str, size: int = 512) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def prompts(shared_dir):
-    lines = [ln.strip() for ln in (shared_dir / "data/prompts/ocr_test.txt").read_text().splitlines()]
+def prompts(prompt_set):
+    path, _ = prompt_set("ocr_test")  # the public set where present, else the project's sample
+    lines = [ln.strip() for ln in path.read_text().splitlines()]
     lines = [ln for ln in lines if ln.count('"') >= 2]
     assert len(lines) >= N_PROMPTS
     step = len(lines) // N_PROMPTS  # spread over the file

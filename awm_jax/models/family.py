@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -127,6 +128,21 @@ class ModelFamily:
             raise NotImplementedError(f"model family {self.name!r} has no pipeline loader")
         module, fn = self.pipeline_loader.split(":")
         return getattr(importlib.import_module(module), fn)(config)
+
+    def input_problems(self, config) -> list[str]:
+        """Pre-flight: every missing or malformed file the pipeline of ``config.model`` would read, as
+        messages naming the config key and the path, found without loading anything. By default the
+        ``input_problems(config)`` of the ``pipeline_loader``'s module (when ``load_pipeline`` is not
+        overridden), else a check that a non-empty
+        ``model.path`` exists."""
+        if self.pipeline_loader and type(self).load_pipeline is ModelFamily.load_pipeline:
+            fn = getattr(importlib.import_module(self.pipeline_loader.split(":")[0]), "input_problems", None)
+            if fn is not None:
+                return list(fn(config))
+        path = config.model.path
+        if path and not os.path.exists(path):
+            return [f"config key 'model.path' = {path!r}: no such file or folder"]
+        return []
 
     def __repr__(self) -> str:
         return f"<ModelFamily {self.name}>"

@@ -10,6 +10,7 @@ the same way for every family (pipeline root, text-encoder paths, dtypes).
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,7 +22,8 @@ from flax import nnx
 
 from awm_jax.models.vae import AutoencoderKL, latents_to_images_uint8, make_decode_fn
 
-__all__ = ["T2IPipeline", "check_text_encoder_paths", "model_dtypes", "model_section", "pipeline_root"]
+__all__ = ["T2IPipeline", "check_text_encoder_paths", "model_dtypes", "model_section", "pipeline_problems",
+           "pipeline_root"]
 
 
 @dataclasses.dataclass
@@ -120,7 +122,7 @@ def check_text_encoder_paths(root: pathlib.Path, paths: Sequence[str], subfolder
     must be "" (ValueError naming the key and the path)."""
     paths = tuple(paths or ())
     for i, given in enumerate(paths):
-        if not given:
+        if not given or given == "none":
             continue
         if i >= len(subfolders):
             raise ValueError(f"config model.text_encoder_paths entry #{i} = {given!r}: this pipeline has "
@@ -135,3 +137,49 @@ def model_dtypes(m) -> tuple[Any, Any]:
     """``(dtype, param_dtype)`` of a ``config.model`` section (dtype None for float32 compute)."""
     dtype = None if m.dtype == "float32" else jnp.dtype(m.dtype)
     return dtype, jnp.dtype(m.param_dtype)
+
+
+def pipeline_problems(m, what: str, text_subfolders: Sequence[str], tokenizer_subfolders: Sequence[str],
+                      optional: Sequence[int] = ()) -> list[str]:
+    """Every problem with the files a ``load_<family>_pipeline(config)`` would read, found without loading
+    anything: one message per problem naming the config key and the path (empty list: all there).
+
+    ``m``: ``config.model``; ``optional``: indices of text encoders an entry ``"none"`` may skip.
+    """
+    key = f"config key 'model.path' = {m.path!r}"
+    if not m.path:
+        return [f"{key}: empty; give the {what} diffusers pipeline folder"]
+    p = pathlib.Path(m.path)
+    if not p.exists():
+        return [f"{key}: no such folder (the {what} diffusers pipeline folder; tools/fetch_assets.py "
+                "downloads it)"]
+    try:
+        root = pipeline_root(m.path, what)
+    except FileNotFoundError:
+        return [f"{key}: neither it nor its parent is a diffusers pipeline folder (model_index.json)"]
+    out = []
+    transformer = p if p != root else root / "transformer"
+    if not (transformer / "config.json").is_file():
+        out.append(f"{key}: no transformer config {transformer / 'config.json'}")
+    vae = pathlib.Path(m.vae_path) if m.vae_path else root / "vae"
+    if not (vae / "config.json").is_file():
+        src = f"config key 'model.vae_path' = {m.vae_path!r}" if m.vae_path else key
+        out.append(f"{src}: no VAE config {vae / 'config.json'}")
+    try:
+        index = json.loads((root / "model_index.json").read_text())
+    except (OSError, ValueError) as e:
+        return out + [f"{key}: cannot read {root / 'model_index.json'} ({e})"]
+    paths = tuple(m.text_encoder_paths or ())
+    try:
+        check_text_encoder_paths(root, paths, text_subfolders)
+    except ValueError as e:
+        out.append(str(e))
+    for i, (enc, tok) in enumerate(zip(text_subfolders, tokenizer_subfolders)):
+        if i in optional and i < len(paths) and paths[i] == "none":
+            continue
+        if index.get(enc) in (None, [None, None]):  # a pipeline saved without this encoder (SD3 without T5)
+            continue
+        for sub in (enc, tok):
+            if not (root / sub).is_dir():
+                out.append(f"{key}: the pipeline folder has no {sub}/ ({root / sub})")
+    return out

@@ -30,6 +30,7 @@ from awm_jax.pipelines.base import (
     check_text_encoder_paths,
     model_dtypes,
     model_section,
+    pipeline_problems,
     pipeline_root,
 )
 
@@ -180,6 +181,11 @@ def load_flux(pipeline_dir: str | pathlib.Path, *, height: int | None = None, wi
 
         text_encoder = FluxTextEncoders.from_pipeline_dir(root, max_sequence_length=max_sequence_length)
     return assemble_flux(root, transformer, vae, text_encoder, height, width)
+
+
+def input_problems(config) -> list[str]:
+    """What :func:`load_flux_pipeline` would find missing, without loading anything (pre-flight)."""
+    return pipeline_problems(config.model, "FLUX", TEXT_SUBFOLDERS, ("tokenizer", "tokenizer_2"))
 
 
 def load_flux_pipeline(config) -> FluxT2IPipeline:

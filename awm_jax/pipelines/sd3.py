@@ -23,6 +23,7 @@ from awm_jax.pipelines.base import (
     check_text_encoder_paths,
     model_dtypes,
     model_section,
+    pipeline_problems,
     pipeline_root,
 )
 
@@ -147,12 +148,19 @@ def assemble(root: pathlib.Path, transformer: nnx.Module, vae: AutoencoderKL, te
 _TEXT_SUBFOLDERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
+def input_problems(config) -> list[str]:
+    """What :func:`load_sd3_pipeline` would find missing, without loading anything (pre-flight)."""
+    tokenizers = ("tokenizer", "tokenizer_2", "tokenizer_3")
+    return pipeline_problems(config.model, "SD3", _TEXT_SUBFOLDERS, tokenizers, optional=(2,))
+
+
 def load_sd3_pipeline(config) -> SD3Pipeline:
     """The trainer's entry: an :class:`SD3Pipeline` from ``config.model`` (ConfigDict or dict).
 
     Reads ``model.path`` (the pipeline folder or its ``transformer/``, diffusers or converted Flax),
     ``model.vae_path`` ("" = ``<root>/vae``), ``model.text_encoder_paths`` (must be ``<root>/text_encoder*``
-    or "": the tokenizers are read from the same pipeline folder), ``model.resolution``, ``model.dtype``,
+    or "": the tokenizers are read from the same pipeline folder; a third entry "none" skips T5),
+    ``model.resolution``, ``model.dtype``,
     ``model.param_dtype``, ``model.max_sequence_length``, ``model.scan_layers``, ``model.remat_policy``.
     """
     from awm_jax.models import load_transformer, load_vae
@@ -166,7 +174,7 @@ def load_sd3_pipeline(config) -> SD3Pipeline:
     transformer = load_transformer(m.path, dtype=dtype, param_dtype=param_dtype, family="sd35",
                                    scan_layers=bool(m.scan_layers), remat_policy=str(m.remat_policy))
     vae = load_vae(m.vae_path or root)
-    load_t5 = len(paths) < 3 or bool(paths[2])
+    load_t5 = not (len(paths) >= 3 and paths[2] == "none")
     text = SD3TextEncoders.from_pipeline_dir(root, max_sequence_length=int(m.max_sequence_length),
                                              load_t5=load_t5)
     res = m.resolution

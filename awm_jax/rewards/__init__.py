@@ -14,6 +14,9 @@ torch nor transformers:
     toy_geneval             awm_jax.toy.reward:ToyGenEvalScorer
 
 ``register(name)`` adds a factory (class or function) eagerly; ``available()`` lists every name.
+``from_config(config)`` builds the trainer's scorer from ``config.reward`` (the section named by
+``reward.name``, e.g. ``reward.geneval.detector_path``, plus ``reward.kwargs``); ``config_problems(config)``
+lists the reward model paths that are missing, before anything loads.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from typing import Any
 
 from awm_jax.rewards.base import RewardConfigError, RewardError
 
-__all__ = ["RewardConfigError", "RewardError", "available", "get", "register", "resolve"]
+__all__ = ["RewardConfigError", "RewardError", "available", "config_kwargs", "config_problems", "from_config",
+           "get", "register", "resolve"]
 
 _LAZY: dict[str, str] = {
     "ocr": "awm_jax.rewards.ocr:OCRScorer",
@@ -80,3 +84,58 @@ def get(name: str, **config: Any) -> Any:
     Unknown names raise ``KeyError`` listing the valid ones; a bad config raises at construction.
     """
     return resolve(name)(**config)
+
+
+def _sections(config) -> dict:
+    """The declared per-reward config sections (configs/awm_base.py), by reward name."""
+    r = config.reward
+    return {"geneval": r.geneval, "ocr": r.ocr, "pickscore": r.pickscore}
+
+
+def config_kwargs(config) -> dict[str, tuple[str, Any]]:
+    """``{keyword: (config key, value)}`` for ``get(config.reward.name, ...)``: the reward's own section
+    (values "" dropped: the scorer's default) overridden by ``reward.kwargs``."""
+    name = config.reward.name
+    out: dict[str, tuple[str, Any]] = {}
+    section = _sections(config).get(name)
+    if section is not None:
+        for k, v in section.to_dict().items():
+            if v != "":
+                out[k] = (f"reward.{name}.{k}", v)
+    for k, v in config.reward.kwargs.to_dict().items():
+        out[k] = (f"reward.kwargs.{k}", v)
+    return out
+
+
+def from_config(config) -> Any:
+    """The scorer ``config.reward`` names, built with :func:`config_kwargs`."""
+    return get(config.reward.name, **{k: v for k, (_, v) in config_kwargs(config).items()})
+
+
+def config_problems(config) -> list[str]:
+    """Pre-flight: the reward name is known, every ``*_path`` keyword the scorer requires is given, and every
+    given path exists; one message per problem naming the config key and the path. Loads no model."""
+    import inspect
+    import os
+
+    name = config.reward.name
+    try:
+        factory = resolve(name)
+    except KeyError as e:
+        return [f"config key 'reward.name' = {name!r}: {e.args[0]}"]
+    except ImportError as e:
+        return [f"config key 'reward.name' = {name!r}: cannot import the scorer ({e})"]
+    kw = config_kwargs(config)
+    out = []
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    for p in params.values():
+        if p.name.endswith("_path") and p.default is inspect.Parameter.empty and p.name not in kw:
+            out.append(f"config key 'reward.{name}.{p.name}' is empty: reward {name!r} needs it "
+                       "(tools/fetch_assets.py downloads the reward models)")
+    for k, (key, v) in kw.items():
+        if k.endswith("_path") and isinstance(v, str) and v and not os.path.exists(v):
+            out.append(f"config key '{key}' = {v!r}: no such file or folder")
+    return out

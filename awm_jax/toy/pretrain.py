@@ -230,7 +230,8 @@ def pretrain(
 def main(argv=None) -> dict:
     """CLI entry point."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="awm_jax/toy/assets/toy_mmdit")
+    p.add_argument("--out", default="runs/toy_pretrain/toy_mmdit",
+                   help="output folder (the committed model: awm_jax/toy/assets/toy_mmdit)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
