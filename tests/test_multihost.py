@@ -91,9 +91,10 @@ def test_two_processes_match_one_process_and_resume(runs):
     assert "resumed from step 2" in open(f"{two}.log0").read()
     for r1, r2 in zip(m1, m2):
         for k in KEYS:
-            # same samples in the same global order; XLA partitions the reductions by device either way
-            # (4 devices in both runs), so only float summation order can differ
-            np.testing.assert_allclose(r2[k], r1[k], rtol=1e-5, atol=1e-6, err_msg=f"step {r1['step']} {k}")
+            # same samples, noise and global order: rewards agree exactly; losses and gradient norms to ~1e-6
+            # relative (the cross-process all-reduce sums in another order than the in-process one)
+            np.testing.assert_allclose(r2[k], r1[k], rtol=1e-4, atol=1e-12, err_msg=f"step {r1['step']} {k}")
+        assert r2["reward_mean"] == r1["reward_mean"]
     assert np.std([r["reward_mean"] for r in m1]) > 0 and any(abs(r["loss"]) > 0 for r in m1)
     # process 0 alone writes the logs; every process wrote its checkpoint shards into the shared directory
     assert sorted(os.listdir(two / "checkpoints")) == ["2", "4"]
