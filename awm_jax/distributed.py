@@ -55,21 +55,31 @@ def pop_distributed_flags(argv: Sequence[str]) -> tuple[list[str], dict]:
     return rest, found
 
 
-def detected_cluster() -> str | None:
-    """Name of the cluster environment ``jax.distributed.initialize()`` would auto-detect with more than one
-    process (SLURM, TPU pod, Open MPI, Kubernetes ...), or None (a single host)."""
+FORCE_ENV = "AWM_JAX_DISTRIBUTED"  # =1: call jax.distributed.initialize() and let jax detect the cluster
+
+
+def _count(var: str) -> int:
     try:
-        from jax._src import clusters  # jax's own registry of detectable environments
-    except ImportError:  # pragma: no cover - a jax without it: manual flags only
-        return None
-    for env in clusters.ClusterEnv._cluster_types:
-        if getattr(env, "opt_in_only_method", False):
-            continue
-        try:
-            if env.is_env_present() and int(env.get_process_count()) > 1:
-                return getattr(env, "name", None) or env.__name__
-        except Exception as e:  # noqa: BLE001 - an environment that half-matches is not a cluster
-            log.debug("cluster environment %s not usable: %s", env, e)
+        return int(os.environ.get(var, "1"))
+    except ValueError:
+        return 1
+
+
+def detected_cluster() -> str | None:
+    """Name of the multi-process environment this process runs in, as ``jax.distributed.initialize()``
+    detects it (SLURM ``srun`` with several tasks, Open MPI ``mpirun -n N``, TPU workers listed in
+    ``TPU_WORKER_HOSTNAMES``), ``"forced"`` with ``AWM_JAX_DISTRIBUTED=1``, or None (a single host)."""
+    env = os.environ
+    if env.get(FORCE_ENV, "") == "1":
+        return "forced"
+    slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+    if all(v in env for v in slurm) and _count("SLURM_NTASKS") > 1:
+        return "slurm"
+    if "OMPI_MCA_orte_hnp_uri" in env and _count("OMPI_COMM_WORLD_SIZE") > 1:
+        return "ompi"
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    if len(hosts) > 1:
+        return "tpu"
     return None
 
 
