@@ -99,3 +99,25 @@ def test_two_processes_match_one_process_and_resume(runs):
     # process 0 alone writes the logs; every process wrote its checkpoint shards into the shared directory
     assert sorted(os.listdir(two / "checkpoints")) == ["2", "4"]
     assert not os.path.exists(two / "tb")
+
+
+def test_distributed_helpers_single_process():
+    from awm_jax import distributed
+
+    rest, flags = distributed.pop_distributed_flags(
+        ["--config", "c.py", "--coordinator_address=h:1", "--num_processes", "2", "--process_id=1", "--x=1"])
+    assert rest == ["--config", "c.py", "--x=1"]
+    assert flags == {"coordinator_address": "h:1", "num_processes": 2, "process_id": 1}
+    with pytest.raises(ValueError, match="--num_processes='two'"):
+        distributed.pop_distributed_flags(["--num_processes=two"])
+    # 12 samples in blocks of 8 over 2 processes: each owns half of every block
+    np.testing.assert_array_equal(distributed.local_positions(12, 8, 0, 2), [0, 1, 2, 3, 8, 9])
+    np.testing.assert_array_equal(distributed.local_positions(12, 8, 1, 2), [4, 5, 6, 7, 10, 11])
+    assert distributed.block_slices(12, 8, 2) == [slice(0, 4), slice(4, 6)]
+    with pytest.raises(ValueError, match="not divisible by the 2 processes"):
+        distributed.local_positions(9, 8, 0, 2)
+    pos = distributed.local_positions(6, 4, 0, 1)
+    np.testing.assert_array_equal(distributed.gather_rows(np.arange(6.0), pos, 6), np.arange(6.0))
+    assert distributed.gather_strings(["a", "bé"], np.arange(2), 2) == ["a", "bé"]
+    if distributed.detected_cluster() is None:  # (not when the suite itself runs under srun -n 2 ...)
+        assert not distributed.initialize()  # a single host stays single-process
