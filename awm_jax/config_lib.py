@@ -167,6 +167,9 @@ USAGE = """usage: python -m awm_jax.train --config configs/NAME.py --workdir DIR
   --fresh               = --config.checkpoint.allow_fresh_start=true: when every checkpoint in the workdir is
                         unusable, start again from step 0 (bad checkpoints kept as <step>.corrupt, old logs as
                         *.jsonl.before-fresh) instead of stopping with an error
+  --coordinator_address HOST:PORT --num_processes N --process_id I
+                        a manual multi-host launch (jax.distributed.initialize; docs/multihost.md); on a TPU
+                        pod or under SLURM the cluster is detected and these are not needed
 """
 
 FRESH_FLAG = "--fresh"

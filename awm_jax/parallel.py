@@ -149,9 +149,25 @@ def place(tree, shardings):
         return tree
 
     def one(x, s):
-        return x if getattr(x, "sharding", None) == s else jax.device_put(x, s)
+        return x if getattr(x, "sharding", None) == s else put(x, s)
 
     return jax.tree.map(one, tree, shardings)
+
+
+def put(x, sharding):
+    """``jax.device_put`` that also works across hosts: a host-local value that is the same on every host
+    (initial weights, keys) becomes a global array with each host building only its devices' pieces."""
+    if jax.process_count() == 1 or getattr(sharding, "is_fully_addressable", True):
+        return jax.device_put(x, sharding)
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return jax.device_put(x, sharding)  # global -> global: a reshard
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = np.asarray(jax.random.key_data(x))
+        impl = jax.random.key_impl(x)
+        arr = jax.make_array_from_callback(data.shape, sharding, lambda idx: data[idx])
+        return jax.random.wrap_key_data(arr, impl=impl)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
 _PLACED: list = []  # [(source tree, shardings, placed tree)], most recent first

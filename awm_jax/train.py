@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from awm_jax import config_lib, parallel
+from awm_jax import config_lib, distributed, parallel
 from awm_jax.check import CheckError, check_run, resolve_factory
 from awm_jax.check import report as check_report
 from awm_jax.checkpoint import Checkpointer, CheckpointFormatError, NoUsableCheckpointError
@@ -141,19 +141,6 @@ def _embedding_cache(encoder, config) -> CachedTextEncoder:
     return CachedTextEncoder(fn, max_entries=None, max_bytes=int(float(config.model.text_cache_mb) * 2**20))
 
 
-def _gather(x: np.ndarray) -> np.ndarray:
-    if jax.process_count() == 1:
-        return x
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def _chunks(n: int, size: int) -> list[slice]:
-    size = max(1, min(size, n))
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
 def _concat(outs: list[dict]) -> dict:
     return {k: jnp.concatenate([jnp.asarray(o[k]) for o in outs], axis=0) for k in outs[0]}
 
@@ -193,59 +180,89 @@ def threading_main() -> bool:
 # ----------------------------------------------------------------------------- the loop
 
 
-def _rollout_epoch(comp, config, params, embed, sampler, dataset, bridge, step, key):
-    """Rollouts of one step on this process; returns (batch pieces, rewards, groups, timings)."""
-    idx, groups = sampler.local_indices(step, jax.process_index(), jax.process_count())
-    prompts, metadata = dataset.take(idx)
+def _rollout_epoch(comp, config, mesh, params, embed, sampler, dataset, bridge, step, key):
+    """This host's rollouts of one step (``awm_jax.distributed``: its slice of every rollout block); returns
+    (the train batch as global arrays, local rewards, local positions in the global batch)."""
+    idx_all, _ = sampler.global_indices(step)
+    block = config.sample.batch_size * jax.device_count()
+    pos = distributed.local_positions(len(idx_all), block)
+    prompts, metadata = dataset.take(idx_all[pos])
     emb, pooled = embed.encode(prompts)
-    chunk = config.sample.batch_size * jax.local_device_count()
-    outs, futures = [], []
-    base = jax.process_index() * len(idx)
-    for i, sl in enumerate(_chunks(len(idx), chunk)):
-        k = jax.random.fold_in(key, base // max(chunk, 1) + i)
-        out = comp.rollout(params, comp.base_state, jnp.asarray(emb[sl]), jnp.asarray(pooled[sl]), k)
-        images = np.asarray(comp.pipeline.decode(out["x0"]))
+    outs, futures, embs, pools = [], [], [], []
+    for i, sl in enumerate(distributed.block_slices(len(idx_all), block)):
+        e, p = distributed.to_global(emb[sl], mesh), distributed.to_global(pooled[sl], mesh)
+        k = jax.random.fold_in(key, i)
+        out = comp.rollout(params, comp.base_state, jnp.asarray(e), jnp.asarray(p), k)
+        images = np.asarray(comp.pipeline.decode(distributed.local_rows(out["x0"])))
         futures.append(bridge.submit(images, prompts[sl], metadata[sl]))  # scoring overlaps next chunk
         outs.append(out)
+        embs.append(e)
+        pools.append(p)
     rewards = np.concatenate([np.asarray(f.result(), np.float32) for f in futures])
     batch = _concat(outs)
-    batch["prompt_embeds"], batch["pooled"] = jnp.asarray(emb), jnp.asarray(pooled)
-    return batch, rewards, groups
+    batch["prompt_embeds"], batch["pooled"] = _concat_rows(embs), _concat_rows(pools)
+    return batch, rewards, pos
 
 
-def evaluate(comp, config, state, embed, eval_set, step: int):
-    """40-step ODE samples on held-out prompts; returns (record, images, captions)."""
+def _concat_rows(xs: list):
+    return jnp.concatenate([jnp.asarray(x) for x in xs], axis=0)
+
+
+def _local_advantages(adv: np.ndarray, pos: np.ndarray, n: int, block: int, mesh) -> jax.Array:
+    """The global advantages in the train batch's row order (block by block, as the rollouts)."""
+    mine = adv[pos]
+    return _concat_rows([distributed.to_global(mine[sl], mesh) for sl in distributed.block_slices(n, block)])
+
+
+def evaluate(comp, config, state, embed, eval_set, step: int, mesh=None):
+    """40-step ODE samples on held-out prompts (each host: its slice of every block, padded on several
+    hosts to whole blocks); returns (record, images, captions) on every host."""
     n = config.eval.num_prompts or len(eval_set)
     idx = np.repeat(np.arange(min(n, len(eval_set))), config.eval.samples_per_prompt)
-    prompts, metadata = eval_set.take(idx)
+    n_eval = len(idx)
+    if jax.process_count() > 1:  # every block a whole number of batch shards per host: pad, drop after
+        unit = math.lcm(parallel.num_batch_shards(mesh), jax.process_count())
+        idx = np.concatenate([idx, np.repeat(idx[-1:], -len(idx) % unit)])
+    block = config.sample.batch_size * jax.device_count()
+    pos = distributed.local_positions(len(idx), block)
+    prompts, metadata = eval_set.take(idx[pos])
     emb, pooled = embed.encode(prompts)
     params = (comp.eval_params_of or comp.trainable_of)(state)
     key = jax.random.key(config.seed + 7919)  # same noise at every evaluation
     images = []
-    for i, sl in enumerate(_chunks(len(idx), config.sample.batch_size * jax.local_device_count())):
-        out = comp.eval_rollout(params, comp.base_state, jnp.asarray(emb[sl]), jnp.asarray(pooled[sl]),
-                                jax.random.fold_in(key, i))
-        images.append(np.asarray(comp.pipeline.decode(out["x0"])))
+    for i, sl in enumerate(distributed.block_slices(len(idx), block)):
+        e, p = distributed.to_global(emb[sl], mesh), distributed.to_global(pooled[sl], mesh)
+        k = jax.random.fold_in(key, i)
+        out = comp.eval_rollout(params, comp.base_state, jnp.asarray(e), jnp.asarray(p), k)
+        images.append(np.asarray(comp.pipeline.decode(distributed.local_rows(out["x0"]))))
     images = np.concatenate(images)
-    rec: dict = {"step": step, "num_images": len(idx)}
-    rewards = np.asarray(comp.scorer(images, prompts, metadata), np.float32)
+    local_rewards = np.asarray(comp.scorer(images, prompts, metadata), np.float32)
+    rewards = distributed.gather_rows(local_rewards, pos, len(idx))[:n_eval]
+    all_prompts, _ = eval_set.take(idx[:n_eval])
+    rec: dict = {"step": step, "num_images": n_eval}
     rec["reward_mean"] = float(rewards.mean())
-    captions = [f"{p} [{r:.2f}]" for p, r in zip(prompts, rewards)]
-    if hasattr(comp.scorer, "evaluate"):
-        res = comp.scorer.evaluate(images, prompts, metadata)
-        acc = np.asarray(res["accuracy"], np.float32)
+    captions = [f"{p} [{r:.2f}]" for p, r in zip(all_prompts, rewards)]
+    res = comp.scorer.evaluate(images, prompts, metadata) if hasattr(comp.scorer, "evaluate") else None
+    if res is not None:
+        acc = distributed.gather_rows(np.asarray(res["accuracy"], np.float32), pos, len(idx))[:n_eval]
         captions = [("OK " if a else "x ") + c for a, c in zip(acc, captions)]
         rec["accuracy"] = float(acc.mean())  # per image
         tags = res.get("tag")
         if tags is not None:
+            tags = distributed.gather_strings(tags, pos, len(idx))[:n_eval]
             per_tag = {}
             for t in sorted(set(tags)):
                 m = np.asarray([x == t for x in tags])
                 per_tag[t] = rec[f"accuracy/{t}"] = float(acc[m].mean())
             rec["accuracy/overall"] = float(np.mean(list(per_tag.values())))  # GenEval score: mean of tags
     # the grid: evenly spaced over the eval set (which is often sorted by tag), verdict and reward in captions
-    pick = np.unique(np.linspace(0, len(images) - 1, min(config.eval.grid_images, len(images))).astype(int))
-    return rec, images[pick], [captions[i] for i in pick]
+    pick = np.unique(np.linspace(0, n_eval - 1, min(config.eval.grid_images, n_eval)).astype(int))
+    grid = np.zeros((len(pick),) + images.shape[1:], images.dtype)
+    where = {int(g): i for i, g in enumerate(pos)}
+    for j, g in enumerate(pick):
+        if int(g) in where:
+            grid[j] = images[where[int(g)]]
+    return rec, distributed.gather_padded(grid), [captions[i] for i in pick]
 
 
 def _eval_logged(workdir: str, step: int) -> bool:
@@ -273,22 +290,35 @@ def _uncommit(template, x):
     return jnp.asarray(np.asarray(x))
 
 
+def _on_mesh(tree, mesh):
+    """Abstract arrays of ``tree`` with the mesh shardings of its logical axis names."""
+    shardings = parallel.state_shardings(tree, mesh)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)
+
+
 _STATE_ITEMS = ("trainable", "opt_state", "kl_ema", "eval_ema")
 
 
-def checkpoint_items(state, rng, meta: dict, config) -> dict:
-    """The named checkpoint items of the train state, the run's RNG, metadata and config."""
+def checkpoint_items(state, rng, meta: dict, config, mesh=None) -> dict:
+    """The named checkpoint items of the train state, the run's RNG (a replicated array on ``mesh``: every
+    host holds it, as multi-host orbax requires), metadata and config."""
     items = {name: getattr(state, name, None) for name in _STATE_ITEMS}
     plain = json.loads(json.dumps(config.to_dict(), default=str))
-    items.update(rng={"key_data": jax.random.key_data(rng)}, meta=meta, config=plain)
+    key_data = distributed.replicate(jax.random.key_data(rng), mesh)
+    items.update(rng={"key_data": key_data}, meta=meta, config=plain)
     return items
 
 
-def restore_checkpoint(ckpt: Checkpointer, state, rng, allow_fresh: bool = False):
+def restore_checkpoint(ckpt: Checkpointer, state, rng, allow_fresh: bool = False, mesh=None):
     """``(step, state, rng, meta)`` from the newest restorable checkpoint, or None (no checkpoint, or none
-    usable and ``allow_fresh``); raises :class:`NoUsableCheckpointError` when none is usable otherwise."""
+    usable and ``allow_fresh``); raises :class:`NoUsableCheckpointError` when none is usable otherwise.
+
+    With a ``mesh``, every array is read straight into its sharding on that mesh (whatever mesh wrote it:
+    orbax reshards), each host reading only the pieces its devices hold."""
     templates = {n: getattr(state, n) for n in _STATE_ITEMS if getattr(state, n, None) is not None}
-    templates["rng"] = {"key_data": jax.random.key_data(rng)}
+    if mesh is not None:
+        templates = {n: _on_mesh(t, mesh) for n, t in templates.items()}
+    templates["rng"] = {"key_data": distributed.replicate(jax.random.key_data(rng), mesh)}
     try:
         found = ckpt.restore_latest(templates, allow_fresh=allow_fresh)
     except NoUsableCheckpointError as e:
@@ -305,7 +335,7 @@ def restore_checkpoint(ckpt: Checkpointer, state, rng, allow_fresh: bool = False
                            "keeps (was it written with another config?)")
     fixed = {n: jax.tree.map(_uncommit, templates[n], items[n]) for n in templates if n != "rng"}
     state = state.replace(step=jnp.asarray(step, jnp.int32), **fixed)
-    rng = jax.random.wrap_key_data(jnp.asarray(np.asarray(items["rng"]["key_data"])))
+    rng = jax.random.wrap_key_data(jnp.asarray(np.asarray(distributed.local_rows(items["rng"]["key_data"]))))
     return step, state, rng, dict(items["meta"])
 
 
@@ -342,6 +372,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     embed = _embedding_cache(comp.pipeline.text_encoder, config)
     bridge = RewardBridge(comp.scorer, retries=config.reward.retries, gather=False)  # gathered below
     rng = jax.random.key(config.seed)
+    mesh = parallel.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor)
+    block = config.sample.batch_size * jax.device_count()  # samples per rollout call, all hosts together
 
     # ---- resume (before config.json and the logs are written: an unusable workdir is left as it was)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
@@ -349,7 +381,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = comp.state
     start, wall_prev, nonfinite = 0, 0.0, 0
     try:
-        restored = restore_checkpoint(ckpt, state, rng, allow_fresh=config.checkpoint.allow_fresh_start)
+        restored = restore_checkpoint(ckpt, state, rng, allow_fresh=config.checkpoint.allow_fresh_start,
+                                      mesh=mesh)
     except BaseException:
         ckpt.close()
         raise
@@ -364,7 +397,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      "(checkpoint.allow_fresh_start)")
         if jax.process_index() == 0:
             _set_aside_logs(workdir, notes)
-    config_lib.save_config(config, workdir)
+    if jax.process_index() == 0:
+        config_lib.save_config(config, workdir)
     logger = TrainLogger(workdir, start, config.max_steps, tensorboard=config.log.tensorboard,
                          progress=config.log.progress, is_main=jax.process_index() == 0)
     for note in notes:
@@ -375,11 +409,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def save(step, force=False):
         meta = {"step": step, "data_position": step, "wall_s": wall_prev + time.time() - t_run,
                 "nonfinite_in_a_row": nonfinite, "seed": config.seed}
-        ckpt.save(step, checkpoint_items(state, rng, meta, config), force=force)
+        ckpt.save(step, checkpoint_items(state, rng, meta, config, mesh), force=force)
 
     t_run = time.time()
-    if eval_set is not None and start == 0 and not _eval_logged(workdir, 0):
-        rec_e, imgs, caps = evaluate(comp, config, state, embed, eval_set, 0)  # the base model
+    if eval_set is not None and start == 0 and not distributed.broadcast_flag(_eval_logged(workdir, 0)):
+        rec_e, imgs, caps = evaluate(comp, config, state, embed, eval_set, 0, mesh)  # the base model
         logger.log_eval(rec_e, imgs, caps)
     guarded: bool | None = None  # does the train step report metrics["finite"]?
     last: dict = {}
@@ -391,13 +425,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 key = jax.random.fold_in(rng, step)
                 k_roll, k_train = jax.random.split(key)
                 params = (comp.rollout_params_of or comp.trainable_of)(state)
-                batch, rewards_local, groups_local = _rollout_epoch(
-                    comp, config, params, embed, sampler, dataset, bridge, step, k_roll)
-                rewards = _gather(rewards_local)
-                groups = _gather(groups_local)
-                adv = step_advantages(rewards, groups, config)
-                n_local = len(rewards_local)
-                batch["advantages"] = jnp.asarray(adv[jax.process_index() * n_local:][:n_local])
+                batch, rewards_local, pos = _rollout_epoch(
+                    comp, config, mesh, params, embed, sampler, dataset, bridge, step, k_roll)
+                _, groups = sampler.global_indices(step)
+                rewards = distributed.gather_rows(rewards_local, pos, len(groups))  # once per step
+                adv = step_advantages(rewards, groups, config)  # the same on every host
+                batch["advantages"] = _local_advantages(adv, pos, len(groups), block, mesh)
                 backup = None
                 if guarded is not True:  # keep a copy until we know the step skips non-finite updates
                     backup = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
@@ -432,7 +465,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             f"{nonfinite} non-finite updates in a row (train.max_nonfinite="
                             f"{config.train.max_nonfinite}); stopped at step {step}")
                 if eval_set is not None and (step % config.eval.every == 0 or step == config.max_steps):
-                    rec_e, imgs, caps = evaluate(comp, config, state, embed, eval_set, step)
+                    rec_e, imgs, caps = evaluate(comp, config, state, embed, eval_set, step, mesh)
                     logger.log_eval(rec_e, imgs, caps)
                 if step % config.checkpoint.every == 0 or step == config.max_steps:
                     save(step)
@@ -452,6 +485,12 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     check_only = "--check" in argv
     argv = [a for a in argv if a != "--check"]
+    try:
+        argv, cluster = distributed.pop_distributed_flags(argv)
+        distributed.initialize(**cluster)  # several hosts: flags given, or a cluster jax detects
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         path, workdir, overrides = config_lib.parse_args(argv)
         config = config_lib.load_config(path)

@@ -602,7 +602,7 @@ def _placed_call(jitted, config, mesh: Mesh | None, negative, donate: bool) -> C
             batch = {k: place(v, batch_sharding(mesh, v.ndim) if k not in ("times", "noise", "logp_old")
                                else NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"))))
                      for k, v in batch.items()}
-            key = jax.device_put(key, rep)
+            key = parallel.put(key, rep)
         neg = None if negative is None else tuple(jnp.asarray(x) for x in negative)
         return cache["fn"](state, base, batch, key, neg)
 
