@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from awm_jax import config_lib, parallel
+from awm_jax import compile_cache, config_lib, parallel
 from awm_jax.checkpoint import Checkpointer, CheckpointFormatError, NoUsableCheckpointError
 from awm_jax.data import GroupedSampler, PromptFileError, load_dataset
 from awm_jax.logging_lib import TrainLogger
@@ -48,6 +48,7 @@ from awm_jax.models.family import get_family
 from awm_jax.rewards.bridge import RewardBridge
 from awm_jax.rl.advantages import reward_stats, step_advantages
 from awm_jax.text.base import CachedTextEncoder
+from awm_jax.timeline import Timeline, format_summary
 
 __all__ = ["Components", "default_components", "run", "main", "NonFiniteError", "TrainError"]
 
@@ -199,21 +200,28 @@ def threading_main() -> bool:
 # ----------------------------------------------------------------------------- the loop
 
 
-def _rollout_epoch(comp, config, params, embed, sampler, dataset, bridge, step, key):
-    """Rollouts of one step on this process; returns (batch pieces, rewards, groups, timings)."""
+def _rollout_epoch(comp, config, params, embed, sampler, dataset, bridge, step, key, tl=None):
+    """Rollouts of one step on this process; returns (batch pieces, rewards, groups); per-phase wall
+    time goes to the :class:`Timeline` ``tl``."""
+    tl = tl or Timeline()
     idx, groups = sampler.local_indices(step, jax.process_index(), jax.process_count())
     prompts, metadata = dataset.take(idx)
-    emb, pooled = embed.encode(prompts)
+    with tl.phase("text_encode"):
+        emb, pooled = embed.encode(prompts)
     chunk = config.sample.batch_size * jax.local_device_count()
     outs, futures = [], []
     base = jax.process_index() * len(idx)
     for i, sl in enumerate(_chunks(len(idx), chunk)):
         k = jax.random.fold_in(key, base // max(chunk, 1) + i)
-        out = comp.rollout(params, comp.base_state, jnp.asarray(emb[sl]), jnp.asarray(pooled[sl]), k)
-        images = np.asarray(comp.pipeline.decode(out["x0"]))
+        with tl.phase("rollout"):
+            out = jax.block_until_ready(
+                comp.rollout(params, comp.base_state, jnp.asarray(emb[sl]), jnp.asarray(pooled[sl]), k))
+        with tl.phase("decode"):
+            images = np.asarray(comp.pipeline.decode(out["x0"]))
         futures.append(bridge.submit(images, prompts[sl], metadata[sl]))  # scoring overlaps next chunk
         outs.append(out)
-    rewards = np.concatenate([np.asarray(f.result(), np.float32) for f in futures])
+    with tl.phase("score"):  # the wait for the scores not already overlapped with the next chunk
+        rewards = np.concatenate([np.asarray(f.result(), np.float32) for f in futures])
     batch = _concat(outs)
     batch["prompt_embeds"], batch["pooled"] = jnp.asarray(emb), jnp.asarray(pooled)
     return batch, rewards, groups
@@ -386,6 +394,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     fail to restore raise :class:`NoUsableCheckpointError` before any log or config file is touched.
     """
     dataset, eval_set = preflight(config, workdir)
+    compile_cache.enable(config.compile.cache_dir)
     comp = _resolve_factory(config.components)(config)
     sampler = GroupedSampler(len(dataset), config.data.prompts_per_step, config.data.group_size, config.seed)
     embed = _embedding_cache(comp.pipeline.text_encoder, config)
@@ -427,8 +436,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpt.save(step, checkpoint_items(state, rng, meta, config), force=force)
 
     t_run = time.time()
+    tl = Timeline()  # per-phase wall time: logged with each step (time/*), summarised at the end
     if eval_set is not None and start == 0 and not _eval_logged(workdir, 0):
-        rec_e, imgs, caps = evaluate(comp, config, state, embed, eval_set, 0)  # the base model
+        with tl.phase("eval"):
+            rec_e, imgs, caps = evaluate(comp, config, state, embed, eval_set, 0)  # the base model
         logger.log_eval(rec_e, imgs, caps)
     guarded: bool | None = None  # does the train step report metrics["finite"]?
     last: dict = {}
@@ -441,7 +452,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 k_roll, k_train = jax.random.split(key)
                 params = (comp.rollout_params_of or comp.trainable_of)(state)
                 batch, rewards_local, groups_local = _rollout_epoch(
-                    comp, config, params, embed, sampler, dataset, bridge, step, k_roll)
+                    comp, config, params, embed, sampler, dataset, bridge, step, k_roll, tl)
                 rewards = _gather(rewards_local)
                 groups = _gather(groups_local)
                 adv = step_advantages(rewards, groups, config)
@@ -450,8 +461,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 backup = None
                 if guarded is not True:  # keep a copy until we know the step skips non-finite updates
                     backup = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
-                state, metrics = comp.train_step(state, comp.base_state, batch, k_train)
-                metrics = {k: np.asarray(v) for k, v in metrics.items()}
+                with tl.phase("train"):
+                    state, metrics = comp.train_step(state, comp.base_state, batch, k_train)
+                    metrics = {k: np.asarray(v) for k, v in metrics.items()}
                 loss = _scalar(metrics.get("loss", np.nan))
                 if "finite" in metrics:
                     guarded = True
@@ -470,6 +482,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 for k, v in metrics.items():
                     if k not in rec and k != "finite" and np.asarray(v).size == 1:
                         rec[k] = _scalar(v)
+                rec.update(tl.lap())
                 logger.log_step(rec)
                 last = rec
                 if not finite:
@@ -481,14 +494,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             f"{nonfinite} non-finite updates in a row (train.max_nonfinite="
                             f"{config.train.max_nonfinite}); stopped at step {step}")
                 if eval_set is not None and (step % config.eval.every == 0 or step == config.max_steps):
-                    rec_e, imgs, caps = evaluate(comp, config, state, embed, eval_set, step)
-                    logger.log_eval(rec_e, imgs, caps)
+                    with tl.phase("eval"):
+                        rec_e, imgs, caps = evaluate(comp, config, state, embed, eval_set, step)
+                        logger.log_eval(rec_e, imgs, caps)
                 if step % config.checkpoint.every == 0 or step == config.max_steps:
-                    save(step)
+                    with tl.phase("checkpoint"):
+                        save(step)
                 if stop.requested:
                     save(step, force=True)
                     logger.message(f"signal received: checkpoint at step {step} saved, exiting")
                     break
+        if tl.laps:
+            tl.lap(count=False)  # the final evaluation and checkpoint
+            summary = tl.summary()
+            logger.message(format_summary(summary))
+            if jax.process_index() == 0:
+                with open(os.path.join(workdir, "timeline.json"), "w") as f:
+                    json.dump(summary, f, indent=1)
     finally:
         ckpt.close()
         logger.close()
