@@ -83,6 +83,6 @@ class CompileCounter:
         return self
 
     def __exit__(self, *exc):
-        from jax._src import monitoring
+        from jax import monitoring
 
         monitoring.unregister_event_duration_listener(self._listen)

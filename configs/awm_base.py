@@ -144,8 +144,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.compile = cp = ml_collections.ConfigDict()
     # JAX persistent compilation cache (awm_jax.compile_cache), shared by all workdirs: "" = per-user
-    # $XDG_CACHE_HOME/awm_jax/jax_cache (else ~/.cache/awm_jax/jax_cache); a path moves it; "off" disables it
-    cp.cache_dir = ""
+    # $XDG_CACHE_HOME/awm_jax/jax_cache (else ~/.cache/awm_jax/jax_cache); a path moves it
+    cp.cache_dir = ""  # compilation cache directory: "" = the per-user default, a path, or "off"
 
     c.log = lg = ml_collections.ConfigDict()
     lg.tensorboard = True  # write TensorBoard event files (tensorboardX)
