@@ -24,7 +24,8 @@ __all__ = ["CHIPS", "TopologyError", "plan", "main"]
 # (Trillium)" system-architecture pages: 197 / 459 / 918 TFLOP/s bf16; 16 / 95 / 32 GiB HBM)
 CHIPS = {"v5e": (197e12, 16 * 2**30), "v5p": (459e12, 95 * 2**30), "v6e": (918e12, 32 * 2**30)}
 # text tokens of one prompt embedding per family: (tokens(config), embed dim key, pooled dim key)
-_TEXT = {"sd35": lambda c: 77 + int(c.model.max_sequence_length), "flux": lambda c: int(c.model.max_sequence_length)}
+_TEXT = {"sd35": lambda c: 77 + int(c.model.max_sequence_length),
+         "flux": lambda c: int(c.model.max_sequence_length)}
 
 
 class TopologyError(RuntimeError):
@@ -53,7 +54,8 @@ def topology_devices(name: str):
     try:
         topo = topologies.get_topology_desc(platform="tpu", topology_name=name)
     except Exception as e:  # libtpu's error for an unknown shape / a broken install
-        raise TopologyError(f"--topology {name!r}: libtpu cannot describe it ({' '.join(str(e).split())[:300]}); "
+        why = " ".join(str(e).split())[:300]
+        raise TopologyError(f"--topology {name!r}: libtpu cannot describe it ({why}); "
                             f"{_install_hint()} if libtpu is missing or of another version") from e
     return chip, list(topo.devices)
 
@@ -87,7 +89,8 @@ def _abstract_inputs(config, graphdef, fam, cfg, n: int, chunk: int):
     else:
         s = int(config.sample.num_steps)
         batch = {"latents": jax.ShapeDtypeStruct((n, s + 1, *shape), f32),
-                 "log_probs": jax.ShapeDtypeStruct((n, s), f32), "timesteps": jax.ShapeDtypeStruct((n, s), f32),
+                 "log_probs": jax.ShapeDtypeStruct((n, s), f32),
+                 "timesteps": jax.ShapeDtypeStruct((n, s), f32),
                  "next_timesteps": jax.ShapeDtypeStruct((n, s), f32), "prompt_embeds": emb, "pooled": pooled,
                  "advantages": adv}
     roll = (jax.ShapeDtypeStruct((chunk, tokens, dim), f32), jax.ShapeDtypeStruct((chunk, pdim), f32), key)
@@ -110,7 +113,8 @@ def _analyse(compiled, chips: int, peak: float) -> dict:
     out["optimal_seconds"] = float(est) if est is not None and float(est) > 0 else None
     roofline = max(out["flops"] / peak, out["bytes_accessed"] / 1e12) if out["flops"] else None
     out["time_s"] = out["optimal_seconds"] or roofline
-    out["time_source"] = "xla optimal_seconds" if out["optimal_seconds"] else "roofline max(flops/peak, bytes/1TB/s)"
+    out["time_source"] = ("xla optimal_seconds" if out["optimal_seconds"]
+                          else "roofline max(flops/peak, bytes/1TB/s)")
     out["mfu"] = (out["flops"] / peak / out["time_s"]) if out["time_s"] else None
     return out
 
@@ -127,7 +131,8 @@ def plan(config, topology: str) -> dict:
     chip, devices = topology_devices(topology)
     peak, hbm = CHIPS[chip]
     fam = get_family(str(config.model.kind))
-    cfg = fam.config_from_dict(fam.architecture(str(config.model.arch)), source=f"model.arch {config.model.arch}")
+    arch = str(config.model.arch)
+    cfg = fam.config_from_dict(fam.architecture(arch), source=f"config key model.arch = {arch!r}")
     model = nnx.eval_shape(lambda: fam.build(cfg, rngs=nnx.Rngs(0), dtype=ts._dtype(config.model.dtype),
                                              scan_layers=bool(config.model.scan_layers),
                                              remat_policy=str(config.model.remat_policy)))
@@ -151,17 +156,18 @@ def plan(config, topology: str) -> dict:
 
 def _fmt(res: dict) -> str:
     gib = 2**30
-    lines = [f"plan for {res['topology']}: {res['chips']} chips, mesh {res['mesh']}, {res['rollouts_per_step']} "
-             f"rollouts per step (rollout chunk {res['rollout_chunk']}); per chip, HBM {res['hbm_bytes'] / gib:.1f} "
-             f"GiB, peak {res['peak_flops'] / 1e12:.0f} TFLOP/s bf16"]
+    lines = [f"plan for {res['topology']}: {res['chips']} chips, mesh {res['mesh']}, "
+             f"{res['rollouts_per_step']} rollouts per step (rollout chunk {res['rollout_chunk']}); "
+             f"per chip, HBM {res['hbm_bytes'] / gib:.1f} GiB, "
+             f"peak {res['peak_flops'] / 1e12:.0f} TFLOP/s bf16"]
     for k in ("train_step", "rollout"):
         r = res[k]
         t = f"{r['time_s']:.4g} s ({r['time_source']})" if r["time_s"] else "n/a"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         lines.append(f"  {k}: args {r['argument'] / gib:.2f} GiB, outputs {r['output'] / gib:.2f} GiB, temps "
                      f"{r['temp'] / gib:.2f} GiB, code {r['generated_code'] / gib:.3f} GiB -> peak "
-                     f"{r['peak_bytes'] / gib:.2f} GiB; {r['flops']:.4g} FLOPs, {r['bytes_accessed']:.4g} bytes; "
-                     f"est. {t}; MFU {mfu}")
+                     f"{r['peak_bytes'] / gib:.2f} GiB; {r['flops']:.4g} FLOPs, {r['bytes_accessed']:.4g} "
+                     f"bytes; est. {t}; MFU {mfu}")
     lines.append("fits" if res["fits"] else "DOES NOT FIT: a program needs more than the chip's HBM")
     return "\n".join(lines)
 
