@@ -23,9 +23,6 @@ __all__ = ["CHIPS", "TopologyError", "plan", "main"]
 # Dense bf16 peak FLOP/s and HBM bytes per chip (Google Cloud TPU docs, "TPU v5e" / "TPU v5p" / "TPU v6e
 # (Trillium)" system-architecture pages: 197 / 459 / 918 TFLOP/s bf16; 16 / 95 / 32 GiB HBM)
 CHIPS = {"v5e": (197e12, 16 * 2**30), "v5p": (459e12, 95 * 2**30), "v6e": (918e12, 32 * 2**30)}
-# text tokens of one prompt embedding per family: (tokens(config), embed dim key, pooled dim key)
-_TEXT = {"sd35": lambda c: 77 + int(c.model.max_sequence_length),
-         "flux": lambda c: int(c.model.max_sequence_length)}
 
 
 class TopologyError(RuntimeError):
@@ -61,13 +58,7 @@ def topology_devices(name: str):
 
 
 def _text_shape(config, fam, cfg) -> tuple[int, int, int]:
-    if fam.name == "toy":
-        from awm_jax.toy.text import MAX_TOKENS
-
-        tokens = MAX_TOKENS
-    else:
-        tokens = _TEXT[fam.name](config)
-    return tokens, int(cfg.joint_attention_dim), int(cfg.pooled_projection_dim)
+    return fam.text_tokens(config), int(cfg.joint_attention_dim), int(cfg.pooled_projection_dim)
 
 
 def _abstract_inputs(config, graphdef, fam, cfg, n: int, chunk: int):
