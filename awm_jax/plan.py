@@ -138,11 +138,24 @@ def plan(config, topology: str) -> dict:
     rollout = ts.make_rollout_fn(graphdef, config, mesh, negative=neg)
     res = {"topology": topology, "chips": len(devices), "mesh": dict(mesh.shape), "peak_flops": peak,
            "hbm_bytes": hbm, "rollouts_per_step": n, "rollout_chunk": chunk}
-    res["train_step"] = _analyse(step.lower(abstract, base_state, batch, key).compile(), len(devices), peak)
-    params = (lambda s: s.trainable)(abstract)
-    res["rollout"] = _analyse(rollout.lower(params, base_state, *roll).compile(), len(devices), peak)
-    res["fits"] = all(res[k]["peak_bytes"] <= hbm for k in ("train_step", "rollout"))
+    res["train_step"] = _compiled(lambda: step.lower(abstract, base_state, batch, key), peak)
+    res["rollout"] = _compiled(lambda: rollout.lower(abstract.trainable, base_state, *roll), peak)
+    res["fits"] = all(res[k].get("error") is None and res[k]["peak_bytes"] <= hbm
+                      for k in ("train_step", "rollout"))
     return res
+
+
+def _compiled(lower, peak: float) -> dict:
+    """:func:`_analyse` of the compiled program, or ``{"error": XLA's message}`` when XLA refuses it for
+    lack of HBM (it states the bytes its temporaries need)."""
+    import jax
+
+    try:
+        return _analyse(lower().compile(), 0, peak)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return {"error": " ".join(str(e).split())[:400]}
 
 
 def _fmt(res: dict) -> str:
@@ -153,6 +166,9 @@ def _fmt(res: dict) -> str:
              f"peak {res['peak_flops'] / 1e12:.0f} TFLOP/s bf16"]
     for k in ("train_step", "rollout"):
         r = res[k]
+        if r.get("error"):
+            lines.append(f"  {k}: XLA refused it: {r['error']}")
+            continue
         t = f"{r['time_s']:.4g} s ({r['time_source']})" if r["time_s"] else "n/a"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         lines.append(f"  {k}: args {r['argument'] / gib:.2f} GiB, outputs {r['output'] / gib:.2f} GiB, temps "
