@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-sequence-length", type=int, default=None,
                    help="T5 tokens (default: SD3 128, FLUX 512)")
     p.add_argument("--no-t5", action="store_true", help="skip T5 (zero block, like diffusers without it)")
+    p.add_argument("--compile-cache", default="",
+                   help="JAX compilation cache dir ('' = per-user ~/.cache/awm_jax/jax_cache, 'off' = none)")
     args = p.parse_args(argv)
     for name in ("steps", "num_images_per_prompt", "batch_size", "max_sequence_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -81,7 +83,10 @@ def main(argv=None) -> int:
     import numpy as np
     from PIL import Image
 
+    from awm_jax import compile_cache
     from awm_jax.pipelines import load_flux, load_sd3
+
+    compile_cache.enable(args.compile_cache)
 
     dtype = None if args.dtype == "float32" else jnp.dtype(args.dtype)
     if args.family == "flux":

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from awm_jax import config_lib, distributed, parallel
+from awm_jax import compile_cache, config_lib, distributed, parallel
 from awm_jax.check import CheckError, check_run, resolve_factory
 from awm_jax.check import report as check_report
 from awm_jax.checkpoint import Checkpointer, CheckpointFormatError, NoUsableCheckpointError
@@ -52,6 +52,7 @@ from awm_jax.rewards.bridge import RewardBridge
 from awm_jax.rl.advantages import reward_stats, step_advantages
 from awm_jax.rl.policy import rolls_out_with_old
 from awm_jax.text.base import CachedTextEncoder
+from awm_jax.timeline import Timeline, format_summary
 
 __all__ = ["Components", "default_components", "run", "main", "NonFiniteError", "TrainError"]
 
@@ -180,25 +181,32 @@ def threading_main() -> bool:
 # ----------------------------------------------------------------------------- the loop
 
 
-def _rollout_epoch(comp, config, mesh, params, embed, sampler, dataset, bridge, step, key):
+def _rollout_epoch(comp, config, mesh, params, embed, sampler, dataset, bridge, step, key, tl=None):
     """This host's rollouts of one step (``awm_jax.distributed``: its slice of every rollout block); returns
-    (the train batch as global arrays, local rewards, local positions in the global batch)."""
+    (the train batch as global arrays, local rewards, local positions in the global batch). Per-phase wall
+    time goes to the :class:`Timeline` ``tl``."""
+    tl = tl or Timeline()
     idx_all, _ = sampler.global_indices(step)
     block = config.sample.batch_size * jax.device_count()
     pos = distributed.local_positions(len(idx_all), block)
     prompts, metadata = dataset.take(idx_all[pos])
-    emb, pooled = embed.encode(prompts)
+    with tl.phase("text_encode"):
+        emb, pooled = embed.encode(prompts)
     outs, futures, embs, pools = [], [], [], []
     for i, sl in enumerate(distributed.block_slices(len(idx_all), block)):
         e, p = distributed.to_global(emb[sl], mesh), distributed.to_global(pooled[sl], mesh)
         k = jax.random.fold_in(key, i)
-        out = comp.rollout(params, comp.base_state, jnp.asarray(e), jnp.asarray(p), k)
-        images = np.asarray(comp.pipeline.decode(distributed.local_rows(out["x0"])))
+        with tl.phase("rollout"):
+            out = jax.block_until_ready(
+                comp.rollout(params, comp.base_state, jnp.asarray(e), jnp.asarray(p), k))
+        with tl.phase("decode"):
+            images = np.asarray(comp.pipeline.decode(distributed.local_rows(out["x0"])))
         futures.append(bridge.submit(images, prompts[sl], metadata[sl]))  # scoring overlaps next chunk
         outs.append(out)
         embs.append(e)
         pools.append(p)
-    rewards = np.concatenate([np.asarray(f.result(), np.float32) for f in futures])
+    with tl.phase("score"):  # the wait for the scores not already overlapped with the next chunk
+        rewards = np.concatenate([np.asarray(f.result(), np.float32) for f in futures])
     batch = _concat(outs)
     batch["prompt_embeds"], batch["pooled"] = _concat_rows(embs), _concat_rows(pools)
     return batch, rewards, pos
@@ -367,6 +375,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     fail to restore raise :class:`NoUsableCheckpointError` before any log or config file is touched.
     """
     dataset, eval_set = preflight(config, workdir)
+    compile_cache.enable(config.compile.cache_dir)
     comp = resolve_factory(config.components)(config)
     sampler = GroupedSampler(len(dataset), config.data.prompts_per_step, config.data.group_size, config.seed)
     embed = _embedding_cache(comp.pipeline.text_encoder, config)
@@ -412,8 +421,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpt.save(step, checkpoint_items(state, rng, meta, config, mesh), force=force)
 
     t_run = time.time()
+    tl = Timeline()  # per-phase wall time: logged with each step (time/*), summarised at the end
     if eval_set is not None and start == 0 and not distributed.broadcast_flag(_eval_logged(workdir, 0)):
-        rec_e, imgs, caps = evaluate(comp, config, state, embed, eval_set, 0, mesh)  # the base model
+        with tl.phase("eval"):
+            rec_e, imgs, caps = evaluate(comp, config, state, embed, eval_set, 0, mesh)  # the base model
         logger.log_eval(rec_e, imgs, caps)
     guarded: bool | None = None  # does the train step report metrics["finite"]?
     last: dict = {}
@@ -426,7 +437,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 k_roll, k_train = jax.random.split(key)
                 params = (comp.rollout_params_of or comp.trainable_of)(state)
                 batch, rewards_local, pos = _rollout_epoch(
-                    comp, config, mesh, params, embed, sampler, dataset, bridge, step, k_roll)
+                    comp, config, mesh, params, embed, sampler, dataset, bridge, step, k_roll, tl)
                 _, groups = sampler.global_indices(step)
                 rewards = distributed.gather_rows(rewards_local, pos, len(groups))  # once per step
                 adv = step_advantages(rewards, groups, config)  # the same on every host
@@ -434,8 +445,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 backup = None
                 if guarded is not True:  # keep a copy until we know the step skips non-finite updates
                     backup = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
-                state, metrics = comp.train_step(state, comp.base_state, batch, k_train)
-                metrics = {k: np.asarray(v) for k, v in metrics.items()}
+                with tl.phase("train"):
+                    state, metrics = comp.train_step(state, comp.base_state, batch, k_train)
+                    metrics = {k: np.asarray(v) for k, v in metrics.items()}
                 loss = _scalar(metrics.get("loss", np.nan))
                 if "finite" in metrics:
                     guarded = True
@@ -454,6 +466,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 for k, v in metrics.items():
                     if k not in rec and k != "finite" and np.asarray(v).size == 1:
                         rec[k] = _scalar(v)
+                rec.update(tl.lap())
                 logger.log_step(rec)
                 last = rec
                 if not finite:
@@ -465,14 +478,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             f"{nonfinite} non-finite updates in a row (train.max_nonfinite="
                             f"{config.train.max_nonfinite}); stopped at step {step}")
                 if eval_set is not None and (step % config.eval.every == 0 or step == config.max_steps):
-                    rec_e, imgs, caps = evaluate(comp, config, state, embed, eval_set, step, mesh)
-                    logger.log_eval(rec_e, imgs, caps)
+                    with tl.phase("eval"):
+                        rec_e, imgs, caps = evaluate(comp, config, state, embed, eval_set, step, mesh)
+                        logger.log_eval(rec_e, imgs, caps)
                 if step % config.checkpoint.every == 0 or step == config.max_steps:
-                    save(step)
+                    with tl.phase("checkpoint"):
+                        save(step)
                 if stop.requested:
                     save(step, force=True)
                     logger.message(f"signal received: checkpoint at step {step} saved, exiting")
                     break
+        if tl.laps:
+            tl.lap(count=False)  # the final evaluation and checkpoint
+            summary = tl.summary()
+            logger.message(format_summary(summary))
+            if jax.process_index() == 0:
+                with open(os.path.join(workdir, "timeline.json"), "w") as f:
+                    json.dump(summary, f, indent=1)
     finally:
         ckpt.close()
         logger.close()

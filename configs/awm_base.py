@@ -172,6 +172,11 @@ def base_config() -> ml_collections.ConfigDict:
     ms.fsdp = 1  # parameter-sharded data parallel
     ms.tensor = 1  # tensor parallel
 
+    c.compile = cp = ml_collections.ConfigDict()
+    # JAX persistent compilation cache (awm_jax.compile_cache), shared by all workdirs: "" = per-user
+    # $XDG_CACHE_HOME/awm_jax/jax_cache (else ~/.cache/awm_jax/jax_cache); a path moves it
+    cp.cache_dir = ""  # compilation cache directory: "" = the per-user default, a path, or "off"
+
     c.log = lg = ml_collections.ConfigDict()
     lg.tensorboard = True  # write TensorBoard event files (tensorboardX)
     lg.progress = True  # tqdm progress bar with ETA

@@ -7,6 +7,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# JAX's persistent compilation cache of the trainer / sampler: a throwaway dir, never the user's home
+import tempfile  # noqa: E402
+
+os.environ.setdefault("AWM_JAX_COMPILE_CACHE", tempfile.mkdtemp(prefix="awm_jax_test_jax_cache_"))
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     _flags = os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()

@@ -99,6 +99,10 @@ class ModelFamily:
         return {}
 
     # ---------------------------------------------------------------- latents
+    def text_tokens(self, config) -> int:
+        """Tokens of one prompt embedding (``prompt_embeds.shape[1]``) under ``config`` (for plans)."""
+        return int(config.model.max_sequence_length)
+
     def latent_shape(self, cfg, height: int, width: int) -> tuple[int, ...]:
         """Shape of one latent as the samplers see it, for an image of ``height x width`` pixels."""
         raise NotImplementedError

@@ -373,6 +373,10 @@ class SD3Family(ModelFamily):
         return model(hidden_states=x, encoder_hidden_states=emb, pooled_projections=pooled,
                      timestep=jnp.asarray(t, jnp.float32) * 1000.0).astype(jnp.float32)
 
+    def text_tokens(self, config) -> int:
+        """77 CLIP tokens + ``model.max_sequence_length`` T5 tokens."""
+        return 77 + int(config.model.max_sequence_length)
+
     def latent_shape(self, cfg, height, width):
         f = self.vae_scale_factor
         return (int(cfg.in_channels), int(height) // f, int(width) // f)

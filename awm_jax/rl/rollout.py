@@ -90,4 +90,23 @@ def make_rollout_fn(graphdef, config, mesh: Mesh | None = None, *, latent_shape=
         neg = None if negative is None else tuple(jnp.asarray(x) for x in negative)
         return cache[m](params, base, emb, pooled, key, neg)
 
+    def lower(trainable, base_state, prompt_embeds, pooled, key):
+        """``jax.jit(...).lower`` of the rollout on abstract inputs (``jax.ShapeDtypeStruct``), batch sharded
+        over (data, fsdp) of ``mesh``: AOT compiles for another topology (``awm_jax.plan``)."""
+        rep = None if mesh is None else parallel.replicated(mesh)
+
+        def spec(x, sh):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+
+        def bsh(x):
+            return None if mesh is None else parallel.batch_sharding(mesh, len(x.shape))
+
+        args = (jax.tree.map(spec, trainable, parallel.state_shardings(trainable, mesh)),
+                jax.tree.map(spec, base_state, parallel.state_shardings(base_state, mesh)),
+                spec(prompt_embeds, bsh(prompt_embeds)), spec(pooled, bsh(pooled)), spec(key, rep))
+        neg = None if negative is None else tuple(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
+                                                  for x in negative)
+        return jax.jit(lambda *a: core(*a, mesh)).lower(*args, neg)
+
+    rollout.lower = lower
     return rollout

@@ -606,6 +606,32 @@ def _placed_call(jitted, config, mesh: Mesh | None, negative, donate: bool) -> C
         neg = None if negative is None else tuple(jnp.asarray(x) for x in negative)
         return cache["fn"](state, base, batch, key, neg)
 
+    def lower(state, base_state, batch: dict, key):
+        """``jax.jit(...).lower`` of the same function on abstract inputs (``jax.ShapeDtypeStruct``; state and
+        base per the logical rules, batch over (data, fsdp)): AOT compiles for another topology
+        (``awm_jax.plan``)."""
+        st_sh = state_shardings(state, mesh)
+        rep = None if mesh is None else parallel.replicated(mesh)
+        fn = jitted(st_sh, rep) if donate else jitted
+
+        def spec(x, sh):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+
+        def batch_sh(k, v):
+            if mesh is None:
+                return None
+            if k in ("times", "noise", "logp_old"):
+                return NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
+            return batch_sharding(mesh, len(v.shape))
+
+        args = (jax.tree.map(spec, state, st_sh), jax.tree.map(spec, base_state,
+                                                                  state_shardings(base_state, mesh)),
+                {k: spec(v, batch_sh(k, v)) for k, v in batch.items()}, spec(key, rep))
+        neg = None if negative is None else tuple(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
+                                                  for x in negative)
+        return fn.lower(*args, neg)
+
+    run.lower = lower
     return run
 
 

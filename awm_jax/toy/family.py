@@ -21,6 +21,13 @@ class ToyFamily(SD3Family):
 
     name = "toy"
     architectures = {"toy": dict(world.DEFAULT_TRANSFORMER_CONFIG)}
+
+    def text_tokens(self, config) -> int:
+        """The toy word-level encoder's fixed token count."""
+        from awm_jax.toy.text import MAX_TOKENS
+
+        return MAX_TOKENS
+
     vae_scale_factor = world.FACTOR
 
     def model_config(self, path: str) -> dict:

@@ -1,0 +1,208 @@
+"""Compile-only rehearsal of a TPU run: ``python -m awm_jax.plan --config configs/NAME.py --topology v5e:4x4
+[--config.a.b=V ...]``.
+
+Builds the transformer from abstract shapes (``nnx.eval_shape``: no weights), the run's ``(data, fsdp,
+tensor)`` mesh over the devices of ``jax.experimental.topologies.get_topology_desc(platform="tpu",
+topology_name=...)`` (libtpu compiles for a TPU topology on a machine without TPUs), and AOT-compiles the
+real train step and rollout (``awm_jax.rl.train_step``) for one optimizer step's batch. Prints per chip
+XLA's memory analysis (arguments, outputs, temporaries, generated code) and cost analysis (FLOPs, bytes
+accessed, estimated seconds where XLA gives them) and the implied MFU against the chip's dense bf16 peak.
+Exit 1 when a program needs more than the chip's HBM (the numbers are printed), 2 on bad input or without
+libtpu (with how to install it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+
+__all__ = ["CHIPS", "TopologyError", "plan", "main"]
+
+# Dense bf16 peak FLOP/s and HBM bytes per chip (Google Cloud TPU docs, "TPU v5e" / "TPU v5p" / "TPU v6e
+# (Trillium)" system-architecture pages: 197 / 459 / 918 TFLOP/s bf16; 16 / 95 / 32 GiB HBM)
+CHIPS = {"v5e": (197e12, 16 * 2**30), "v5p": (459e12, 95 * 2**30), "v6e": (918e12, 32 * 2**30)}
+
+
+class TopologyError(RuntimeError):
+    """No libtpu, or an unknown topology name."""
+
+
+def _install_hint() -> str:
+    import jax
+
+    return f'libtpu is needed to compile for TPU topologies here: pip install "jax[tpu]=={jax.__version__}"'
+
+
+def topology_devices(name: str):
+    """The devices of TPU topology ``name`` (e.g. ``v5e:4x4``) through libtpu, without TPUs."""
+    if importlib.util.find_spec("libtpu") is None:
+        raise TopologyError(_install_hint())
+    import os
+
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other processes (tests, helpers) may hold it
+    from jax.experimental import topologies
+
+    chip = name.split(":", 1)[0]
+    if chip not in CHIPS or ":" not in name:
+        raise TopologyError(f"--topology {name!r}: expected <chip>:<shape> with chip in {sorted(CHIPS)}, "
+                            "e.g. v5e:4x4, v5p:2x2x1, v6e:2x4")
+    try:
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=name)
+    except Exception as e:  # libtpu's error for an unknown shape / a broken install
+        why = " ".join(str(e).split())[:300]
+        raise TopologyError(f"--topology {name!r}: libtpu cannot describe it ({why}); "
+                            f"{_install_hint()} if libtpu is missing or of another version") from e
+    return chip, list(topo.devices)
+
+
+def _text_shape(config, fam, cfg) -> tuple[int, int, int]:
+    return fam.text_tokens(config), int(cfg.joint_attention_dim), int(cfg.pooled_projection_dim)
+
+
+def _abstract_inputs(config, graphdef, fam, cfg, n: int, chunk: int):
+    import jax
+    import jax.numpy as jnp
+
+    from awm_jax.rl.rollout import latent_shape_of
+
+    shape = latent_shape_of(graphdef, config)
+    tokens, dim, pdim = _text_shape(config, fam, cfg)
+    f32 = jnp.float32
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    emb = jax.ShapeDtypeStruct((n, tokens, dim), f32)
+    pooled = jax.ShapeDtypeStruct((n, pdim), f32)
+    adv = jax.ShapeDtypeStruct((n,), f32)
+    if str(config.algorithm) == "awm":
+        batch = {"x0": jax.ShapeDtypeStruct((n, *shape), f32), "prompt_embeds": emb, "pooled": pooled,
+                 "advantages": adv}
+    else:
+        s = int(config.sample.num_steps)
+        batch = {"latents": jax.ShapeDtypeStruct((n, s + 1, *shape), f32),
+                 "log_probs": jax.ShapeDtypeStruct((n, s), f32),
+                 "timesteps": jax.ShapeDtypeStruct((n, s), f32),
+                 "next_timesteps": jax.ShapeDtypeStruct((n, s), f32), "prompt_embeds": emb, "pooled": pooled,
+                 "advantages": adv}
+    roll = (jax.ShapeDtypeStruct((chunk, tokens, dim), f32), jax.ShapeDtypeStruct((chunk, pdim), f32), key)
+    neg = None
+    if float(config.sample.guidance_scale) != 1.0:
+        neg = (jnp.zeros((1, tokens, dim), f32), jnp.zeros((1, pdim), f32))
+    return batch, key, roll, neg
+
+
+def _analyse(compiled, chips: int, peak: float) -> dict:
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+    out = {k: int(getattr(mem, f"{k}_size_in_bytes", 0) or 0) for k in
+           ("argument", "output", "temp", "generated_code", "alias")}
+    out["peak_bytes"] = out["argument"] + out["output"] + out["temp"] + out["generated_code"] - out["alias"]
+    out["flops"] = float(cost.get("flops", 0.0))  # per chip (the SPMD program of one device)
+    out["bytes_accessed"] = float(cost.get("bytes accessed", 0.0))
+    est = cost.get("optimal_seconds")
+    out["optimal_seconds"] = float(est) if est is not None and float(est) > 0 else None
+    roofline = max(out["flops"] / peak, out["bytes_accessed"] / 1e12) if out["flops"] else None
+    out["time_s"] = out["optimal_seconds"] or roofline
+    out["time_source"] = ("xla optimal_seconds" if out["optimal_seconds"]
+                          else "roofline max(flops/peak, bytes/1TB/s)")
+    out["mfu"] = (out["flops"] / peak / out["time_s"]) if out["time_s"] else None
+    return out
+
+
+def plan(config, topology: str) -> dict:
+    """Compile the train step and the rollout of ``config`` for ``topology``; return the per-chip figures."""
+    import jax
+    from flax import nnx
+
+    from awm_jax import parallel
+    from awm_jax.models.family import get_family
+    from awm_jax.rl import train_step as ts
+
+    chip, devices = topology_devices(topology)
+    peak, hbm = CHIPS[chip]
+    fam = get_family(str(config.model.kind))
+    arch = str(config.model.arch)
+    cfg = fam.config_from_dict(fam.architecture(arch), source=f"config key model.arch = {arch!r}")
+    model = nnx.eval_shape(lambda: fam.build(cfg, rngs=nnx.Rngs(0), dtype=ts._dtype(config.model.dtype),
+                                             scan_layers=bool(config.model.scan_layers),
+                                             remat_policy=str(config.model.remat_policy)))
+    m = config.mesh
+    mesh = parallel.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor, devices=devices)
+    graphdef, base_state, state = ts.create_train_state(model, config)
+    n = int(config.data.prompts_per_step) * int(config.data.group_size)
+    chunk = int(config.sample.batch_size) * len(devices)
+    batch, key, roll, neg = _abstract_inputs(config, graphdef, fam, cfg, n, chunk)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    step = ts.make_train_step(graphdef, config, mesh, negative=neg)
+    rollout = ts.make_rollout_fn(graphdef, config, mesh, negative=neg)
+    res = {"topology": topology, "chips": len(devices), "mesh": dict(mesh.shape), "peak_flops": peak,
+           "hbm_bytes": hbm, "rollouts_per_step": n, "rollout_chunk": chunk}
+    res["train_step"] = _compiled(lambda: step.lower(abstract, base_state, batch, key), peak)
+    res["rollout"] = _compiled(lambda: rollout.lower(abstract.trainable, base_state, *roll), peak)
+    res["fits"] = all(res[k].get("error") is None and res[k]["peak_bytes"] <= hbm
+                      for k in ("train_step", "rollout"))
+    return res
+
+
+def _compiled(lower, peak: float) -> dict:
+    """:func:`_analyse` of the compiled program, or ``{"error": XLA's message}`` when XLA refuses it for
+    lack of HBM (it states the bytes its temporaries need)."""
+    import jax
+
+    try:
+        return _analyse(lower().compile(), 0, peak)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return {"error": " ".join(str(e).split())[:400]}
+
+
+def _fmt(res: dict) -> str:
+    gib = 2**30
+    lines = [f"plan for {res['topology']}: {res['chips']} chips, mesh {res['mesh']}, "
+             f"{res['rollouts_per_step']} rollouts per step (rollout chunk {res['rollout_chunk']}); "
+             f"per chip, HBM {res['hbm_bytes'] / gib:.1f} GiB, "
+             f"peak {res['peak_flops'] / 1e12:.0f} TFLOP/s bf16"]
+    for k in ("train_step", "rollout"):
+        r = res[k]
+        if r.get("error"):
+            lines.append(f"  {k}: XLA refused it: {r['error']}")
+            continue
+        t = f"{r['time_s']:.4g} s ({r['time_source']})" if r["time_s"] else "n/a"
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        lines.append(f"  {k}: args {r['argument'] / gib:.2f} GiB, outputs {r['output'] / gib:.2f} GiB, temps "
+                     f"{r['temp'] / gib:.2f} GiB, code {r['generated_code'] / gib:.3f} GiB -> peak "
+                     f"{r['peak_bytes'] / gib:.2f} GiB; {r['flops']:.4g} FLOPs, {r['bytes_accessed']:.4g} "
+                     f"bytes; est. {t}; MFU {mfu}")
+    lines.append("fits" if res["fits"] else "DOES NOT FIT: a program needs more than the chip's HBM")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """CLI; returns 0 (fits), 1 (over memory), 2 (bad input / no libtpu)."""
+    from awm_jax import config_lib
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="python -m awm_jax.plan", description=__doc__.split("\n")[0])
+    p.add_argument("--topology", required=True, help="TPU topology, e.g. v5e:4x4, v5p:2x2x1, v6e:2x4")
+    p.add_argument("--json", default="", help="also write the figures to this JSON file")
+    args, rest = p.parse_known_args(argv)
+    try:
+        path, _, overrides = config_lib.parse_args(rest + ["--workdir", "plan"])
+        config = config_lib.load_config(path)
+        config_lib.apply_overrides(config, overrides)
+        config_lib.validate(config)
+        res = plan(config, args.topology)
+    except (config_lib.ConfigError, TopologyError, ValueError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(_fmt(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0 if res["fits"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

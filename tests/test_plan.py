@@ -1,0 +1,50 @@
+"""The compile-only TPU rehearsal (``python -m awm_jax.plan``) on the tiny toy model for v5e:2x2 through
+libtpu (CPU only), and its errors: no libtpu, unknown topology."""
+
+import importlib.util
+import os
+
+import pytest
+
+from awm_jax import plan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config", os.path.join(ROOT, "configs", "toy.py"), "--config.model.path=",
+        "--config.data.prompts_per_step=2", "--config.data.group_size=4", "--config.sample.batch_size=1",
+        "--config.sample.num_steps=3", "--config.train.micro_batch_size=1", "--config.awm.train_timesteps=2"]
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+
+
+def test_without_libtpu_explains_the_install(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "libtpu" else real(n, *a))
+    assert plan.main(TINY + ["--topology", "v5e:2x2"]) == 2
+    assert 'pip install "jax[tpu]==' in capsys.readouterr().err
+
+
+def test_unknown_chip_is_a_clear_error(capsys):
+    if not HAS_LIBTPU:
+        pytest.xfail("needs libtpu (pip install 'jax[tpu]'); the install hint is tested above")
+    assert plan.main(TINY + ["--topology", "v9z:2x2"]) == 2
+    assert "expected <chip>:<shape>" in capsys.readouterr().err
+
+
+def test_tiny_toy_plan_on_v5e_2x2(tmp_path, capsys):
+    if not HAS_LIBTPU:
+        pytest.xfail("needs libtpu (pip install 'jax[tpu]'); the install hint is tested above")
+    out = tmp_path / "plan.json"
+    assert plan.main(TINY + ["--topology", "v5e:2x2", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "plan for v5e:2x2: 4 chips" in text and "train_step:" in text and "rollout:" in text
+    import json
+
+    res = json.load(open(out))
+    for k in ("train_step", "rollout"):
+        assert res[k]["flops"] > 0 and res[k]["peak_bytes"] > 0 and 0 < res[k]["mfu"] <= 1
+    # the same plan on a pretend 1 MiB chip fails with exit code 1 and the numbers
+    plan.CHIPS["v5e"], saved = (197e12, 2**20), plan.CHIPS["v5e"]
+    try:
+        assert plan.main(TINY + ["--topology", "v5e:2x2"]) == 1
+    finally:
+        plan.CHIPS["v5e"] = saved
+    assert "DOES NOT FIT" in capsys.readouterr().out
