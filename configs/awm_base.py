@@ -92,6 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.awm = w = ml_collections.ConfigDict()
     w.train_timesteps = 6  # K training times per sample
     w.timestep_sampler = "discrete_wo_init"  # "discrete" | "discrete_wo_init" | "uniform" | "logit_normal"
+    w.timestep_draw = "sample"  # "sample": each sample its own stratified K-tuple | "step": one for the step
     w.timestep_fraction = 0.9  # discrete samplers: upper stratum bound int(num_steps * fraction)
     w.weighting = "ghuber"  # w(t): "uniform" | "t" | "t2" | "ghuber"
     w.ghuber_power = 0.25  # ghuber power p

@@ -297,7 +297,7 @@ def _awm_chunks(batch, key, config, mesh, shape_k: int, grid: np.ndarray):
     if times is None:
         times = sample_train_timesteps(k_t, str(w.timestep_sampler), shape_k, n, grid=grid,
                                        timestep_fraction=float(w.timestep_fraction),
-                                       shift=float(config.sample.shift))
+                                       shift=float(config.sample.shift), draw=str(w.timestep_draw))
     mb = micro_batch_size(n, config, mesh)
     m = n // mb
     c = {"x0": x0, "emb": batch["prompt_embeds"], "pooled": batch["pooled"],
