@@ -98,7 +98,7 @@ def default_components(config: ml_collections.ConfigDict) -> Components:
     mesh = parallel.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor)
     graphdef, base_state, state = ts.create_train_state(pipeline.transformer, config)
     negative = None
-    if config.sample.guidance_scale != 1.0:  # CFG (Flow-GRPO): empty-prompt embeddings
+    if config.sample.guidance_scale != 1.0 or config.eval.guidance_scale != 1.0:  # CFG: empty-prompt embeds
         neg_e, neg_p = pipeline.text_encoder.encode([""])
         negative = (jnp.asarray(neg_e[:1]), jnp.asarray(neg_p[:1]))
     shape = tuple(pipeline.latent_shape)
@@ -109,8 +109,9 @@ def default_components(config: ml_collections.ConfigDict) -> Components:
     eval_cfg.sample.sampler = "ode"
     eval_cfg.sample.num_steps = config.eval.num_steps
     eval_cfg.sample.noise_level = 0.0
-    eval_cfg.sample.guidance_scale = 1.0
-    eval_rollout = ts.make_rollout_fn(graphdef, eval_cfg, mesh, latent_shape=shape)
+    eval_cfg.sample.guidance_scale = config.eval.guidance_scale
+    eval_rollout = ts.make_rollout_fn(graphdef, eval_cfg, mesh, latent_shape=shape,
+                                      negative=negative if config.eval.guidance_scale != 1.0 else None)
     scorer = rewards.get(config.reward.name, **config.reward.kwargs.to_dict())
 
     def eval_params(s):

@@ -108,12 +108,15 @@ def base_config() -> ml_collections.ConfigDict:
     g.clip_range = 1e-4  # PPO clip
     g.beta = 0.04  # KL weight
     g.timestep_fraction = 0.99  # train the first int(num_steps * fraction) sampling steps
+    g.cfg_detach_uncond = True  # CFG in training: no gradient through the unconditional branch (as the
+    # reference's noise_pred_uncond.detach()); False differentiates both branches (awm-jax before issue 13)
 
     c.ema = e = ml_collections.ConfigDict()
     e.kl_decay_rate = 0.001  # kl-EMA decay d = min(kl_decay_max, kl_decay_rate * step)
     e.kl_decay_max = 0.3  # cap of the kl-EMA decay
     e.eval_ema = True  # keep an evaluation EMA of the adapter, decay min((1+s)/(10+s), eval_decay_max)
     e.eval_decay_max = 0.99  # cap of the eval-EMA decay
+    e.eval_every = 1  # update the eval EMA after optimizer steps s with (s + 1) % eval_every == 0 (ref: 8)
 
     c.reward = r = ml_collections.ConfigDict()
     r.name = "geneval"  # name in awm_jax.rewards' registry
@@ -126,6 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
     v.num_prompts = 0  # held-out prompts to evaluate (0 = all)
     v.samples_per_prompt = 1  # images per eval prompt
     v.use_ema = True  # evaluate with the eval-EMA adapter when it exists
+    v.guidance_scale = 1.0  # CFG of the evaluation ODE (1.0 = none, as AWM; Flow-GRPO's reference: 4.5)
     v.grid_images = 16  # images in the PNG grid per evaluation, spread over the eval set (0 = none)
 
     c.train = t = ml_collections.ConfigDict()
@@ -162,6 +166,9 @@ def _flow_grpo(c: ml_collections.ConfigDict, task: dict) -> None:
     c.sample.noise_t_max = 1.0
     c.sample.guidance_scale = 4.5  # CFG 4.5 in rollouts and in the training forward passes
     c.flow_grpo.beta = task["grpo_beta"]
+    c.eval.guidance_scale = 4.5  # the reference evaluates with its sampling CFG
+    c.ema.eval_decay_max = 0.9  # flow_grpo's EMAModuleWrapper(decay=0.9, update_step_interval=8)
+    c.ema.eval_every = 8
 
 
 def _paper(c: ml_collections.ConfigDict, task: dict) -> None:
@@ -231,6 +238,7 @@ def flux(task: str, algorithm: str = "awm", paper: bool = False) -> ml_collectio
     c.lora.alpha = 128.0
     c.lora.targets = ()  # the family's default: attention + feed-forward projections of both block kinds
     c.sample.guidance_scale = 1.0  # no CFG for FLUX.1-dev, in AWM and in Flow-GRPO
+    c.eval.guidance_scale = 1.0
     c.sample.shift = 0.0  # FLUX: 0 = resolution-dependent (dynamic) shift of FLUX.1-dev; schnell: 1.0
     c.eval.num_steps = 28  # FluxPipeline's default and Flow-GRPO's FLUX eval steps (SD3.5: 40)
     if paper:
@@ -292,4 +300,5 @@ def toy(algorithm: str = "awm") -> ml_collections.ConfigDict:
     if algorithm == "flow_grpo":
         _flow_grpo(c, _TASKS["geneval"])
         c.sample.guidance_scale = 1.0  # the toy text encoder has no empty-prompt embedding
+        c.eval.guidance_scale = 1.0
     return c

@@ -60,3 +60,21 @@ def test_bad_draw_names_the_key():
     with pytest.raises(ValueError, match="awm.timestep_draw"):
         sample_train_timesteps(jax.random.key(0), "uniform", 2, 2, draw="group")
     assert sample_train_timesteps(jax.random.key(0), "uniform", 2, 3).dtype == jnp.float32
+
+
+def test_eval_ema_interval_matches_flow_grpo_wrapper():
+    """The eval EMA with decay 0.9 every 8 steps equals flow_grpo's EMAModuleWrapper rule re-derived in
+    NumPy: after optimizer step s (steps completed), if (s + 1) % 8 == 0, ema += (1 - d_s) (theta - ema),
+    d_s = min((1 + s) / (10 + s), 0.9)."""
+    from awm_jax.rl import ema as ema_lib
+
+    rng = np.random.default_rng(0)
+    thetas = rng.normal(size=(40, 3)).astype(np.float32)
+    ref = thetas[0].astype(np.float64).copy()
+    ours = jnp.asarray(thetas[0])
+    for s in range(1, 40):
+        if (s + 1) % 8 == 0:
+            ref += (1 - min((1 + s) / (10 + s), 0.9)) * (thetas[s] - ref)
+        ours = ema_lib.eval_ema_update(ours, jnp.asarray(thetas[s]), s, 0.9, 8)
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(ref, thetas[0])
