@@ -1,10 +1,12 @@
 """The trainer: ``python -m awm_jax.train --config configs/NAME.py --workdir DIR [--config.a.b=V ...]``.
 
-One optimizer step per "epoch" (as the public AWM code): pick ``prompts_per_step`` prompts, repeat
-each ``group_size`` times over all devices and hosts, roll out, decode, score through the reward
-bridge, compute group advantages over the globally gathered rewards, and run ONE train step on all
-rollouts (micro-batching inside). Every random draw derives from ``(seed, step)``, so a run resumed
-from a checkpoint logs exactly the steps of an uninterrupted one.
+One "step" of the loop is an epoch: pick ``prompts_per_step`` prompts, repeat each ``group_size`` times
+over all devices and hosts, roll out, decode, score through the reward bridge, compute group advantages
+over the globally gathered rewards, and make ``train.steps_per_epoch`` optimizer steps on shuffled disjoint
+parts of the rollouts (1 = one step on all of them, as the public AWM code; Flow-GRPO's reference: 2;
+micro-batching inside). ``max_steps``, ``eval.every``, checkpoints and ``metrics.jsonl`` lines count epochs;
+each line's ``opt_steps`` counts optimizer steps. Every random draw derives from ``(seed, step)``, so a run
+resumed from a checkpoint logs exactly the steps of an uninterrupted one.
 
 Workdir outputs: ``config.json``, ``metrics.jsonl``, ``eval.jsonl``, ``tb/`` (TensorBoard),
 ``samples/eval_*.png`` (grids with prompts), ``checkpoints/`` (orbax, keep-last-k). Running the same
@@ -126,6 +128,53 @@ def default_components(config: ml_collections.ConfigDict) -> Components:
 
     return Components(pipeline, state, base_state, step, rollout, eval_rollout, scorer,
                       rollout_params_of=rollout_params, eval_params_of=eval_params)
+
+
+def epoch_parts(batch: dict, parts: int, key) -> list[dict]:
+    """The epoch's rollouts shuffled (by ``key``) and split into ``parts`` disjoint equal parts, one optimizer
+    step each (``train.steps_per_epoch``); 1 = the whole batch, unshuffled. Old log-probs stay the rollout's,
+    so a Flow-GRPO step after the first is off-policy (its ratio moves and the clip binds)."""
+    if parts < 1:
+        raise ValueError(f"config key train.steps_per_epoch = {parts} must be >= 1")
+    if parts == 1:
+        return [batch]
+    n = int(np.asarray(batch["advantages"]).shape[0])
+    if n % parts:
+        raise ValueError(f"config key train.steps_per_epoch = {parts} does not divide the {n} rollouts of an "
+                         "epoch on this process (data.prompts_per_step x data.group_size / processes)")
+    perm = np.asarray(jax.random.permutation(key, n))
+    size = n // parts
+    out = []
+    for j in range(parts):
+        idx = jnp.asarray(np.sort(perm[j * size:(j + 1) * size]))
+        out.append({k: (v[idx] if hasattr(v, "shape") and v.ndim and v.shape[0] == n else v)
+                    for k, v in batch.items()})
+    return out
+
+
+def merge_part_metrics(parts: list[dict]) -> dict:
+    """One record of an epoch's optimizer steps: the mean of each scalar metric (min / max for the ratio
+    extrema), ``finite`` all-of, and the last step's ``step``; the Flow-GRPO ratio of the last (most
+    off-policy) step also as ``*_last``."""
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    for k in parts[-1]:
+        vals = [np.asarray(p[k]) for p in parts if k in p]
+        if k == "finite":
+            out[k] = np.asarray(all(bool(v.all()) for v in vals))
+        elif k == "step" or vals[0].size != 1:
+            out[k] = vals[-1]
+        elif k.endswith("_min"):
+            out[k] = np.min(vals)
+        elif k.endswith("_max"):
+            out[k] = np.max(vals)
+        else:
+            out[k] = np.mean([float(v) for v in vals])
+    for k in ("ratio_mean", "ratio_min", "ratio_max", "clip_frac"):
+        if k in parts[-1]:
+            out[k + "_last"] = np.asarray(parts[-1][k])
+    return out
 
 
 def _resolve_factory(spec: str):
@@ -311,7 +360,8 @@ def restore_checkpoint(ckpt: Checkpointer, state, rng, allow_fresh: bool = False
         raise TrainError(f"checkpoint {step} in {ckpt.directory} lacks items {missing} that this config "
                            "keeps (was it written with another config?)")
     fixed = {n: jax.tree.map(_uncommit, templates[n], items[n]) for n in templates if n != "rng"}
-    state = state.replace(step=jnp.asarray(step, jnp.int32), **fixed)
+    opt_steps = int(dict(items["meta"]).get("opt_steps", step))  # optimizer steps (train.steps_per_epoch)
+    state = state.replace(step=jnp.asarray(opt_steps, jnp.int32), **fixed)
     rng = jax.random.wrap_key_data(jnp.asarray(np.asarray(items["rng"]["key_data"])))
     return step, state, rng, dict(items["meta"])
 
@@ -424,7 +474,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     def save(step, force=False):
         meta = {"step": step, "data_position": step, "wall_s": wall_prev + time.time() - t_run,
-                "nonfinite_in_a_row": nonfinite, "seed": config.seed}
+                "nonfinite_in_a_row": nonfinite, "seed": config.seed,
+                "opt_steps": int(np.asarray(state.step))}
         ckpt.save(step, checkpoint_items(state, rng, meta, config), force=force)
 
     t_run = time.time()
@@ -448,26 +499,32 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 adv = step_advantages(rewards, groups, config)
                 n_local = len(rewards_local)
                 batch["advantages"] = jnp.asarray(adv[jax.process_index() * n_local:][:n_local])
-                backup = None
-                if guarded is not True:  # keep a copy until we know the step skips non-finite updates
-                    backup = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
-                state, metrics = comp.train_step(state, comp.base_state, batch, k_train)
-                metrics = {k: np.asarray(v) for k, v in metrics.items()}
+                parts, finite = [], True
+                for j, part in enumerate(epoch_parts(batch, int(config.train.steps_per_epoch), k_train)):
+                    backup = None
+                    if guarded is not True:  # keep a copy until we know the step skips non-finite updates
+                        backup = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
+                    state, m = comp.train_step(state, comp.base_state, part, jax.random.fold_in(k_train, j))
+                    m = {k: np.asarray(v) for k, v in m.items()}
+                    if "finite" in m:
+                        guarded = True
+                        ok = bool(np.asarray(m["finite"]).all())
+                    else:
+                        guarded = False
+                        ok = math.isfinite(_scalar(m.get("loss", np.nan)))
+                        if not ok:
+                            state = backup
+                    finite = finite and ok
+                    parts.append(m)
+                metrics = merge_part_metrics(parts)
                 loss = _scalar(metrics.get("loss", np.nan))
-                if "finite" in metrics:
-                    guarded = True
-                    finite = bool(np.asarray(metrics["finite"]).all())
-                else:
-                    guarded = False
-                    finite = math.isfinite(loss)
-                    if not finite:
-                        state = backup
                 nonfinite = 0 if finite else nonfinite + 1
                 dt = time.time() - t0
                 rec = {"step": step, **reward_stats(rewards, groups, config.advantages.correct_threshold),
                        "loss": loss, "policy_loss": _scalar(metrics.get("policy_loss", np.nan)),
                        "kl": _scalar(metrics.get("kl", np.nan)), "skipped": not finite,
-                       "samples_per_s": len(rewards) / dt, "wall_s": wall_prev + time.time() - t_run}
+                       "samples_per_s": len(rewards) / dt, "wall_s": wall_prev + time.time() - t_run,
+                       "opt_steps": int(np.asarray(state.step))}
                 for k, v in metrics.items():
                     if k not in rec and k != "finite" and np.asarray(v).size == 1:
                         rec[k] = _scalar(v)

@@ -32,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.algorithm = "awm"  # "awm" | "flow_grpo"
     c.seed = 42  # master seed: init, data order, rollout and training noise all derive from (seed, step)
-    c.max_steps = 1000  # number of optimizer steps (one per rollout epoch); bounds a run
+    c.max_steps = 1000  # number of epochs (loop steps: rollouts + train.steps_per_epoch optimizer steps)
     c.components = "awm_jax.train:default_components"  # "module:function" returning the loop's components
 
     c.model = m = ml_collections.ConfigDict()
@@ -124,7 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
     r.retries = 2  # reward bridge retries per batch
 
     c.eval = v = ml_collections.ConfigDict()
-    v.every = 50  # evaluate every N optimizer steps (0 = never; also at the last step)
+    v.every = 50  # evaluate every N epochs (loop steps; 0 = never; also at the last step)
     v.num_steps = 40  # ODE steps
     v.num_prompts = 0  # held-out prompts to evaluate (0 = all)
     v.samples_per_prompt = 1  # images per eval prompt
@@ -136,9 +136,11 @@ def base_config() -> ml_collections.ConfigDict:
     t.micro_batch_size = 8  # training micro-batch per device (gradient accumulation inside one step)
     t.max_nonfinite = 3  # stop after this many non-finite (skipped) updates in a row
     t.scan_times = False  # AWM per_time loss: accumulate the K training times one by one (less memory)
+    t.steps_per_epoch = 1  # optimizer steps per epoch, each on a shuffled disjoint part of its rollouts
+    # (old log-probs from the rollout: Flow-GRPO's steps after the first are off-policy; reference: 2)
 
     c.checkpoint = k = ml_collections.ConfigDict()
-    k.every = 10  # save every N optimizer steps (and at the end / on SIGTERM)
+    k.every = 10  # save every N epochs (loop steps; and at the end / on SIGTERM)
     k.keep = 3  # keep the last k checkpoints
     k.async_save = True  # orbax asynchronous checkpointing
     # when the workdir holds checkpoints and none can be restored: False = stop with an error naming them;
@@ -167,6 +169,8 @@ def _flow_grpo(c: ml_collections.ConfigDict, task: dict) -> None:
     c.sample.guidance_scale = 4.5  # CFG 4.5 in rollouts and in the training forward passes
     c.flow_grpo.beta = task["grpo_beta"]
     c.eval.guidance_scale = 4.5  # the reference evaluates with its sampling CFG
+    c.data.prompts_per_step = 48  # the reference's epoch: 48 prompts x 24 images ...
+    c.train.steps_per_epoch = 2  # ... in 2 optimizer steps (gradient_accumulation = batches per epoch / 2)
     c.ema.eval_decay_max = 0.9  # flow_grpo's EMAModuleWrapper(decay=0.9, update_step_interval=8)
     c.ema.eval_every = 8
 
@@ -301,4 +305,6 @@ def toy(algorithm: str = "awm") -> ml_collections.ConfigDict:
         _flow_grpo(c, _TASKS["geneval"])
         c.sample.guidance_scale = 1.0  # the toy text encoder has no empty-prompt embedding
         c.eval.guidance_scale = 1.0
+        c.data.prompts_per_step = 16  # the toy's AWM batch and one step per epoch (the comparison harness
+        c.train.steps_per_epoch = 1  # adds the reference's 2 steps per epoch as its own method)
     return c
