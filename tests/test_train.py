@@ -304,5 +304,6 @@ def test_steps_per_epoch_parts_and_resume(tmp_path):
     a, b = _metrics(full), _metrics(wd)
     assert [r["step"] for r in a] == [1, 2, 3, 4] and [r["opt_steps"] for r in a] == [2, 4, 6, 8]
     assert [r["opt_steps"] for r in b] == [2, 4, 6, 8]
+    assert all(r["lora_norm"] > 0 and 0 <= r["adv_pos_frac"] <= 1 and r["adv_abs_mean"] >= 0 for r in a)
     for ra, rb in zip(a, b):
         assert abs(ra["loss"] - rb["loss"]) <= 1e-4 * max(1.0, abs(ra["loss"]))
