@@ -516,22 +516,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 n_local = len(rewards_local)
                 batch["advantages"] = jnp.asarray(adv[jax.process_index() * n_local:][:n_local])
                 parts, finite = [], True
-                for j, part in enumerate(epoch_parts(batch, int(config.train.steps_per_epoch), k_train)):
+                k_perm = jax.random.fold_in(k_train, 1 << 20)  # the shuffle; part j > 0: fold_in(k_train, j)
+                for j, part in enumerate(epoch_parts(batch, int(config.train.steps_per_epoch), k_perm)):
                     backup = None
                     if guarded is not True:  # keep a copy until we know the step skips non-finite updates
                         backup = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
-                    state, m = comp.train_step(state, comp.base_state, part, jax.random.fold_in(k_train, j))
-                    m = {k: np.asarray(v) for k, v in m.items()}
-                    if "finite" in m:
+                    state, pm = comp.train_step(state, comp.base_state, part,
+                                                 k_train if j == 0 else jax.random.fold_in(k_train, j))
+                    pm = {k: np.asarray(v) for k, v in pm.items()}
+                    if "finite" in pm:
                         guarded = True
-                        ok = bool(np.asarray(m["finite"]).all())
+                        ok = bool(np.asarray(pm["finite"]).all())
                     else:
                         guarded = False
-                        ok = math.isfinite(_scalar(m.get("loss", np.nan)))
+                        ok = math.isfinite(_scalar(pm.get("loss", np.nan)))
                         if not ok:
                             state = backup
                     finite = finite and ok
-                    parts.append(m)
+                    parts.append(pm)
                 metrics = merge_part_metrics(parts)
                 loss = _scalar(metrics.get("loss", np.nan))
                 nonfinite = 0 if finite else nonfinite + 1
