@@ -1,10 +1,12 @@
 """The trainer: ``python -m awm_jax.train --config configs/NAME.py --workdir DIR [--config.a.b=V ...]``.
 
-One optimizer step per "epoch" (as the public AWM code): pick ``prompts_per_step`` prompts, repeat
-each ``group_size`` times over all devices and hosts, roll out, decode, score through the reward
-bridge, compute group advantages over the globally gathered rewards, and run ONE train step on all
-rollouts (micro-batching inside). Every random draw derives from ``(seed, step)``, so a run resumed
-from a checkpoint logs exactly the steps of an uninterrupted one.
+One "step" of the loop is an epoch: pick ``prompts_per_step`` prompts, repeat each ``group_size`` times
+over all devices and hosts, roll out, decode, score through the reward bridge, compute group advantages
+over the globally gathered rewards, and make ``train.steps_per_epoch`` optimizer steps on shuffled disjoint
+parts of the rollouts (1 = one step on all of them, as the public AWM code; Flow-GRPO's reference: 2;
+micro-batching inside). ``max_steps``, ``eval.every``, checkpoints and ``metrics.jsonl`` lines count epochs;
+each line's ``opt_steps`` counts optimizer steps. Every random draw derives from ``(seed, step)``, so a run
+resumed from a checkpoint logs exactly the steps of an uninterrupted one.
 
 Workdir outputs: ``config.json``, ``metrics.jsonl``, ``eval.jsonl``, ``tb/`` (TensorBoard),
 ``samples/eval_*.png`` (grids with prompts), ``checkpoints/`` (orbax, keep-last-k). Running the same
@@ -50,11 +52,12 @@ from awm_jax.logging_lib import TrainLogger, run_summary
 from awm_jax.models.family import get_family
 from awm_jax.rewards.bridge import RewardBridge
 from awm_jax.rl.advantages import reward_stats, step_advantages
+from awm_jax.rl.epoch import drift_stats, epoch_parts, merge_part_metrics
 from awm_jax.rl.policy import rolls_out_with_old
 from awm_jax.text.base import CachedTextEncoder
 from awm_jax.timeline import Timeline, format_summary
 
-__all__ = ["Components", "default_components", "run", "main", "NonFiniteError", "TrainError"]
+__all__ = ["Components", "default_components", "run", "main", "NonFiniteError", "TrainError", "epoch_parts"]
 
 log = logging.getLogger("awm_jax.train")
 
@@ -103,7 +106,7 @@ def default_components(config: ml_collections.ConfigDict) -> Components:
     mesh = parallel.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor)
     graphdef, base_state, state = ts.create_train_state(pipeline.transformer, config)
     negative = None
-    if config.sample.guidance_scale != 1.0:  # CFG (Flow-GRPO): empty-prompt embeddings
+    if config.sample.guidance_scale != 1.0 or config.eval.guidance_scale != 1.0:  # CFG: empty-prompt embeds
         neg_e, neg_p = pipeline.text_encoder.encode([""])
         negative = (jnp.asarray(neg_e[:1]), jnp.asarray(neg_p[:1]))
     shape = tuple(pipeline.latent_shape)
@@ -114,8 +117,9 @@ def default_components(config: ml_collections.ConfigDict) -> Components:
     eval_cfg.sample.sampler = "ode"
     eval_cfg.sample.num_steps = config.eval.num_steps
     eval_cfg.sample.noise_level = 0.0
-    eval_cfg.sample.guidance_scale = 1.0
-    eval_rollout = ts.make_rollout_fn(graphdef, eval_cfg, mesh, latent_shape=shape)
+    eval_cfg.sample.guidance_scale = config.eval.guidance_scale
+    eval_rollout = ts.make_rollout_fn(graphdef, eval_cfg, mesh, latent_shape=shape,
+                                      negative=negative if config.eval.guidance_scale != 1.0 else None)
     scorer = rewards.from_config(config)
 
     def eval_params(s):
@@ -342,7 +346,8 @@ def restore_checkpoint(ckpt: Checkpointer, state, rng, allow_fresh: bool = False
         raise TrainError(f"checkpoint {step} in {ckpt.directory} lacks items {missing} that this config "
                            "keeps (was it written with another config?)")
     fixed = {n: jax.tree.map(_uncommit, templates[n], items[n]) for n in templates if n != "rng"}
-    state = state.replace(step=jnp.asarray(step, jnp.int32), **fixed)
+    opt_steps = int(dict(items["meta"]).get("opt_steps", step))  # optimizer steps (train.steps_per_epoch)
+    state = state.replace(step=jnp.asarray(opt_steps, jnp.int32), **fixed)
     rng = jax.random.wrap_key_data(jnp.asarray(np.asarray(distributed.local_rows(items["rng"]["key_data"]))))
     return step, state, rng, dict(items["meta"])
 
@@ -417,7 +422,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     def save(step, force=False):
         meta = {"step": step, "data_position": step, "wall_s": wall_prev + time.time() - t_run,
-                "nonfinite_in_a_row": nonfinite, "seed": config.seed}
+                "nonfinite_in_a_row": nonfinite, "seed": config.seed,
+                "opt_steps": int(np.asarray(state.step))}
         ckpt.save(step, checkpoint_items(state, rng, meta, config, mesh), force=force)
 
     t_run = time.time()
@@ -442,27 +448,35 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 rewards = distributed.gather_rows(rewards_local, pos, len(groups))  # once per step
                 adv = step_advantages(rewards, groups, config)  # the same on every host
                 batch["advantages"] = _local_advantages(adv, pos, len(groups), block, mesh)
-                backup = None
-                if guarded is not True:  # keep a copy until we know the step skips non-finite updates
-                    backup = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
-                with tl.phase("train"):
-                    state, metrics = comp.train_step(state, comp.base_state, batch, k_train)
-                    metrics = {k: np.asarray(v) for k, v in metrics.items()}
+                parts, finite = [], True
+                k_perm = jax.random.fold_in(k_train, 1 << 20)  # the shuffle; part j > 0: fold_in(k_train, j)
+                for j, part in enumerate(epoch_parts(batch, int(config.train.steps_per_epoch), k_perm, mesh)):
+                    backup = None
+                    if guarded is not True:  # keep a copy until we know the step skips non-finite updates
+                        backup = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
+                    with tl.phase("train"):
+                        state, pm = comp.train_step(state, comp.base_state, part,
+                                                     k_train if j == 0 else jax.random.fold_in(k_train, j))
+                        pm = {k: np.asarray(v) for k, v in pm.items()}
+                    if "finite" in pm:
+                        guarded = True
+                        ok = bool(np.asarray(pm["finite"]).all())
+                    else:
+                        guarded = False
+                        ok = math.isfinite(_scalar(pm.get("loss", np.nan)))
+                        if not ok:
+                            state = backup
+                    finite = finite and ok
+                    parts.append(pm)
+                metrics = merge_part_metrics(parts)
                 loss = _scalar(metrics.get("loss", np.nan))
-                if "finite" in metrics:
-                    guarded = True
-                    finite = bool(np.asarray(metrics["finite"]).all())
-                else:
-                    guarded = False
-                    finite = math.isfinite(loss)
-                    if not finite:
-                        state = backup
                 nonfinite = 0 if finite else nonfinite + 1
                 dt = time.time() - t0
                 rec = {"step": step, **reward_stats(rewards, groups, config.advantages.correct_threshold),
                        "loss": loss, "policy_loss": _scalar(metrics.get("policy_loss", np.nan)),
                        "kl": _scalar(metrics.get("kl", np.nan)), "skipped": not finite,
-                       "samples_per_s": len(rewards) / dt, "wall_s": wall_prev + time.time() - t_run}
+                       "samples_per_s": len(rewards) / dt, "wall_s": wall_prev + time.time() - t_run,
+                       "opt_steps": int(np.asarray(state.step)), **drift_stats(state, adv)}
                 for k, v in metrics.items():
                     if k not in rec and k != "finite" and np.asarray(v).size == 1:
                         rec[k] = _scalar(v)

@@ -14,7 +14,13 @@ import _bench_utils as U
 
 NAME = "toy_awm_vs_flow_grpo"
 ALGOS = ("awm", "flow_grpo")
-LABELS = {"awm": "AWM", "flow_grpo": "Flow-GRPO"}
+LABELS = {"awm": "AWM", "flow_grpo": "Flow-GRPO"}  # more labels: the METHODS table of the benchmark
+
+
+def label(key: str) -> str:
+    """Display name of a run key ``method`` or ``method@lr``."""
+    m, _, lr = key.partition("@")
+    return LABELS.get(m, m) + (f" (lr {lr})" if lr else "")
 X_AXES = (("fpe", "transformer forward-pass equivalents"), ("wall", "training wall-clock (s, eval excluded)"))
 
 
@@ -28,7 +34,7 @@ def plot_curves(agg: dict[str, dict], ylabel: str, path: str, hline: float | Non
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     for ax, (xkey, xlabel) in zip(axes, X_AXES):
         for algo, a in agg.items():
-            line = ax.plot(a[xkey], a["mean"], marker="o", ms=3, label=f"{LABELS[algo]} (n={a['n']})")[0]
+            line = ax.plot(a[xkey], a["mean"], marker="o", ms=3, label=f"{label(algo)} (n={a['n']})")[0]
             ax.fill_between(a[xkey], a["lo"], a["hi"], color=line.get_color(), alpha=0.2, lw=0)
         if hline is not None:
             ax.axhline(hline, color="gray", ls="--", lw=1, label="A* (Flow-GRPO best mean)")
@@ -65,18 +71,19 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 def settings_lines(curves: dict[str, list[dict]], configs: dict[str, dict]) -> list[str]:
     """Markdown lines: FPE per step and the config keys that differ between the algorithms."""
     lines = ["| algorithm | seeds | steps | batch | FPE/step rollout | train | total |", "|---" * 7 + "|"]
-    for a in ALGOS:
+    for a in curves:
         c0 = curves[a][0]
         f = c0["fpe_per_step"]
         seeds = ", ".join(str(c["seed"]) for c in curves[a])
         lines.append(
-            f"| {LABELS[a]} | {seeds} | {configs[a]['max_steps']} | {c0['batch']} | "
+            f"| {label(a)} | {seeds} | {configs[a]['max_steps']} | {c0['batch']} | "
             f"{f['rollout']} | {f['train']} | {f['total']} |"
         )
-    fa, fg = _flat(configs["awm"]), _flat(configs["flow_grpo"])
+    keys = list(configs)
+    fa, fg = _flat(configs[keys[0]]), _flat(configs[keys[-1]])
     diff = [k for k in sorted(set(fa) | set(fg)) if fa.get(k) != fg.get(k) and k not in ("seed", "max_steps")]
     lines += ["", "Config keys that differ (seed and max_steps aside):", ""]
-    lines += ["| key | AWM | Flow-GRPO |", "|---|---|---|"]
+    lines += [f"| key | {label(keys[0])} | {label(keys[-1])} |", "|---|---|---|"]
     lines += [f"| `{k}` | {fa.get(k)} | {fg.get(k)} |" for k in diff]
     return lines
 
@@ -86,27 +93,27 @@ def _curve_table(acc: dict[str, dict]) -> list[str]:
         "| algorithm | eval step | cum. FPE | train wall (s) | overall mean | min | max |",
         "|---|---|---|---|---|---|---|",
     ]
-    for a in ALGOS:
+    for a in acc:
         g = acc[a]
         for i, s in enumerate(g["step"]):
             lines.append(
-                f"| {LABELS[a]} | {s} | {g['fpe'][i]:.4g} | {g['wall'][i]:.1f} | "
+                f"| {label(a)} | {s} | {g['fpe'][i]:.4g} | {g['wall'][i]:.1f} | "
                 f"{g['mean'][i]:.3f} | {g['lo'][i]:.3f} | {g['hi'][i]:.3f} |"
             )
     return lines
 
 
 def _final_table(final: dict[str, dict]) -> list[str]:
-    tags = sorted(set(final["awm"]["per_tag"]) | set(final["flow_grpo"]["per_tag"]))
+    tags = sorted(set().union(*(set(f["per_tag"]) for f in final.values())))
     lines = ["| algorithm | eval step | overall | " + " | ".join(tags) + " |", "|---" * (len(tags) + 3) + "|"]
-    for a in ALGOS:
+    for a in final:
         f = final[a]
         cells = [
             f"{f['per_tag'][t]['mean']:.3f} +- {f['per_tag'][t]['std']:.3f}" if t in f["per_tag"] else ""
             for t in tags
         ]
         lines.append(
-            f"| {LABELS[a]} | {', '.join(map(str, f['steps']))} | {f['overall']['mean']:.3f} +- "
+            f"| {label(a)} | {', '.join(map(str, f['steps']))} | {f['overall']['mean']:.3f} +- "
             f"{f['overall']['std']:.3f} | " + " | ".join(cells) + " |"
         )
     return lines
@@ -188,7 +195,7 @@ def write_report(
 def write_jsonl(path: str, res: dict, curves: dict[str, list[dict]], command: str) -> str:
     """Raw curves: one line per run, then one summary line (overwrites ``path``)."""
     with open(path, "w") as f:
-        for a in ALGOS:
+        for a in curves:
             for c in curves[a]:
                 f.write(json.dumps({"kind": "run", **c}) + "\n")
         f.write(json.dumps({"kind": "summary", "command": command, **res}, default=U._json_default) + "\n")

@@ -54,9 +54,17 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bench_utils as U  # noqa: E402
-from _toy_compare_report import ALGOS, NAME, plot_curves, write_jsonl, write_report  # noqa: E402
+from _toy_compare_report import ALGOS, LABELS, NAME, plot_curves, write_jsonl, write_report  # noqa: E402
 
-CONFIGS = {"awm": "configs/toy.py", "flow_grpo": "configs/toy_flow_grpo.py"}
+# THE method table: name -> (label, config file, config overrides). Add a method (e.g. another objective's
+# configs/toy_<objective>.py) with one line here; workdirs are cached per (method, lr, seed).
+METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "awm": ("AWM", "configs/toy.py", ()),
+    "flow_grpo": ("Flow-GRPO", "configs/toy_flow_grpo.py", ()),
+    "flow_grpo_2step": ("Flow-GRPO, 2 steps/epoch", "configs/toy_flow_grpo.py", ("train.steps_per_epoch=2",)),
+}
+CONFIGS = {m: v[1] for m, v in METHODS.items()}
+LABELS.update({m: v[0] for m, v in METHODS.items()})
 PINNED_ENV = {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
 PINNED_ENV.update(dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"), "1"))
 TOL = 1e-9  # ">= A*" tolerance against float summation order only
@@ -84,8 +92,13 @@ def forward_pass_equivalents(config: dict) -> dict[str, int]:
         train = batch * int(_get(config, "awm.train_timesteps")) * per
     elif algo == "flow_grpo":
         s_train = int(num_steps * float(_get(config, "flow_grpo.timestep_fraction")))
-        cfg_mult = 2 if float(_get(config, "sample.guidance_scale")) != 1.0 else 1
-        train = batch * s_train * (3 + int(float(_get(config, "flow_grpo.beta")) != 0)) * cfg_mult
+        ref = int(float(_get(config, "flow_grpo.beta")) != 0)
+        if float(_get(config, "sample.guidance_scale")) == 1.0:
+            per = 3 + ref
+        else:  # [uncond; cond] in one call: a detached uncond half is forward only (1), else fwd + bwd (3)
+            detach = bool(_get(config, "flow_grpo").get("cfg_detach_uncond", False))
+            per = 3 + (1 if detach else 3) + 2 * ref
+        train = batch * s_train * per
     else:
         raise ValueError(f"config algorithm {algo!r}: expected one of {ALGOS}")
     return {"rollout": rollout, "train": train, "total": rollout + train}
@@ -94,18 +107,41 @@ def forward_pass_equivalents(config: dict) -> dict[str, int]:
 # ----------------------------------------------------------------------------- running
 
 
-def workdir_of(root: str, algo: str, seed: int) -> str:
-    """``<root>/<algo>_s<seed>`` (absolute)."""
-    return os.path.abspath(os.path.join(root, f"{algo}_s{seed}"))
+def run_key(method: str, lr: str | None) -> str:
+    """The key of a (method, lr) pair in curves and reports: ``method`` or ``method@lr``."""
+    return method if lr is None else f"{method}@{lr}"
 
 
-def train_command(algo: str, workdir: str, seed: int, max_steps: int | None, sets: list[str]) -> list[str]:
-    """The ``python -m awm_jax.train`` command of one run (``sets``: ``KEY=VALUE`` config overrides)."""
-    cmd = [sys.executable, "-m", "awm_jax.train", "--config", CONFIGS[algo], "--workdir", workdir]
+def workdir_of(root: str, method: str, seed: int, lr: str | None = None) -> str:
+    """``<root>/<method>_s<seed>`` or ``<root>/<method>_lr<lr>_s<seed>`` (absolute): one cached workdir per
+    (method, lr, seed)."""
+    name = f"{method}_s{seed}" if lr is None else f"{method}_lr{lr}_s{seed}"
+    return os.path.abspath(os.path.join(root, name))
+
+
+def is_done(workdir: str) -> bool:
+    """Whether ``workdir`` holds a finished run (its last metrics step reached its config's max_steps)."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            max_steps = int(json.load(f)["max_steps"])
+        recs = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    except (OSError, ValueError, KeyError):
+        return False
+    return bool(recs) and max(int(r["step"]) for r in recs) >= max_steps
+
+
+def train_command(method: str, workdir: str, seed: int, max_steps: int | None, sets: list[str],
+                  lr: str | None = None) -> list[str]:
+    """The ``python -m awm_jax.train`` command of one run (the method's config and overrides, then ``lr``,
+    then ``sets``: ``KEY=VALUE`` config overrides)."""
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} unknown; expected one of {sorted(METHODS)}")
+    _, config, over = METHODS[method]
+    cmd = [sys.executable, "-m", "awm_jax.train", "--config", config, "--workdir", workdir]
     cmd.append(f"--config.seed={seed}")
     if max_steps is not None:
         cmd.append(f"--config.max_steps={max_steps}")
-    for kv in sets:
+    for kv in (*over, *((f"optim.lr={lr}",) if lr is not None else ()), *sets):
         if "=" not in kv:
             raise ValueError(f"--set {kv!r}: expected KEY=VALUE")
         cmd.append(f"--config.{kv}")
@@ -275,12 +311,23 @@ def speedup(baseline: float, ours: float) -> float | None:
     return baseline / ours
 
 
-def headline(acc: dict[str, dict]) -> dict[str, Any]:
-    """A* (Flow-GRPO's best mean accuracy), where each algorithm first reaches it and the speedups."""
-    g = acc["flow_grpo"]
-    a_star = max(g["mean"])
-    hit_g, hit_a = first_reach(g, a_star), first_reach(acc["awm"], a_star)
-    out: dict[str, Any] = {"a_star": a_star, "flow_grpo": hit_g, "awm": hit_a, "reached": hit_a is not None}
+def headline(acc: dict[str, dict], algos: dict[str, str] | None = None) -> dict[str, Any]:
+    """A* (the best seed-mean accuracy of any Flow-GRPO run key), where each run key first reaches it, and
+    the speedups of the earliest AWM key over the Flow-GRPO key that set A* (``algos``: key -> algorithm;
+    default: the key itself)."""
+    algos = algos or {k: k for k in acc}
+    grpo = [k for k in acc if algos[k] == "flow_grpo"]
+    awm = [k for k in acc if algos[k] == "awm"]
+    if not grpo or not awm:
+        raise ValueError(f"headline needs an AWM and a Flow-GRPO run; got {sorted(acc)}")
+    base = max(grpo, key=lambda k: max(acc[k]["mean"]))
+    a_star = max(acc[base]["mean"])
+    hits = {k: first_reach(a, a_star) for k, a in acc.items()}
+    reached = [k for k in awm if hits[k] is not None]
+    best_awm = min(reached, key=lambda k: hits[k]["fpe"]) if reached else awm[0]
+    hit_g, hit_a = hits[base], hits[best_awm]
+    out: dict[str, Any] = {"a_star": a_star, "flow_grpo": hit_g, "awm": hit_a, "reached": hit_a is not None,
+                           "baseline_key": base, "awm_key": best_awm, "per_key": hits}
     out.update(speedup_fpe=None, speedup_wall=None, note="")
     if hit_a is None:
         out["note"] = "AWM's mean accuracy never reaches A*: speedup not reached"
@@ -313,10 +360,11 @@ def final_accuracy(curves: list[dict]) -> dict[str, Any]:
 
 def analyze(curves: dict[str, list[dict]]) -> dict[str, Any]:
     """Aggregates, headline and final accuracies from ``{algo: [run_curves per seed]}``."""
-    acc = {a: aggregate([accuracy_points(c) for c in curves[a]]) for a in ALGOS}
-    rew = {a: aggregate([reward_points(c) for c in curves[a]]) for a in ALGOS}
-    final = {a: final_accuracy(curves[a]) for a in ALGOS}
-    return {"accuracy": acc, "reward": rew, "headline": headline(acc), "final": final}
+    acc = {a: aggregate([accuracy_points(c) for c in curves[a]]) for a in curves}
+    rew = {a: aggregate([reward_points(c) for c in curves[a]]) for a in curves}
+    final = {a: final_accuracy(curves[a]) for a in curves}
+    algos = {a: str(curves[a][0]["algorithm"]) for a in curves}
+    return {"accuracy": acc, "reward": rew, "headline": headline(acc, algos), "final": final}
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -339,21 +387,22 @@ def write_outputs(
         ),
         plot_curves(res["reward"], "training reward mean", base + "_reward.png"),
     ]
-    configs = {a: next(iter(curves[a]))["config"] for a in ALGOS}
-    curves_out = {a: [{k: v for k, v in c.items() if k != "config"} for c in curves[a]] for a in ALGOS}
+    configs = {a: next(iter(curves[a]))["config"] for a in curves}
+    curves_out = {a: [{k: v for k, v in c.items() if k != "config"} for c in curves[a]] for a in curves}
     md = write_report(base + ".md", res, curves_out, configs, command, machine, pngs)
     js = write_jsonl(base + ".jsonl", res, curves_out, command)
     res["paths"] = {"md": md, "jsonl": js, "png": pngs}
     return res
 
 
-def load_curves(root: str, seeds: list[int]) -> dict[str, list[dict]]:
-    """``{algo: [run_curves + "config"]}`` for every (algo, seed) workdir under ``root``."""
+def load_curves(root: str, seeds: list[int], methods=ALGOS, lrs=(None,)) -> dict[str, list[dict]]:
+    """``{run key: [run_curves + "config"]}`` for every (method, lr, seed) workdir under ``root``."""
     out: dict[str, list[dict]] = {}
-    for a in ALGOS:
+    for m, lr in ((m, lr) for m in methods for lr in lrs):
+        a = run_key(m, lr)
         out[a] = []
         for s in seeds:
-            run = load_run(workdir_of(root, a, s))
+            run = load_run(workdir_of(root, m, s, lr))
             c = run_curves(run)
             if not c["eval"]["step"]:
                 raise ValueError(f"{run['workdir']}: eval.jsonl holds no evaluation (eval.every = 0?)")
@@ -367,53 +416,81 @@ def load_curves(root: str, seeds: list[int]) -> dict[str, list[dict]]:
 def parse_args(argv=None) -> argparse.Namespace:
     """Command-line flags."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--awm-steps", type=int, default=None, help="max_steps of AWM (default: the config's)")
-    ap.add_argument(
-        "--grpo-steps", type=int, default=None, help="max_steps of Flow-GRPO (default: the config's)"
-    )
-    ap.add_argument("--root", default="runs/bench_toy", help="workdirs <root>/<algo>_s<seed>")
-    ap.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra --config.KEY=VALUE for both algorithms (repeatable)",
-    )
-    ap.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
-        choices=[1, 2],
-        help="runs at once; 2 pins each to its own core with single-threaded XLA",
-    )
+    ap.add_argument("--methods", nargs="+", default=list(ALGOS), choices=sorted(METHODS),
+                    help="rows of the METHODS table to run")
+    ap.add_argument("--lrs", nargs="+", default=None,
+                    help="learning-rate sweep (optim.lr values; default: each config's lr)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the sweep")
+    ap.add_argument("--best-seeds", type=int, nargs="+", default=None,
+                    help="after the sweep: these seeds at each method's best lr (best seed-mean peak "
+                         "accuracy over --seeds); the report then covers the best lr per method")
+    ap.add_argument("--max-steps", type=int, default=None, help="max_steps of every run (default: config)")
+    ap.add_argument("--root", default="runs/bench_toy", help="workdirs <root>/<method>[_lr<lr>]_s<seed>")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra --config.KEY=VALUE for every method (repeatable)")
+    ap.add_argument("--jobs", type=int, default=1, choices=[1, 2],
+                    help="runs at once; 2 pins each to its own core with single-threaded XLA")
     ap.add_argument("--analyze-only", action="store_true", help="skip training, read existing workdirs")
-    ap.add_argument("--out", default=U.RESULTS_DIR)
+    ap.add_argument("--out", default=None,
+                    help="report folder (default <root>/report; the committed results are written only when "
+                         "--out names benchmarks/results)")
     return ap.parse_args(argv)
 
 
+def check_plotting() -> None:
+    """matplotlib must import before hours of training are spent (the report plots the curves)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"error: matplotlib is not importable ({e}); pip install matplotlib before running "
+                         f"benchmarks/{NAME}.py") from None
+
+
+def _train(a, methods, lrs, seeds) -> None:
+    runs = []
+    for s in seeds:
+        for m in methods:  # the methods of a seed side by side (with --jobs 2: at the same time)
+            for lr in lrs:
+                wd = workdir_of(a.root, m, s, lr)
+                if is_done(wd):
+                    print(f"[{NAME}] cached {run_key(m, lr)} seed {s}: {os.path.relpath(wd)}", flush=True)
+                    continue
+                os.makedirs(os.path.dirname(wd), exist_ok=True)
+                runs.append({"name": f"{run_key(m, lr)}_s{s}", "workdir": wd,
+                             "cmd": train_command(m, wd, s, a.max_steps, a.set, lr)})
+    run_all(runs, a.jobs)
+
+
+def best_lrs(curves: dict[str, list[dict]], methods, lrs) -> dict[str, str | None]:
+    """Per method, the lr whose seed-mean accuracy curve has the highest point."""
+    out = {}
+    for m in methods:
+        peak = {lr: max(aggregate([accuracy_points(c) for c in curves[run_key(m, lr)]])["mean"])
+                for lr in lrs}
+        out[m] = max(lrs, key=lambda lr: peak[lr])
+    return out
+
+
 def main(argv=None) -> dict[str, Any]:
-    """CLI entry point: train (unless ``--analyze-only``), analyze, write outputs."""
+    """CLI entry point: train what is not cached (unless ``--analyze-only``), analyze, write outputs."""
     argv = sys.argv[1:] if argv is None else list(argv)
     a = parse_args(argv)
+    check_plotting()
     command = shlex.join(["python", f"benchmarks/{NAME}.py", *argv])
+    lrs = [None] if a.lrs is None else list(a.lrs)
     if not a.analyze_only:
-        steps = {"awm": a.awm_steps, "flow_grpo": a.grpo_steps}
-        runs = []
-        for s in a.seeds:
-            for algo in ALGOS:  # both algorithms of a seed side by side (with --jobs 2: at the same time)
-                wd = workdir_of(a.root, algo, s)
-                os.makedirs(os.path.dirname(wd), exist_ok=True)
-                runs.append(
-                    {
-                        "name": f"{algo}_s{s}",
-                        "workdir": wd,
-                        "cmd": train_command(algo, wd, s, steps[algo], a.set),
-                    }
-                )
-        run_all(runs, a.jobs)
-    curves = load_curves(a.root, a.seeds)
-    res = write_outputs(a.out, curves, command, machine=U.machine_info("cpu"))
+        _train(a, a.methods, lrs, a.seeds)
+    curves = load_curves(a.root, a.seeds, a.methods, lrs)
+    if a.best_seeds is not None:
+        best = best_lrs(curves, a.methods, lrs)
+        print(f"[{NAME}] best lr per method: {best}", flush=True)
+        curves = {}
+        for m, lr in best.items():
+            if not a.analyze_only:
+                _train(a, [m], [lr], a.best_seeds)
+            curves.update(load_curves(a.root, a.best_seeds, [m], [lr]))
+    out = a.out or os.path.join(a.root, "report")
+    res = write_outputs(out, curves, command, machine=U.machine_info("cpu"))
     with open(res["paths"]["md"]) as f:
         print(f.read())
     return res

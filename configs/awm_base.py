@@ -8,9 +8,12 @@ the default reproduces the public AWM code (see REFERENCE.md in the project's sh
 
 import ml_collections
 
-# The SD3.5 configs' LoRA targets (bare names, matched as dotted suffixes of diffusers module names).
+# The SD3.5 configs' LoRA targets: the public AWM / Flow-GRPO list, matched by PEFT's rule (module name ==
+# target or ends with "." + target), so the dual-attention blocks' ``attn2.*`` are NOT adapted (191 layers,
+# 18.8 M parameters at r 32 on SD3.5-M; the bare names "to_q", ... would add attn2: 243 layers, 23.9 M).
 SD35_LORA_TARGETS = (
-    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+    "attn.add_v_proj", "attn.to_add_out",
 )
 
 # Per-task defaults of the public AWM code.  (beta, noise_level, timestep_sampler, prompts/step)
@@ -29,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.algorithm = "awm"  # objective (docs/objectives.md): awm|flow_grpo|nft|elbo_reinforce|elbo_grpo
     c.seed = 42  # master seed: init, data order, rollout and training noise all derive from (seed, step)
-    c.max_steps = 1000  # number of optimizer steps (one per rollout epoch); bounds a run
+    c.max_steps = 1000  # number of epochs (loop steps: rollouts + train.steps_per_epoch optimizer steps)
     c.components = "awm_jax.train:default_components"  # "module:function" returning the loop's components
 
     c.model = m = ml_collections.ConfigDict()
@@ -95,6 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
     # awm.*: AWM's keys, shared by the other clean-sample objectives (nft, elbo_reinforce, elbo_grpo)
     w.train_timesteps = 6  # K training times per sample
     w.timestep_sampler = "discrete_wo_init"  # "discrete" | "discrete_wo_init" | "uniform" | "logit_normal"
+    w.timestep_draw = "sample"  # "sample": each sample its own stratified K-tuple | "step": one for the step
     w.timestep_fraction = 0.9  # discrete samplers: upper stratum bound int(num_steps * fraction)
     w.weighting = "ghuber"  # w(t): "uniform" | "t" | "t2" | "ghuber" | "elbo" ((1 - t) / t, the ELBO's)
     w.ghuber_power = 0.25  # ghuber power p
@@ -114,6 +118,8 @@ def base_config() -> ml_collections.ConfigDict:
     g.clip_range = 1e-4  # PPO clip
     g.beta = 0.04  # KL weight
     g.timestep_fraction = 0.99  # train the first int(num_steps * fraction) sampling steps
+    g.cfg_detach_uncond = True  # CFG in training: no gradient through the unconditional branch (as the
+    # reference's noise_pred_uncond.detach()); False differentiates both branches (awm-jax before issue 13)
 
     c.ema = e = ml_collections.ConfigDict()
     # the kl-EMA adapter is also the old (sampling) policy of nft / elbo_grpo (and of AWM off-policy)
@@ -121,6 +127,7 @@ def base_config() -> ml_collections.ConfigDict:
     e.kl_decay_max = 0.3  # cap of the kl-EMA decay
     e.eval_ema = True  # keep an evaluation EMA of the adapter, decay min((1+s)/(10+s), eval_decay_max)
     e.eval_decay_max = 0.99  # cap of the eval-EMA decay
+    e.eval_every = 1  # update the eval EMA after optimizer steps s with (s + 1) % eval_every == 0 (ref: 8)
 
     c.reward = r = ml_collections.ConfigDict()
     r.name = "geneval"  # name in awm_jax.rewards' registry
@@ -147,20 +154,23 @@ def base_config() -> ml_collections.ConfigDict:
     r.retries = 2  # reward bridge retries per batch
 
     c.eval = v = ml_collections.ConfigDict()
-    v.every = 50  # evaluate every N optimizer steps (0 = never; also at the last step)
+    v.every = 50  # evaluate every N epochs (loop steps; 0 = never; also at the last step)
     v.num_steps = 40  # ODE steps
     v.num_prompts = 0  # held-out prompts to evaluate (0 = all)
     v.samples_per_prompt = 1  # images per eval prompt
     v.use_ema = True  # evaluate with the eval-EMA adapter when it exists
+    v.guidance_scale = 1.0  # CFG of the evaluation ODE (1.0 = none, as AWM; Flow-GRPO's reference: 4.5)
     v.grid_images = 16  # images in the PNG grid per evaluation, spread over the eval set (0 = none)
 
     c.train = t = ml_collections.ConfigDict()
     t.micro_batch_size = 8  # training micro-batch per device (gradient accumulation inside one step)
     t.max_nonfinite = 3  # stop after this many non-finite (skipped) updates in a row
     t.scan_times = False  # AWM per_time loss: accumulate the K training times one by one (less memory)
+    t.steps_per_epoch = 1  # optimizer steps per epoch, each on a shuffled disjoint part of its rollouts
+    # (old log-probs from the rollout: Flow-GRPO's steps after the first are off-policy; reference: 2)
 
     c.checkpoint = k = ml_collections.ConfigDict()
-    k.every = 10  # save every N optimizer steps (and at the end / on SIGTERM)
+    k.every = 10  # save every N epochs (loop steps; and at the end / on SIGTERM)
     k.keep = 3  # keep the last k checkpoints
     k.async_save = True  # orbax asynchronous checkpointing
     # when the workdir holds checkpoints and none can be restored: False = stop with an error naming them;
@@ -193,6 +203,11 @@ def _flow_grpo(c: ml_collections.ConfigDict, task: dict) -> None:
     c.sample.noise_t_max = 1.0
     c.sample.guidance_scale = 4.5  # CFG 4.5 in rollouts and in the training forward passes
     c.flow_grpo.beta = task["grpo_beta"]
+    c.eval.guidance_scale = 4.5  # the reference evaluates with its sampling CFG
+    c.data.prompts_per_step = 48  # the reference's epoch: 48 prompts x 24 images ...
+    c.train.steps_per_epoch = 2  # ... in 2 optimizer steps (gradient_accumulation = batches per epoch / 2)
+    c.ema.eval_decay_max = 0.9  # flow_grpo's EMAModuleWrapper(decay=0.9, update_step_interval=8)
+    c.ema.eval_every = 8
 
 
 def _nft(c: ml_collections.ConfigDict) -> None:
@@ -295,6 +310,7 @@ def flux(task: str, algorithm: str = "awm", paper: bool = False) -> ml_collectio
     c.lora.alpha = 128.0
     c.lora.targets = ()  # the family's default: attention + feed-forward projections of both block kinds
     c.sample.guidance_scale = 1.0  # no CFG for FLUX.1-dev, in AWM and in Flow-GRPO
+    c.eval.guidance_scale = 1.0
     c.sample.shift = 0.0  # FLUX: 0 = resolution-dependent (dynamic) shift of FLUX.1-dev; schnell: 1.0
     c.eval.num_steps = 28  # FluxPipeline's default and Flow-GRPO's FLUX eval steps (SD3.5: 40)
     if paper:
@@ -356,6 +372,9 @@ def toy(algorithm: str = "awm") -> ml_collections.ConfigDict:
     if algorithm == "flow_grpo":
         _flow_grpo(c, _TASKS["geneval"])
         c.sample.guidance_scale = 1.0  # the toy text encoder has no empty-prompt embedding
+        c.eval.guidance_scale = 1.0
+        c.data.prompts_per_step = 16  # the toy's AWM batch and one step per epoch (the comparison harness
+        c.train.steps_per_epoch = 1  # adds the reference's 2 steps per epoch as its own method)
     elif algorithm == "nft":
         _nft(c)  # the toy's rollouts (20 ODE steps) and K = 6 times as AWM: same rollouts, other loss
     elif algorithm in ("elbo_reinforce", "elbo_grpo"):

@@ -78,8 +78,8 @@ def test_sample_train_timesteps():
     seen = set()
     for i in range(16):
         ki = jax.random.fold_in(key, i)
-        t = np.asarray(rl.sample_train_timesteps(ki, "discrete_wo_init", 6, 3, grid=g))
-        assert t.shape == (6, 3) and (t == t[:, :1]).all()  # one time per stratum, shared by the batch
+        t = np.asarray(rl.sample_train_timesteps(ki, "discrete_wo_init", 6, 3, grid=g, draw="step"))
+        assert t.shape == (6, 3) and (t == t[:, :1]).all()  # draw="step": one time per stratum for all
         idx = [int(np.argmin(np.abs(g - x))) for x in t[:, 0]]
         lo, hi = rl.discrete_strata(14, 6, 0.9, False)
         assert all(lo[j] <= idx[j] < max(hi[j], lo[j] + 1) for j in range(6)), idx

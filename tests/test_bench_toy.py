@@ -71,7 +71,12 @@ def test_fpe_follows_the_code_paths():
     g = _cfg(
         "flow_grpo", **{"sample.guidance_scale": 4.5, "flow_grpo.beta": 0}
     )
-    assert B.forward_pass_equivalents(g) == {"rollout": 2560, "train": 128 * 9 * 3 * 2, "total": 2560 + 6912}
+    # CFG with the unconditional half detached (the default): cond fwd + bwd (3) + uncond forward (1)
+    assert B.forward_pass_equivalents(g) == {"rollout": 2560, "train": 128 * 9 * 4, "total": 2560 + 4608}
+    g["flow_grpo"]["cfg_detach_uncond"] = False  # both halves differentiated: 2 x 3
+    assert B.forward_pass_equivalents(g)["train"] == 128 * 9 * 3 * 2
+    two = _cfg("flow_grpo", **{"train.steps_per_epoch": 2})  # same rollouts, same passes, in 2 steps
+    assert B.forward_pass_equivalents(two) == B.forward_pass_equivalents(_cfg("flow_grpo"))
 
 
 # ----------------------------------------------------------------------------- synthetic workdirs
@@ -185,3 +190,20 @@ def test_train_command_and_failure_names_run_and_log(tmp_path):
     with pytest.raises(RuntimeError, match=r"awm_s0 failed with exit code 3.*awm_s0\.log"):
         B.run_all([bad], jobs=1)
     assert os.path.isfile(wd + ".log")
+
+
+def test_methods_lr_workdirs_cached_and_best_lr(tmp_path):
+    assert set(B.METHODS) >= {"awm", "flow_grpo", "flow_grpo_2step"}
+    cmd = B.train_command("flow_grpo_2step", "/w", 0, 2, ["eval.every=1"], lr="1e-3")
+    assert cmd[-3:] == ["--config.train.steps_per_epoch=2", "--config.optim.lr=1e-3", "--config.eval.every=1"]
+    with pytest.raises(ValueError, match="unknown"):
+        B.train_command("nope", "/w", 0, 2, [])
+    assert B.workdir_of("r", "awm", 1, "3e-4").endswith(os.path.join("r", "awm_lr3e-4_s1"))
+    for lr, acc in (("1e-3", [0.2, 0.3, 0.25]), ("3e-3", [0.2, 0.4, 0.1])):
+        wd = B.workdir_of(str(tmp_path), "awm", 0, lr)
+        os.makedirs(os.path.dirname(wd), exist_ok=True)
+        os.rename(_fake_run(tmp_path / lr, "awm", 0, acc, sps=128.0), wd)
+        assert B.is_done(wd)
+    assert not B.is_done(str(tmp_path / "missing"))
+    c = B.load_curves(str(tmp_path), [0], ["awm"], ["1e-3", "3e-3"])
+    assert list(c) == ["awm@1e-3", "awm@3e-3"] and B.best_lrs(c, ["awm"], ["1e-3", "3e-3"]) == {"awm": "3e-3"}

@@ -301,3 +301,29 @@ def test_config_from_dict_and_errors():
         m(x, ctx[..., :8], pooled, t)
     with pytest.raises(ValueError, match="divisible"):
         m(x[..., :7], ctx, pooled, t)
+
+
+@pytest.mark.parametrize("targets", ["family", "bare"])
+def test_lora_targets_follow_peft(targets):
+    """The adapted layers and LoRA parameter count equal what PEFT injects into the diffusers model for the
+    same target list (PEFT's rule: full name == target or ends with "." + target). The family default (the
+    public AWM / Flow-GRPO list ``attn.*``) leaves the dual-attention ``attn2`` alone; bare names adapt it."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+
+    from awm_jax.models.mmdit import SD3Family
+
+    tm = _torch_model("sd35m")
+    cfg = SD3Config.from_dict(dict(tm.config))
+    bare = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    tlist = SD3Family.lora_targets if targets == "family" else bare
+    peft_model = inject_adapter_in_model(PeftLoraConfig(r=4, lora_alpha=8, target_modules=list(tlist)), tm)
+    peft_paths = {n[:-len(".lora_A")] for n, _ in peft_model.named_modules() if n.endswith(".lora_A")}
+    peft_count = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+    lm = _abstract(cfg, lora=LoRAConfig(rank=4, alpha=8, target_modules=tlist))
+    assert set(lora_paths(lm)) == peft_paths
+    assert count_lora_params(nnx.state(lm, LoRAParam)) == peft_count
+    has_attn2 = any(".attn2." in p for p in peft_paths)
+    assert has_attn2 == (targets == "bare")
+    # 4 blocks x 8 projections, minus the pre-only last block's to_add_out; bare names add 2 x 4 of attn2
+    assert len(peft_paths) == (31 if targets == "family" else 39)

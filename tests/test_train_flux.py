@@ -112,7 +112,8 @@ def test_flux_awm_two_steps_and_export(tiny_flux, tmp_path):
 def test_flux_flow_grpo_resume(tiny_flux, tmp_path):
     cfg = _tiny_config("flux_pickscore_flow_grpo.py", tiny_flux, tmp_path, max_steps=1)
     assert cfg.algorithm == "flow_grpo" and cfg.sample.noise_level == 0.9
-    config_lib.apply_overrides(cfg, [("sample.num_steps", "3")])
+    assert cfg.train.steps_per_epoch == 2  # the reference's 2 optimizer steps per epoch: 16 rollouts, so
+    config_lib.apply_overrides(cfg, [("sample.num_steps", "3"), ("data.prompts_per_step", "4")])  # 8 a step
     work = tmp_path / "grpo"
     train.run(cfg, str(work))
     cfg2 = ml_collections.ConfigDict(cfg.to_dict())
@@ -121,6 +122,7 @@ def test_flux_flow_grpo_resume(tiny_flux, tmp_path):
     assert last["step"] == 2
     m = _metrics(work)
     assert [r["step"] for r in m] == [1, 2]
+    assert [r["opt_steps"] for r in m] == [2, 4]  # the optimizer step count survives the resume
     _check_records(m)
     assert os.path.isdir(work / "checkpoints" / "2")
     params, info = lora_from_workdir(work)

@@ -76,7 +76,8 @@ def test_sd35_two_steps(tiny_pipe, tmp_path, name, fmt):
     cfg = _tiny_config(name, tiny_pipe, tmp_path, fmt=fmt)
     if fmt == "geneval":
         assert cfg.algorithm == "flow_grpo" and cfg.sample.guidance_scale > 1.0  # CFG: empty-prompt branch
-        config_lib.apply_overrides(cfg, [("sample.num_steps", "3")])
+        # 2 optimizer steps per epoch: each half (8 rollouts) must split over the 8 virtual devices
+        config_lib.apply_overrides(cfg, [("sample.num_steps", "3"), ("data.prompts_per_step", "4")])
     seen = {}
 
     def components(config):
@@ -94,6 +95,9 @@ def test_sd35_two_steps(tiny_pipe, tmp_path, name, fmt):
 
     m = [json.loads(line) for line in open(work / "metrics.jsonl")]
     assert [r["step"] for r in m] == [1, 2]
+    # Flow-GRPO: 2 optimizer steps per epoch (the reference), and evaluation at its CFG 4.5
+    assert [r["opt_steps"] for r in m] == ([2, 4] if fmt == "geneval" else [1, 2])
+    assert cfg.eval.guidance_scale == (4.5 if fmt == "geneval" else 1.0)
     for r in m:
         assert np.isfinite(r["loss"]) and not r["skipped"], r
         assert np.isfinite(r["reward_mean"]) and r["reward_mean"] < 0.0  # -kB/500 of a real JPEG

@@ -272,3 +272,29 @@ def test_bad_inputs_raise(setup):
     with pytest.raises(ValueError, match="batch shards"):
         ts.micro_batch_size(6, cfg, parallel.make_mesh(8, 1, 1))
     assert isinstance(jax.tree.leaves(nnx.state(_model(), LoRAParam)), list)
+
+
+def test_flow_grpo_second_step_of_an_epoch_is_off_policy():
+    """train.steps_per_epoch = 2: the second part's old log-probs are the rollout's, so after the first
+    optimizer step its ratio moves away from 1 and the 1e-4 clip binds (first part: ratio exactly 1)."""
+    from awm_jax import train
+
+    cfg = config_lib.load_config("configs/toy_flow_grpo.py")
+    cfg.model.dtype = "float32"
+    cfg.lora.rank, cfg.lora.alpha = 2, 4.0
+    cfg.sample.num_steps = 3
+    cfg.train.micro_batch_size = N
+    cfg.optim.lr = 1e-2
+    g, base, state = ts.create_train_state(_model(), cfg)
+    state = state.replace(trainable=jax.tree.map(lambda a: a + 0.01, state.trainable))
+    batch = _batch(adv=np.linspace(-1, 1, N))
+    traj = ts.make_rollout_fn(g, cfg, None)(state.trainable, base, batch["prompt_embeds"], batch["pooled"],
+                                            jax.random.key(2))
+    batch.update({k: traj[k] for k in ("latents", "log_probs", "timesteps", "next_timesteps")})
+    del batch["x0"]
+    step = ts.make_train_step(g, cfg, None)
+    p1, p2 = train.epoch_parts(batch, 2, jax.random.key(3))
+    state, m1 = step(state, base, p1, jax.random.key(0))
+    state, m2 = step(state, base, p2, jax.random.key(1))
+    assert float(m1["ratio_mean"]) == pytest.approx(1.0, abs=1e-5) and float(m1["clip_frac"]) == 0.0
+    assert float(m2["clip_frac"]) > 0.0  # ratios outside [1 - 1e-4, 1 + 1e-4]: the clip binds

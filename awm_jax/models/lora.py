@@ -8,8 +8,9 @@ A LoRA adapter lives inside :class:`awm_jax.models.layers.Dense` as two variable
     graphdef, lora_state, base_state = nnx.split(model, LoRAParam, nnx.Param)
 
 Which layers get an adapter is decided by :class:`LoRAConfig` from the layer's *diffusers-style* path
-(``transformer_blocks.3.attn.to_out.0``): a target matches when it equals the path or is a dotted
-suffix of it (``to_out.0``, ``attn.to_q``, ``ff.net.0.proj``).
+(``transformer_blocks.3.attn.to_out.0``) by PEFT's rule: a target matches when it equals the path or the
+path ends with ``"." + target`` (``attn.to_q`` matches ``transformer_blocks.3.attn.to_q`` but not
+``transformer_blocks.3.attn2.to_q``; a bare ``to_q`` matches both).
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-SD35_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+# The public AWM / Flow-GRPO SD3.5 list: the joint attention ``attn`` only (PEFT's rule does not let
+# ``attn.to_q`` match the dual-attention blocks' ``attn2.to_q``; a config that wants ``attn2`` names it).
+SD35_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                "attn.add_v_proj", "attn.to_add_out")
 
 
 class LoRAParam(nnx.Param):

@@ -52,6 +52,11 @@ def kl_ema_update(ema, params, step, decay_rate: float = 0.001, decay_max: float
     return ema_update(ema, params, kl_ema_decay(step, decay_rate, decay_max))
 
 
-def eval_ema_update(ema, params, step, decay_max: float = 0.99):
-    """One evaluation-EMA update after optimizer step ``step`` (1-based: steps completed)."""
-    return ema_update(ema, params, eval_ema_decay(step, decay_max))
+def eval_ema_update(ema, params, step, decay_max: float = 0.99, every: int = 1):
+    """One evaluation-EMA update after optimizer step ``step`` (1-based: steps completed); with ``every``
+    > 1 only when ``(step + 1) % every == 0`` (flow_grpo's ``update_step_interval``; else unchanged)."""
+    new = ema_update(ema, params, eval_ema_decay(step, decay_max))
+    if int(every) <= 1:
+        return new
+    due = (jnp.asarray(step, jnp.int32) + 1) % int(every) == 0
+    return jax.tree.map(lambda a, b: jnp.where(due, a, b), new, ema)

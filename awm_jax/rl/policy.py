@@ -67,9 +67,11 @@ def velocity_model(graphdef, config) -> Callable:
     return fn
 
 
-def guided(model_fn: Callable, params, base, cond, neg, scale: float) -> Callable:
+def guided(model_fn: Callable, params, base, cond, neg, scale: float,
+           detach_uncond: bool = False) -> Callable:
     """2-argument velocity closure ``(x, t) -> v`` with classifier-free guidance when ``scale != 1``
-    (``neg``: the empty-prompt ``(embeds (1,T,D), pooled (1,P))``, broadcast to the batch)."""
+    (``neg``: the empty-prompt ``(embeds (1,T,D), pooled (1,P))``, broadcast to the batch;
+    ``detach_uncond``: stop the gradient through the unconditional branch)."""
     def cond_fn(x, t, c):
         return model_fn(params, base, x, t, c)
 
@@ -80,5 +82,5 @@ def guided(model_fn: Callable, params, base, cond, neg, scale: float) -> Callabl
                          "pass negative=(embeds, pooled)")
     b = cond[0].shape[0]
     uncond = tuple(jnp.broadcast_to(u, (b, *u.shape[1:])).astype(c.dtype) for u, c in zip(neg, cond))
-    cfg = classifier_free_guidance(cond_fn, scale)
+    cfg = classifier_free_guidance(cond_fn, scale, detach_uncond=detach_uncond)
     return lambda x, t: cfg(x, t, (tuple(cond), uncond))

@@ -1,7 +1,9 @@
 """Training-time samplers for AWM: which ``t`` each of the K forward passes per sample uses.
 
-All return ``(K, B)`` float32 times in (0, 1); ``discrete*`` and ``logit_normal`` share each time across
-the batch (one per stratum, as the public code does), ``uniform`` draws per (time, sample).
+All return ``(K, B)`` float32 times in (0, 1), one stratified K-tuple per sample by default
+(``draw="sample"``: the same expected gradient as one shared tuple, lower variance); ``draw="step"`` shares
+one K-tuple across the whole batch (awm-jax's former behaviour for ``discrete*`` / ``logit_normal``; the
+public code draws one per micro-batch of 3 samples per GPU).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import numpy as np
 from awm_jax.sampling.schedules import shift_times
 
 KINDS = ("discrete", "discrete_wo_init", "uniform", "logit_normal")
+DRAWS = ("sample", "step")
 
 
 def discrete_strata(num_steps: int, num_times: int, fraction: float,
@@ -35,7 +38,7 @@ def discrete_strata(num_steps: int, num_times: int, fraction: float,
 def sample_train_timesteps(key, kind: str, num_times: int, batch_size: int, *, grid=None,
                            timestep_fraction: float = 0.9, shift: float = 3.0,
                            uniform_range=(0.2, 1.0), logit_mean: float = 0.0, logit_std: float = 1.0,
-                           min_t: float = 0.01) -> jnp.ndarray:
+                           min_t: float = 0.01, draw: str = "sample") -> jnp.ndarray:
     """Draw K training times per sample ``-> (K, B)`` float32.
 
     - ``discrete`` / ``discrete_wo_init``: stratified grid indices (:func:`discrete_strata`), ``t = grid[i]``;
@@ -44,12 +47,17 @@ def sample_train_timesteps(key, kind: str, num_times: int, batch_size: int, *, g
     - ``uniform``: stratified ``U(uniform_range)`` per (time, sample), strata shuffled over K per sample,
       then the SD3 ``shift`` (the public code's "uniform"; ``uniform_range=(0, 1), shift=1`` is plain U(0,1)).
     - ``logit_normal``: stratified normal quantiles, shuffled, ``sigmoid(m + s u)``, shifted, ``>= min_t``.
+
+    ``draw``: ``"sample"`` (each sample its own K-tuple) or ``"step"`` (one K-tuple for all B samples).
     """
     if kind not in KINDS:
         raise ValueError(f"timestep sampler {kind!r} unknown; expected one of {KINDS}")
+    if draw not in DRAWS:
+        raise ValueError(f"config key awm.timestep_draw = {draw!r}: expected one of {DRAWS}")
     k_, b_ = int(num_times), int(batch_size)
     if k_ < 1 or b_ < 1:
         raise ValueError(f"num_times and batch_size must be >= 1, got {num_times}, {batch_size}")
+    d_ = b_ if draw == "sample" else 1  # independent draws
     ku, kp = jax.random.split(key)
     if kind.startswith("discrete"):
         if grid is None:
@@ -58,20 +66,21 @@ def sample_train_timesteps(key, kind: str, num_times: int, batch_size: int, *, g
         lo, hi = discrete_strata(g.shape[0] - 1, k_, timestep_fraction, kind == "discrete")
         if hi.max() >= g.shape[0]:
             raise ValueError(f"stratum bound {hi.max()} outside the grid of {g.shape[0]} points")
-        u = jax.random.uniform(ku, (k_,))
-        idx = jnp.asarray(lo) + jnp.floor(u * jnp.asarray(hi - lo, jnp.float32)).astype(jnp.int32)
+        u = jax.random.uniform(ku, (k_, d_))
+        width = jnp.asarray(hi - lo, jnp.float32)[:, None]
+        idx = jnp.asarray(lo)[:, None] + jnp.floor(u * width).astype(jnp.int32)
         t = jnp.asarray(g, jnp.float32)[idx]
-        return jnp.broadcast_to(t[:, None], (k_, b_))
+        return jnp.broadcast_to(t, (k_, b_))
+    # stratified u in [0, 1): stratum k holds (k + U) / K, the strata shuffled over K per draw
+    u = (jnp.arange(k_)[:, None] + jax.random.uniform(ku, (k_, d_))) / k_
+    u = jax.random.permutation(kp, u, axis=0, independent=True)
     if kind == "uniform":
-        u = (jnp.arange(k_)[:, None] + jax.random.uniform(ku, (k_, b_))) / k_
-        u = jax.random.permutation(kp, u, axis=0, independent=True)
         lo, hi = uniform_range
-        return shift_times(lo + u * (hi - lo), shift).astype(jnp.float32)
-    u = (jnp.arange(k_) + jax.random.uniform(ku, (k_,))) / k_
-    z = jax.scipy.stats.norm.ppf(jnp.clip(u, 1e-7, 1 - 1e-7))
-    z = jax.random.permutation(kp, z)
-    t = jnp.maximum(shift_times(jax.nn.sigmoid(logit_mean + logit_std * z), shift), min_t)
-    return jnp.broadcast_to(t[:, None], (k_, b_)).astype(jnp.float32)
+        t = shift_times(lo + u * (hi - lo), shift)
+    else:
+        z = jax.scipy.stats.norm.ppf(jnp.clip(u, 1e-7, 1 - 1e-7))
+        t = jnp.maximum(shift_times(jax.nn.sigmoid(logit_mean + logit_std * z), shift), min_t)
+    return jnp.broadcast_to(t, (k_, b_)).astype(jnp.float32)
 
 
 def sample_train_noise(key, num_times: int, x0) -> jnp.ndarray:

@@ -314,7 +314,7 @@ def _awm_chunks(batch, key, config, mesh, shape_k: int, grid: np.ndarray):
     if times is None:
         times = sample_train_timesteps(k_t, str(w.timestep_sampler), shape_k, n, grid=grid,
                                        timestep_fraction=float(w.timestep_fraction),
-                                       shift=float(config.sample.shift))
+                                       shift=float(config.sample.shift), draw=str(w.timestep_draw))
     mb = micro_batch_size(n, config, mesh)
     m = n // mb
     c = {"x0": x0, "emb": batch["prompt_embeds"], "pooled": batch["pooled"],
@@ -464,6 +464,7 @@ def _grpo_loss_fn(graphdef, config, mesh, full: bool, t1: float, kind: str) -> C
     g = config.flow_grpo
     model_fn = velocity_model(graphdef, config)
     scale = float(config.sample.guidance_scale)
+    detach = bool(g.cfg_detach_uncond)
 
     def loss(params, base, neg, ch):
         cond = (constrain_batch(ch["emb"], mesh), constrain_batch(ch["pooled"], mesh))
@@ -472,7 +473,7 @@ def _grpo_loss_fn(graphdef, config, mesh, full: bool, t1: float, kind: str) -> C
         if float(g.beta) != 0:
             ref = guided(model_fn, _ref_params(params, base, full), base, cond, neg, scale)
         return grpo_lib.flow_grpo_step_loss(
-            guided(model_fn, params, base, cond, neg, scale), constrain_batch(ch["x"], mesh),
+            guided(model_fn, params, base, cond, neg, scale, detach), constrain_batch(ch["x"], mesh),
             constrain_batch(ch["x_next"], mesh), ch["t"], ch["t_next"], adv, ch["lp_old"],
             noise_level=float(config.sample.noise_level), t1=t1, clip_range=float(g.clip_range),
             beta=float(g.beta), velocity_fn_ref=ref, mask=(adv != 0).astype(jnp.float32), kind=kind)
@@ -555,7 +556,8 @@ def make_train_step(graphdef, config, mesh: Mesh | None = None, *, negative=None
             kl = ema_lib.kl_ema_update(kl, new_params, new_step, kl_rate, kl_max)
         ev = state.eval_ema
         if ev is not None:
-            ev = ema_lib.eval_ema_update(ev, new_params, new_step, float(e.eval_decay_max))
+            ev = ema_lib.eval_ema_update(ev, new_params, new_step, float(e.eval_decay_max),
+                                         int(e.eval_every))
         new = TrainState(new_step, new_params, opt_state, kl, ev)
         out = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
         metrics = dict(aux)

@@ -37,12 +37,14 @@ def init_latents(key, batch_size: int, latent_shape, dtype=jnp.float32):
     return jax.random.normal(key, (batch_size, *tuple(latent_shape)), jnp.float32).astype(dtype)
 
 
-def classifier_free_guidance(model_fn: Callable, guidance_scale: float) -> Callable:
+def classifier_free_guidance(model_fn: Callable, guidance_scale: float,
+                             detach_uncond: bool = False) -> Callable:
     """Wrap ``model_fn(x, t, cond) -> v`` into ``velocity_fn(x, t, (cond, uncond))`` with CFG.
 
     ``v = v_uncond + guidance_scale (v_cond - v_uncond)``, both halves in one batched call
     (``[uncond; cond]`` concatenated on the batch axis of ``x``, ``t`` and every context leaf).
-    ``guidance_scale == 1`` calls the model once on ``cond`` only.
+    ``guidance_scale == 1`` calls the model once on ``cond`` only. ``detach_uncond``: no gradient through
+    ``v_uncond`` (Flow-GRPO's training forward, ``noise_pred_uncond.detach()``); values are unchanged.
     """
     scale = float(guidance_scale)
 
@@ -53,6 +55,8 @@ def classifier_free_guidance(model_fn: Callable, guidance_scale: float) -> Calla
         both = jax.tree.map(lambda u, c: jnp.concatenate([u, c], axis=0), uncond, cond)
         v = model_fn(jnp.concatenate([x, x], 0), jnp.concatenate([t, t], 0), both).astype(jnp.float32)
         v_u, v_c = jnp.split(v, 2, axis=0)
+        if detach_uncond:
+            v_u = jax.lax.stop_gradient(v_u)
         return v_u + scale * (v_c - v_u)
 
     return velocity_fn
