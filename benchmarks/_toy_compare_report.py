@@ -13,7 +13,7 @@ from typing import Any
 import _bench_utils as U
 
 NAME = "toy_awm_vs_flow_grpo"
-ALGOS = ("awm", "flow_grpo")
+ALGOS = ("awm", "flow_grpo")  # the default --methods; every method: toy_awm_vs_flow_grpo.METHODS
 LABELS = {"awm": "AWM", "flow_grpo": "Flow-GRPO"}  # more labels: the METHODS table of the benchmark
 
 

@@ -62,6 +62,9 @@ METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "awm": ("AWM", "configs/toy.py", ()),
     "flow_grpo": ("Flow-GRPO", "configs/toy_flow_grpo.py", ()),
     "flow_grpo_2step": ("Flow-GRPO, 2 steps/epoch", "configs/toy_flow_grpo.py", ("train.steps_per_epoch=2",)),
+    "nft": ("DiffusionNFT", "configs/toy_nft.py", ()),
+    "elbo_reinforce": ("ELBO REINFORCE", "configs/toy_elbo_reinforce.py", ()),
+    "elbo_grpo": ("ELBO GRPO", "configs/toy_elbo_grpo.py", ()),
 }
 CONFIGS = {m: v[1] for m, v in METHODS.items()}
 LABELS.update({m: v[0] for m, v in METHODS.items()})
@@ -86,9 +89,17 @@ def forward_pass_equivalents(config: dict) -> dict[str, int]:
     num_steps = int(_get(config, "sample.num_steps"))
     rollout = batch * num_steps * (2 if float(_get(config, "sample.guidance_scale")) != 1.0 else 1)
     algo = str(config["algorithm"])
-    if algo == "awm":
-        per = 3 + int(float(_get(config, "awm.beta")) != 0) + int(float(_get(config, "awm.ema_beta")) != 0)
-        per += int(not bool(_get(config, "awm.on_policy")))
+    if algo in ("awm", "nft", "elbo_reinforce", "elbo_grpo"):  # K clean-sample times (docs/objectives.md)
+        ref = int(float(_get(config, "awm.beta")) != 0)
+        ema = int(float(_get(config, "awm.ema_beta")) != 0)
+        if algo == "awm":
+            per = 3 + ref + ema + int(not bool(_get(config, "awm.on_policy")))
+        elif algo == "nft":
+            per = 3 + 1 + ref + ema  # + the old policy's velocity
+        elif algo == "elbo_reinforce":
+            per = 3 + ref + ema
+        else:  # elbo_grpo: the old policy's pass also serves the kl-EMA term
+            per = 3 + 1 + ref
         train = batch * int(_get(config, "awm.train_timesteps")) * per
     elif algo == "flow_grpo":
         s_train = int(num_steps * float(_get(config, "flow_grpo.timestep_fraction")))

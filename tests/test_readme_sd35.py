@@ -10,6 +10,7 @@ import json
 import pathlib
 import shlex
 
+import numpy as np
 import pytest
 from tiny_pipeline import TINY, build_tiny_sd3_pipeline
 
@@ -79,16 +80,23 @@ def test_readme_command_runs_for_each_reward(layout, monkeypatch, capsys, task):
     cmd = next(c for c in readme_train_commands()
                if f"configs/sd35m_{task}.py" in c and "--check" not in c and len(c) == 4)
     args = _in_layout(layout, monkeypatch, cmd)
-    assert train.main(args + SIZE + ["--check"]) == 0
+    # the held-out evaluation (its own sampler compile) only for GenEval, whose scorer has an evaluate();
+    # OCR / PickScore score their rollouts in the training step
+    size = SIZE if task == "geneval" else SIZE + ["--config.eval.every=0"]
+    assert train.main(args + size + ["--check"]) == 0
     assert "ok:" in capsys.readouterr().out
-    assert train.main(args + SIZE) == 0
+    assert train.main(args + size) == 0
     wd = layout / args[args.index("--workdir") + 1]
-    evals = [json.loads(x) for x in (wd / "eval.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in evals] == [0, 1] and all(e["num_images"] == 2 for e in evals)
-    assert task != "geneval" or "accuracy/overall" in evals[-1]
+    if task == "geneval":
+        evals = [json.loads(x) for x in (wd / "eval.jsonl").read_text().splitlines()]
+        assert [e["step"] for e in evals] == [0, 1] and all(e["num_images"] == 2 for e in evals)
+        assert "accuracy/overall" in evals[-1]
+    else:
+        assert np.isfinite(json.loads((wd / "metrics.jsonl").read_text().splitlines()[-1])["reward_mean"])
     assert json.loads((wd / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 1
     out = capsys.readouterr().out
-    assert "run finished: step 1 of 1" in out and "checkpoints" in out and "samples" in out and "tb" in out
+    assert "run finished: step 1 of 1" in out and "checkpoints" in out and "tb" in out
+    assert task != "geneval" or "samples" in out  # the evaluation's image grids
 
 
 def test_check_reports_every_missing_path_and_leaves_no_workdir(layout, monkeypatch, tmp_path, capsys):
