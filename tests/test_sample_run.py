@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
 from awm_jax import config_lib, sample
 from awm_jax.checkpoint import Checkpointer
@@ -105,14 +106,18 @@ def _cli_latents(argv):
 
 
 @pytest.fixture(scope="module")
+def base_latents(world):
+    return np.asarray(world["pipe"].sample_latents(PROMPTS, latents=world["noise"], num_steps=STEPS))
+
+
+@pytest.fixture(scope="module")
 def run_latents(world):
     return _cli_latents(["--run", str(world["run"])])
 
 
-def test_run_equals_lora_merged_by_hand(world, run_latents):
+def test_run_equals_lora_merged_by_hand(world, run_latents, base_latents):
     ref = _hand_merged(world, world["lora"][(2, "trainable")])  # default: the newest step, trainable
-    base = np.asarray(world["pipe"].sample_latents(PROMPTS, latents=world["noise"], num_steps=STEPS))
-    assert np.abs(base - ref).max() > 1e-2  # the adapter matters
+    assert np.abs(base_latents - ref).max() > 1e-2  # the adapter matters
     np.testing.assert_allclose(run_latents, ref, atol=2e-4, rtol=0)
 
 
@@ -136,15 +141,15 @@ def test_exported_lora_equals_the_run(world, run_latents):
     np.testing.assert_allclose(got, run_latents, atol=2e-4, rtol=0)
 
 
-def test_cli_writes_images_and_flax_folder_matches_diffusers(world, tmp_path):
-    outs = {}
-    for name in ("pipe_dir", "flax_dir"):
-        out = tmp_path / f"{name}.png"
-        assert sample.main(["--model", str(world[name]), "--prompt", "a red cat", "--steps", "2",
-                            "--out", str(out)]) == 0
-        outs[name] = np.asarray(__import__("PIL.Image").Image.open(out))
-    assert outs["pipe_dir"].shape == (16, 16, 3)
-    np.testing.assert_array_equal(outs["flax_dir"], outs["pipe_dir"])
+def test_flax_folder_samples_the_image_of_the_diffusers_folder(world, base_latents, tmp_path):
+    """--model of a pipeline folder whose transformer/ and vae/ were converted with to-flax."""
+    argv = ["--model", str(world["flax_dir"]), "--steps", str(STEPS), "--max-sequence-length", "16",
+            "--out", str(tmp_path / "img.png")]
+    assert sample.main([*argv, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1]]) == 0
+    want = np.asarray(world["pipe"].decode(base_latents))  # the diffusers folder's pipeline
+    for i in range(2):
+        got = np.asarray(Image.open(tmp_path / f"img_{i}.png")).astype(int)
+        assert got.shape == (16, 16, 3) and np.abs(got - want[i]).max() <= 1
 
 
 def test_full_finetune_run(world, tmp_path, capsys):
@@ -205,5 +210,10 @@ def test_run_with_model_override(world, tmp_path, run_latents):
     cfg = json.loads((moved / "config.json").read_text())
     cfg["model"]["path"] = str(tmp_path / "gone")
     (moved / "config.json").write_text(json.dumps(cfg))
-    got = _cli_latents(["--run", str(moved), "--model", str(world["flax_dir"])])
-    np.testing.assert_allclose(got, run_latents, atol=1e-5, rtol=0)
+    out = tmp_path / "img.png"
+    argv = ["--run", str(moved), "--model", str(world["flax_dir"]), "--steps", str(STEPS), "--out", str(out)]
+    assert sample.main([*argv, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1]]) == 0
+    want = np.asarray(world["pipe"].decode(run_latents))
+    for i in range(2):
+        got = np.asarray(Image.open(tmp_path / f"img_{i}.png")).astype(int)
+        assert np.abs(got - want[i]).max() <= 1
