@@ -101,7 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     model = args.model if args.run is None else args.run_config.model.path
     problem = pipeline_folder_problem(model, "--model" if args.model else f"--run {args.run}: model.path")
     if problem:
-        p.error(problem)
+        p.error(problem + ("; give --model DIR (the pipeline folder)" if args.run and not args.model else ""))
     from awm_jax.models import detect_family
 
     try:

@@ -196,7 +196,8 @@ def test_errors_name_the_workdir_step_and_item(world, tmp_path, capsys):
     cfg = json.loads((world["run"] / "config.json").read_text())
     cfg["model"]["path"] = str(tmp_path / "gone")
     (moved / "config.json").write_text(json.dumps(cfg))
-    fails(["--run", str(moved)], f"--run {moved}: model.path {tmp_path / 'gone'}: no such folder")
+    fails(["--run", str(moved)], f"--run {moved}: model.path {tmp_path / 'gone'}: no such folder",
+          "give --model DIR")
     flax_alone = world["flax_dir"] / "transformer"
     fails(["--model", str(flax_alone)], "is an awm-jax Flax 'sd3' folder alone", "as transformer/")
     fails(["--model", str(world["pipe_dir"]), "--lora", str(tmp_path)], f"--lora {tmp_path}",
