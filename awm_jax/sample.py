@@ -1,45 +1,80 @@
-"""Sample images from an SD3 / SD3.5 or FLUX.1 pipeline folder with the Flax models (Euler ODE).
+"""Sample images from an SD3 / SD3.5 or FLUX.1 pipeline folder, a trained run or a LoRA (Euler ODE).
 
     python -m awm_jax.sample --model DIR --prompt "a red cat" --steps 40 --out image.png \
         [--prompt ...] [--num-images-per-prompt N] [--batch-size B] [--seed S] [--guidance-scale G] \
         [--height H --width W] [--dtype bfloat16] [--max-sequence-length 128] [--no-t5] [--guidance 3.5]
+    python -m awm_jax.sample --run WORKDIR [--which trainable|eval_ema|kl_ema] [--step N] [--model DIR] ...
+    python -m awm_jax.sample --model DIR --lora EXPORT_DIR ...
 
-The model family is recognised from ``DIR/transformer/config.json``. SD3 defaults: 40 steps, 128 T5 tokens;
-FLUX defaults: 28 steps, 512 T5 tokens, 1024x1024 images, distilled ``--guidance`` 3.5 fed to FLUX.1-dev
-(schnell ignores it); FLUX has no classifier-free guidance (``--guidance-scale``, ``--negative-prompt``,
-``--no-t5`` are SD3 options).
+``--model`` is a diffusers pipeline folder (``model_index.json``); its ``transformer/`` and / or ``vae/``
+may be awm-jax Flax folders (``tools/convert_weights.py to-flax --dst DIR/transformer``). The model family is
+recognised from ``DIR/transformer/config.json``. SD3 defaults: 40 steps, 128 T5 tokens; FLUX defaults: 28
+steps, 512 T5 tokens, 1024x1024 images, distilled ``--guidance`` 3.5 fed to FLUX.1-dev (schnell ignores it);
+FLUX has no classifier-free guidance (``--guidance-scale``, ``--negative-prompt``, ``--no-t5``: SD3 only).
+
+``--run WORKDIR`` samples a trainer workdir (``python -m awm_jax.train --workdir WORKDIR``): the pipeline is
+loaded as the run's ``config.json`` says (``model.*``: path, dtypes, resolution, T5 tokens, scanned layers;
+``--model`` replaces ``model.path``, ``--dtype`` / ``--height`` / ``--max-sequence-length`` / ``--no-t5`` the
+matching keys), the adapter item ``--which`` (``trainable``: the trained weights, the default; ``eval_ema``;
+``kl_ema``) of checkpoint ``--step`` (default: the newest) is restored by name and merged with the base
+weights (``nnx.merge`` of the LoRA state with the base state; a ``lora.full_finetune`` run's item replaces
+every parameter). Steps, CFG scale and FLUX guidance default to the run's ``eval.num_steps``,
+``eval.guidance_scale`` and ``model.guidance``.
+
+``--lora DIR`` folds a LoRA folder exported by awm-jax into ``--model``'s transformer (``W + A B alpha / r``):
+a diffusers/peft folder (``tools/convert_weights.py export-lora``: ``pytorch_lora_weights.safetensors`` with
+the adapter config in its header) or a Flax LoRA folder (``lora_config.json`` + ``lora.safetensors``).
 
 One image is written as ``--out``; several as ``<stem>_<i><suffix>`` in prompt-major order. Image ``i``
 uses the initial noise ``N(0, I)`` of ``jax.random.fold_in(key(seed), i)``, so results do not depend on
 ``--batch-size``. ``--guidance-scale`` > 1 enables classifier-free guidance with an empty negative
-prompt (AWM samples without CFG; SD3.5's usual value is 4.5).
+prompt (AWM samples without CFG; SD3.5's usual value is 4.5). Bad input prints one ``error:`` line naming the
+flag, folder, step or item, and exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import sys
+from typing import Any
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+WHICH = {"trainable": "trainable", "policy": "trainable", "eval_ema": "eval_ema", "kl_ema": "kl_ema"}
+ADAPTER_ITEMS = ("trainable", "eval_ema", "kl_ema")
+SAMPLED_FAMILIES = ("sd35", "flux")
+
+
+class SampleError(ValueError):
+    """Bad sampling input (a run, step, item or LoRA folder); the message names it."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The CLI arguments (see the module docstring)."""
     p = argparse.ArgumentParser(prog="python -m awm_jax.sample", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="diffusers SD3 / SD3.5 or FLUX.1 pipeline folder")
+    p.add_argument("--model", default=None,
+                   help="diffusers SD3 / SD3.5 or FLUX.1 pipeline folder (with --run: replaces model.path)")
+    p.add_argument("--run", default=None, metavar="WORKDIR",
+                   help="trainer workdir (config.json + checkpoints/)")
+    p.add_argument("--which", default=None, choices=sorted(WHICH),
+                   help="--run: the adapter item to sample (default trainable; policy = trainable)")
+    p.add_argument("--step", type=int, default=None, help="--run: checkpoint step (default: the newest)")
+    p.add_argument("--lora", default=None, metavar="EXPORT_DIR",
+                   help="LoRA folder exported by awm-jax (peft or Flax), folded into --model")
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
     p.add_argument("--out", required=True, help="output image path (.png / .jpg)")
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default: SD3 40, FLUX 28)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images-per-prompt", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale (SD3 only)")
-    p.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev distilled guidance (model input)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (SD3 only; default 1)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="FLUX.1-dev distilled guidance (model input; default 3.5)")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="compute dtype (default float32)")
     p.add_argument("--max-sequence-length", type=int, default=None,
                    help="T5 tokens (default: SD3 128, FLUX 512)")
     p.add_argument("--no-t5", action="store_true", help="skip T5 (zero block, like diffusers without it)")
@@ -49,24 +84,255 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("steps", "num_images_per_prompt", "batch_size", "max_sequence_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not (pathlib.Path(args.model) / "model_index.json").exists():
-        p.error(f"--model {args.model}: not a diffusers pipeline folder (no model_index.json)")
+    args.run_config = None
+    if args.run is None:
+        if args.model is None:
+            p.error("give --model DIR (a pipeline folder) or --run WORKDIR (a trained run)")
+        for flag, val in (("--which", args.which), ("--step", args.step)):
+            if val is not None:
+                p.error(f"{flag} picks a checkpoint of a trained run: it needs --run WORKDIR")
+    else:
+        if args.lora:
+            p.error("--lora folds an exported LoRA into --model; --run already restores the run's adapter")
+        try:
+            args.run_config = run_config(args.run, args.model)
+        except SampleError as e:
+            p.error(str(e))
+    model = args.model if args.run is None else args.run_config.model.path
+    problem = pipeline_folder_problem(model, "--model" if args.model else f"--run {args.run}: model.path")
+    if problem:
+        p.error(problem + ("; give --model DIR (the pipeline folder)" if args.run and not args.model else ""))
     from awm_jax.models import detect_family
 
     try:
-        args.family = detect_family(args.model).name
+        args.family = detect_family(model).name
     except (OSError, ValueError) as e:
-        p.error(f"--model {args.model}: cannot recognise the model family: {e}")
+        p.error(f"--model {model}: cannot recognise the model family: {e}")
+    if args.run is not None and args.family != str(args.run_config.model.kind):
+        p.error(f"--run {args.run}: config.json model.kind = {args.run_config.model.kind!r} but the model "
+                f"folder {model} holds a {args.family!r} transformer")
     if args.family == "flux":
-        sd3_only = (("--guidance-scale", args.guidance_scale != 1.0),
+        sd3_only = (("--guidance-scale", args.guidance_scale not in (None, 1.0)),
                     ("--negative-prompt", args.negative_prompt), ("--no-t5", args.no_t5))
         for flag, bad in sd3_only:
             if bad:
                 p.error(f"{flag} is an SD3 option: FLUX samples without classifier-free guidance "
                         "(FLUX.1-dev takes --guidance)")
-    elif args.family != "sd35":
-        p.error(f"--model {args.model}: model family {args.family!r} has no sampling pipeline here")
+    elif args.family not in SAMPLED_FAMILIES:
+        p.error(f"--model {model}: model family {args.family!r} has no sampling pipeline here")
     return args
+
+
+def pipeline_folder_problem(path: str, flag: str) -> str:
+    """Why ``path`` is not a pipeline folder the samplers load ("" when it is one)."""
+    d = pathlib.Path(path)
+    if (d / "model_index.json").is_file():
+        return ""
+    if not d.exists():
+        return f"{flag} {path}: no such folder"
+    try:
+        info = json.loads((d / "config.json").read_text()).get("awm_jax")
+    except (OSError, ValueError, AttributeError):
+        info = None
+    if isinstance(info, dict) and info.get("format") == "flax":
+        return (f"{flag} {path}: is an awm-jax Flax {info.get('model')!r} folder alone "
+                "(tools/convert_weights.py to-flax); sampling needs the whole pipeline (tokenizers, text "
+                "encoders, VAE): put it in a copy of the diffusers pipeline folder as transformer/ (or vae/) "
+                "and give that folder")
+    if (d.parent / "model_index.json").is_file():
+        return f"{flag} {path}: give the pipeline folder {d.parent} (this is one of its parts)"
+    return f"{flag} {path}: not a diffusers pipeline folder (no model_index.json)"
+
+
+# ------------------------------------------------------------------------------------------- trained runs
+
+
+def run_config(workdir: str, model: str | None = None):
+    """The run's ``config.json`` as a ConfigDict; ``model`` replaces ``model.path`` (and the VAE /
+    text-encoder paths that pointed inside the old pipeline folder)."""
+    import ml_collections
+
+    d = pathlib.Path(workdir)
+    path = d / "config.json"
+    if not path.is_file() or not (d / "checkpoints").is_dir():
+        raise SampleError(f"--run {workdir}: not a trainer workdir (needs config.json and checkpoints/)")
+    try:
+        cfg = ml_collections.ConfigDict(json.loads(path.read_text()))
+    except ValueError as e:
+        raise SampleError(f"--run {workdir}: cannot read {path} ({e})") from None
+    for key in ("model", "lora"):
+        if key not in cfg:
+            raise SampleError(f"--run {workdir}: {path} has no {key!r} section")
+    if model is not None:
+        old = str(cfg.model.get("path") or "")
+        old_root = pathlib.Path(old)
+        if not (old_root / "model_index.json").exists():
+            old_root = old_root.parent
+
+        def inside(p: str) -> bool:
+            return bool(old) and bool(p) and pathlib.Path(p).resolve().is_relative_to(old_root.resolve())
+
+        cfg.model.path = str(model)
+        if inside(str(cfg.model.get("vae_path", ""))):
+            cfg.model.vae_path = ""
+        paths = [str(p) for p in (cfg.model.get("text_encoder_paths") or ())]
+        cfg.model.text_encoder_paths = ["" if inside(p) else p for p in paths]
+    elif not cfg.model.get("path"):
+        raise SampleError(f"--run {workdir}: config.json model.path is empty; give --model DIR")
+    return cfg
+
+
+def _apply_overrides(cfg, args) -> None:
+    """The CLI's model flags onto the run's ``config.model`` (what the trainer's pipeline loader reads)."""
+    m = cfg.model
+    if args.dtype:
+        m.dtype = args.dtype
+    if args.height or args.width:
+        h, w = args.height or args.width, args.width or args.height
+        if h != w:
+            raise SampleError(f"--run: the run's pipeline takes one square model.resolution; got "
+                              f"--height {h} --width {w}")
+        m.resolution = int(h)
+    if args.max_sequence_length:
+        m.max_sequence_length = int(args.max_sequence_length)
+    if args.no_t5:
+        paths = list(m.get("text_encoder_paths") or [])
+        m.text_encoder_paths = (paths + ["", "", ""])[:2] + ["none"] + paths[3:]
+
+
+def restore_adapter(workdir: str, which: str = "trainable", step: int | None = None,
+                    templates: dict[str, Any] | None = None) -> tuple[int, Any]:
+    """``(step, item)``: the adapter item ``which`` of checkpoint ``step`` (default newest) of ``workdir``,
+    restored onto ``templates[which]`` (None: as raw nested dicts)."""
+    from awm_jax.checkpoint import Checkpointer, CheckpointFormatError
+
+    item = WHICH.get(which)
+    if item is None:
+        raise SampleError(f"--which {which!r}: expected one of {sorted(WHICH)}")
+    ckdir = pathlib.Path(workdir) / "checkpoints"
+    ck = Checkpointer(str(ckdir), read_only=True)
+    try:
+        steps = ck.all_steps()
+        if not steps:
+            raise SampleError(f"--run {workdir}: no checkpoint under {ckdir}")
+        if step is None:
+            step = steps[-1]
+        elif int(step) not in steps:
+            raise SampleError(f"--run {workdir}: no checkpoint at --step {step} (saved steps: {steps})")
+        try:
+            have = ck.items_at(int(step))
+        except CheckpointFormatError as e:
+            raise SampleError(f"--run {workdir}: {e}") from None
+        if item not in have:
+            kept = [n for n in ADAPTER_ITEMS if n in have]
+            raise SampleError(f"--run {workdir}: checkpoint step {step} keeps no {item!r} item (--which "
+                              f"{which}); it has {kept} (eval_ema needs ema.eval_ema, kl_ema an "
+                              "off-policy run)")
+        tmpl = {item: templates[which]} if templates and which in templates else {}
+        return int(step), ck.restore(int(step), [item], tmpl)[item]
+    finally:
+        ck.close()
+
+
+def load_run(args) -> tuple[Any, Any, int]:
+    """``(pipeline, config, step)``: the run's pipeline with the restored adapter applied."""
+    from flax import nnx
+
+    from awm_jax.models.family import get_family
+    from awm_jax.rl import train_step as ts
+
+    cfg = args.run_config
+    _apply_overrides(cfg, args)
+    which = args.which or "trainable"
+    pipe = get_family(str(cfg.model.kind)).load_pipeline(cfg)
+    if bool(cfg.lora.full_finetune):
+        template = nnx.state(pipe.transformer, nnx.Param)
+        step, params = restore_adapter(args.run, which, args.step, {which: template})
+        nnx.update(pipe.transformer, params)
+    else:
+        graphdef, base_state, state = ts.create_train_state(pipe.transformer, cfg)
+        step, lora = restore_adapter(args.run, which, args.step, {which: state.trainable})
+        pipe.transformer = nnx.merge(graphdef, lora, base_state)
+    return pipe, cfg, step
+
+
+# ------------------------------------------------------------------------------------------- LoRA folders
+
+
+def read_lora_folder(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An exported LoRA folder -> ``(Flax params {module.lora_a|b}, info with rank / alpha)``: a
+    diffusers/peft folder (``pytorch_lora_weights.safetensors``) or a Flax LoRA folder
+    (``lora_config.json``)."""
+    import numpy as np
+    from safetensors import safe_open
+
+    from awm_jax.convert.lora_export import (
+        FLAX_LORA_CONFIG,
+        METADATA_KEY,
+        PEFT_WEIGHTS,
+        PREFIX,
+        load_flax_lora,
+    )
+
+    d = pathlib.Path(path)
+    if (d / FLAX_LORA_CONFIG).is_file():
+        return load_flax_lora(d)
+    f = d / PEFT_WEIGHTS
+    if not f.is_file():
+        raise SampleError(f"--lora {path}: neither a peft LoRA folder ({PEFT_WEIGHTS}) nor a Flax LoRA "
+                          f"folder ({FLAX_LORA_CONFIG}); export one with tools/convert_weights.py "
+                          "export-lora")
+    with safe_open(str(f), framework="np") as fh:
+        meta = json.loads((fh.metadata() or {}).get(METADATA_KEY, "{}"))
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    rank, alpha = meta.get(f"{PREFIX}.r"), meta.get(f"{PREFIX}.lora_alpha")
+    if rank is None or alpha is None:
+        raise SampleError(f"--lora {f}: the header has no {METADATA_KEY} with {PREFIX}.r and "
+                          f"{PREFIX}.lora_alpha (not an awm-jax export)")
+    params = {}
+    for k, v in tensors.items():
+        if not (k.startswith(PREFIX + ".") and k.endswith((".lora_A.weight", ".lora_B.weight"))):
+            raise SampleError(f"--lora {f}: tensor {k!r} is not {PREFIX}.<module>.lora_A/lora_B.weight")
+        mod, leaf = k[len(PREFIX) + 1:].rsplit(".", 2)[0], k.rsplit(".", 2)[1]
+        params[f"{mod}.{'lora_a' if leaf == 'lora_A' else 'lora_b'}"] = np.ascontiguousarray(np.asarray(v).T)
+    return params, {"rank": int(rank), "alpha": float(alpha)}
+
+
+def apply_lora(transformer, path: str) -> None:
+    """Fold the LoRA folder ``path`` into ``transformer``'s kernels in place (``W += A B alpha / r``)."""
+    import numpy as np
+    from flax import nnx
+
+    from awm_jax.convert import ConversionError
+    from awm_jax.convert.lora_export import merge_lora, split_lora_params
+    from awm_jax.models.family import family_of
+
+    if getattr(transformer, "scan_layers", False):
+        raise SampleError("--lora: the transformer is loaded with scanned layers; load it per layer")
+    params, info = read_lora_folder(path)
+    model = info.get("model")
+    conv = family_of(transformer).converter
+    if model and model != conv:
+        raise SampleError(f"--lora {path}: a LoRA of a {model!r} transformer, --model holds a {conv!r} one")
+    flat = {".".join(str(getattr(k, "key", k)) for k in p): v
+            for p, v in nnx.to_flat_state(nnx.state(transformer, nnx.Param))}
+    try:
+        mods = split_lora_params(params)
+        kernels = {}
+        for mod in mods:
+            key = f"{mod}.kernel"
+            if key not in flat:
+                raise SampleError(f"--lora {path}: module {mod!r} has no kernel {key!r} in the --model "
+                                  "transformer (a LoRA of another model?)")
+            kernels[key] = np.asarray(flat[key][...])
+        merged = merge_lora(kernels, params, int(info["rank"]), float(info["alpha"]))
+    except ConversionError as e:
+        raise SampleError(f"--lora {path}: {e}") from None
+    for key, value in merged.items():
+        flat[key][...] = value
+
+
+# ------------------------------------------------------------------------------------------- the CLI
 
 
 def output_paths(out: str | pathlib.Path, n: int) -> list[pathlib.Path]:
@@ -75,33 +341,62 @@ def output_paths(out: str | pathlib.Path, n: int) -> list[pathlib.Path]:
     return [out] if n == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(n)]
 
 
-def main(argv=None) -> int:
-    """Run the CLI; returns 0 (argument errors exit with status 2)."""
-    args = parse_args(argv)
-    import jax
+def load_pipeline(args) -> tuple[Any, dict]:
+    """``(pipeline, sample_latents options)`` per the parsed ``args`` (a run, a model, a model + LoRA)."""
     import jax.numpy as jnp
+
+    from awm_jax.pipelines import load_flux, load_sd3
+
+    if args.run is not None:
+        pipe, cfg, step = load_run(args)
+        steps = args.steps or int(cfg.eval.num_steps)
+        if args.family == "flux":
+            guidance = float(cfg.model.guidance) if args.guidance is None else args.guidance
+            return pipe, dict(num_steps=steps, guidance=guidance)
+        scale = float(cfg.eval.guidance_scale) if args.guidance_scale is None else args.guidance_scale
+        return pipe, dict(num_steps=steps, guidance_scale=scale, negative_prompt=args.negative_prompt)
+    dtype = None if args.dtype in (None, "float32") else jnp.dtype(args.dtype)
+    if args.family == "flux":
+        pipe = load_flux(args.model, height=args.height, width=args.width, dtype=dtype,
+                         max_sequence_length=args.max_sequence_length or 512)
+        options = dict(num_steps=args.steps or 28, guidance=3.5 if args.guidance is None else args.guidance)
+    else:
+        pipe = load_sd3(args.model, height=args.height, width=args.width, dtype=dtype,
+                        max_sequence_length=args.max_sequence_length or 128, load_t5=not args.no_t5)
+        options = dict(num_steps=args.steps or 40, guidance_scale=args.guidance_scale or 1.0,
+                       negative_prompt=args.negative_prompt)
+    if args.lora:
+        apply_lora(pipe.transformer, args.lora)
+    return pipe, options
+
+
+def initial_noise(pipe, n: int, seed: int):
+    """``(n, *latent_shape)`` noise: image ``i`` from ``fold_in(key(seed), i)``."""
+    import jax
+    import numpy as np
+
+    key = jax.random.key(seed)
+    return np.stack([np.asarray(jax.random.normal(jax.random.fold_in(key, i), pipe.latent_shape))
+                     for i in range(n)])
+
+
+def main(argv=None) -> int:
+    """Run the CLI; returns 0, or 2 after one ``error:`` line (argument errors exit with status 2)."""
+    args = parse_args(argv)
     import numpy as np
     from PIL import Image
 
     from awm_jax import compile_cache
-    from awm_jax.pipelines import load_flux, load_sd3
+    from awm_jax.convert import ConversionError
 
     compile_cache.enable(args.compile_cache)
-
-    dtype = None if args.dtype == "float32" else jnp.dtype(args.dtype)
-    if args.family == "flux":
-        pipe = load_flux(args.model, height=args.height, width=args.width, dtype=dtype,
-                         max_sequence_length=args.max_sequence_length or 512)
-        options = dict(num_steps=args.steps or 28, guidance=args.guidance)
-    else:
-        pipe = load_sd3(args.model, height=args.height, width=args.width, dtype=dtype,
-                        max_sequence_length=args.max_sequence_length or 128, load_t5=not args.no_t5)
-        options = dict(num_steps=args.steps or 40, guidance_scale=args.guidance_scale,
-                       negative_prompt=args.negative_prompt)
+    try:
+        pipe, options = load_pipeline(args)
+    except (SampleError, ConversionError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     prompts = [p for p in args.prompt for _ in range(args.num_images_per_prompt)]
-    key = jax.random.key(args.seed)
-    noise = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(key, i), pipe.latent_shape))
-                      for i in range(len(prompts))])
+    noise = initial_noise(pipe, len(prompts), args.seed)
     paths = output_paths(args.out, len(prompts))
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for s in range(0, len(prompts), args.batch_size):
