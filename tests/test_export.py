@@ -174,7 +174,8 @@ def test_workdir_merge_and_step(setup, workdir):
     assert _rel(_torch_out(m, inputs), refs["policy"]) <= 1e-5
     params, info = ex.lora_from_workdir(wd, step=2)
     assert info["step"] == 2 and info["rank"] == 4 and info["base_model"] == str(root / "base")
-    assert "transformer_blocks.0.attn2.to_q.lora_a" in params
+    assert "transformer_blocks.0.attn.to_q.lora_a" in params
+    assert not any(".attn2." in k for k in params)  # the reference's targets (PEFT rule) leave attn2 alone
 
 
 def test_workdir_errors(workdir, tmp_path):
