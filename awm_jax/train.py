@@ -102,8 +102,8 @@ def default_components(config: ml_collections.ConfigDict) -> Components:
     from awm_jax import rewards
     from awm_jax.rl import train_step as ts
 
-    pipeline = get_family(config.model.kind).load_pipeline(config)
     mesh = parallel.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor)
+    pipeline = get_family(config.model.kind).load_pipeline(config, mesh=mesh)  # weights born sharded
     graphdef, base_state, state = ts.create_train_state(pipeline.transformer, config)
     negative = None
     if config.sample.guidance_scale != 1.0 or config.eval.guidance_scale != 1.0:  # CFG: empty-prompt embeds

@@ -16,14 +16,17 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMEOUT_S = 400  # per launch; the runs take ~1-2 min on a loaded 2-core machine
+TIMEOUT_S = 400  # per launch; the runs take ~10-40 s on a loaded 2-core machine
 
 OVERRIDES = {
-    "model.path": "", "data.group_size": 4, "data.prompts_per_step": 2, "sample.batch_size": 2,
+    "data.group_size": 4, "data.prompts_per_step": 2, "sample.batch_size": 2,
     "sample.num_steps": 3, "train.micro_batch_size": 4, "eval.every": 0, "log.progress": "false",
     "log.tensorboard": "false", "checkpoint.every": 2, "checkpoint.async_save": "true",
     "reward.name": "jpeg_compressibility",  # a continuous reward: non-zero advantages and losses
 }
+# XLA:CPU without its expensive optimisations: half the compile time of the train step; every run of the test
+# compiles with the same flags, so the 1-vs-2-process and resume comparisons are unaffected
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 KEYS = ("reward_mean", "reward_std", "loss", "policy_loss", "kl", "grad_norm")
 
 
@@ -33,13 +36,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir, processes: int, devices: int, max_steps: int):
-    """Start ``processes`` trainer processes (``devices`` CPU devices each); returns the Popen objects."""
+def _toy_model(path):
+    """A random one-block toy checkpoint (the shipped toy has 4): a quarter of the train step to compile, the
+    same code paths (the block is the dual-attention one, like the toy's first)."""
+    from awm_jax.toy import world
+
+    cfg = world.default_config()
+    cfg["transformer"] = dict(cfg["transformer"], num_layers=1)
+    transformer, text = world.build_models(cfg, seed=0)
+    world.save_toy_checkpoint(path, transformer, text, cfg, dtype="float32")
+    return path
+
+
+def _launch(workdir, processes: int, devices: int, max_steps: int, model, cache):
+    """Start ``processes`` trainer processes (``devices`` CPU devices each); returns the Popen objects.
+
+    Every launch shares the compilation cache ``cache``: the resumed launch (same workdir, same topology)
+    loads the first launch's executables instead of compiling them again."""
     args = [sys.executable, "-m", "awm_jax.train", "--config", os.path.join(ROOT, "configs", "toy.py"),
-            "--workdir", str(workdir), f"--config.max_steps={max_steps}"]
+            "--workdir", str(workdir), f"--config.max_steps={max_steps}", f"--config.model.path={model}"]
     args += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", AWM_JAX_COMPILE_CACHE=str(cache),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     port = _free_port()
     procs = []
@@ -74,10 +92,11 @@ def _metrics(workdir):
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("multihost")
     one, two = base / "one_x4", base / "two_x2"
-    a = _launch(one, 1, 4, 4)  # uninterrupted, one process with 4 devices
-    b = _launch(two, 2, 2, 2)  # two processes, stopped after step 2 ...
+    model, cache = _toy_model(base / "toy_1block"), base / "jax_cache"
+    a = _launch(one, 1, 4, 4, model, cache)  # uninterrupted, one process with 4 devices, concurrently with
+    b = _launch(two, 2, 2, 2, model, cache)  # two processes, stopped after step 2 ...
     _wait(b, two)
-    b2 = _launch(two, 2, 2, 4)  # ... and resumed to step 4
+    b2 = _launch(two, 2, 2, 4, model, cache)  # ... and resumed to step 4
     _wait(a, one)
     _wait(b2, two)
     return one, two

@@ -43,10 +43,11 @@ from awm_jax.convert.io import (
     SafetensorsReader,
     read_config,
     resolve_model_dir,
+    sliced_reader,
     write_config,
     write_sharded,
 )
-from awm_jax.convert.keymap import ConversionError, KeyMap
+from awm_jax.convert.keymap import ConversionError, Identity, KeyMap
 
 CONVERTERS: dict[str, str] = {
     "sd3": "awm_jax.convert.sd3",
@@ -61,6 +62,7 @@ __all__ = [
     "ConversionError",
     "get_converter",
     "is_flax_folder",
+    "open_flax_slices",
     "read_flax_params",
     "read_model_config",
     "folder_config",
@@ -198,6 +200,23 @@ def read_flax_params(
                 yield from km.convert(reader, "to_flax")
 
     return _diffusers_config(config), km, gen()
+
+
+def open_flax_slices(src: str | os.PathLike, model: str):
+    """Like :func:`read_flax_params`, for reading parameters shard by shard: ``(diffusers_config, key_map,
+    reader, tensors)`` with ``tensors = [(flax_key, shape, dtype, read)]`` where ``read(index)`` returns
+    ``flax_tensor[index]`` reading only that slice where the layout allows
+    (:func:`awm_jax.convert.io.sliced_reader`). Close ``reader`` when done."""
+    conv, _, config, reader = _open(src, model, want_flax=None)
+    km = conv.key_map(config)
+    if is_flax_folder(config):
+        km.plan(reader, "to_diffusers")  # validates keys and shapes against the Flax side
+        tensors = [(r.flax_key, reader.shape(r.flax_key), reader.dtype(r.flax_key),
+                    sliced_reader(reader, r.flax_key, Identity())) for r in km.rules if r.flax_key in reader]
+    else:
+        tensors = [(target, shape, dtype, sliced_reader(reader, rule.diffusers_key, rule.transform))
+                   for rule, target, dtype, shape in km.plan(reader, "to_flax")]
+    return _diffusers_config(config), km, reader, tensors
 
 
 def save_flax(params: Mapping[str, Any], config: Mapping[str, Any], dst: str | os.PathLike, model: str,

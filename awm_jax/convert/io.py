@@ -151,6 +151,19 @@ class SafetensorsReader:
             raise ConversionError(f"{file}: tensor {key!r} is truncated")
         return np.frombuffer(buf, dtype=DTYPES[info["dtype"]]).reshape(info["shape"])
 
+    def get_slice(self, key: str, index: tuple) -> np.ndarray:
+        """Read only ``tensor[index]`` (``index``: a tuple of slices, as ``jax.make_array_from_callback``
+        passes), through a read-only memory map of the file: only the pages of that slice are read."""
+        file, info, base = self._info(key)
+        start, end = info["data_offsets"]
+        shape = tuple(int(s) for s in info["shape"])
+        if start == end:
+            return np.zeros(shape, DTYPES[info["dtype"]])[index]
+        mm = np.memmap(file, dtype=DTYPES[info["dtype"]], mode="r", offset=base + start, shape=shape)
+        out = np.array(mm[index])
+        del mm
+        return out
+
     def close(self) -> None:
         for f in self._handles.values():
             f.close()
@@ -161,6 +174,39 @@ class SafetensorsReader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def sliced_reader(source, key: str, transform) -> Callable[[tuple], np.ndarray]:
+    """``read(index)`` -> ``transform.forward(source[key])[index]``, reading only the source slice that
+    index needs when the transform is an axis permutation (Identity, Transpose, a Chain of those) and the
+    source can slice (``get_slice``); otherwise the whole tensor is read once on the host and sliced."""
+    from awm_jax.convert.keymap import Chain, Identity, Transpose
+
+    steps = list(transform.steps) if isinstance(transform, Chain) else [transform]
+    perm = list(range(len(source.shape(key))))
+    for t in steps:
+        if isinstance(t, Transpose):
+            perm = [perm[i] for i in t.perm]  # target axis i is source axis perm[i]
+        elif not isinstance(t, Identity):
+            perm = None
+            break
+    if perm is not None and hasattr(source, "get_slice"):
+        inv = np.argsort(perm)
+
+        def read(index: tuple) -> np.ndarray:
+            index = tuple(index) + (slice(None),) * (len(perm) - len(index))
+            src = tuple(index[int(inv[a])] for a in range(len(perm)))
+            return np.transpose(source.get_slice(key, src), perm)
+
+        return read
+    full: list = []
+
+    def read_full(index: tuple) -> np.ndarray:
+        if not full:
+            full.append(transform.forward(source.get(key)))
+        return full[0][tuple(index)]
+
+    return read_full
 
 
 class DictSource:

@@ -124,14 +124,16 @@ class ModelFamily:
 
         return read_model_config(path, self.converter)
 
-    def load_pipeline(self, config) -> Any:
+    def load_pipeline(self, config, mesh=None) -> Any:
         """The trainer's pipeline for ``config.model`` (``text_encoder``, ``transformer``, ``decode``,
         ``latent_shape``): by default ``pipeline_loader`` (``"module:function"``, imported on use, since
-        pipelines build on the models and not the other way round) called with ``config``."""
+        pipelines build on the models and not the other way round) called with ``config`` (and
+        ``mesh=mesh`` when given: the transformer's parameters are then born sharded on it)."""
         if not self.pipeline_loader:
             raise NotImplementedError(f"model family {self.name!r} has no pipeline loader")
         module, fn = self.pipeline_loader.split(":")
-        return getattr(importlib.import_module(module), fn)(config)
+        kw = {} if mesh is None else {"mesh": mesh}
+        return getattr(importlib.import_module(module), fn)(config, **kw)
 
     def input_problems(self, config) -> list[str]:
         """Pre-flight: every missing or malformed file the pipeline of ``config.model`` would read, as

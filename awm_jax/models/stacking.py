@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["Stack", "flatten", "nest", "runs", "stack_state", "unstack_state"]
+__all__ = ["Stack", "flatten", "layer_paths", "nest", "runs", "stack_state", "unstack_state"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,3 +133,15 @@ def stack_state(state, stacks: Sequence[Stack]):
             raise ValueError(f"stack_state: missing layers for {'.'.join(map(str, key))}")
         flat.append((key, _stack(parts)))
     return _rebuild(flat, state)
+
+
+def layer_paths(path: tuple, stacks: Sequence[Stack]) -> list[tuple] | None:
+    """The per-layer paths whose tensors, stacked in order, make the stacked ``path``
+    (``(grouped, g, ...)``); None for a path outside the stacks. Lets a loader stack each shard on the
+    host instead of stacking whole tensors on a device."""
+    by_name = {s.grouped: s for s in stacks}
+    s = by_name.get(str(path[0])) if len(path) > 1 else None
+    if s is None:
+        return None
+    start, count = s.groups[_index(path[1])]
+    return [(s.per_layer, start + j) + tuple(path[2:]) for j in range(count)]

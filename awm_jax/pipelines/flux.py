@@ -188,14 +188,14 @@ def input_problems(config) -> list[str]:
     return pipeline_problems(config.model, "FLUX", TEXT_SUBFOLDERS, ("tokenizer", "tokenizer_2"))
 
 
-def load_flux_pipeline(config) -> FluxT2IPipeline:
+def load_flux_pipeline(config, mesh=None) -> FluxT2IPipeline:
     """The trainer's entry: a :class:`FluxT2IPipeline` from ``config.model`` (ConfigDict or dict).
 
     Reads ``model.path`` (the pipeline folder or its ``transformer/``, diffusers or converted Flax),
     ``model.vae_path`` ("" = ``<root>/vae``), ``model.text_encoder_paths`` ("" or ``<root>/text_encoder``,
     ``<root>/text_encoder_2``: the tokenizers are read from the same pipeline folder), ``model.resolution``
     (square images), ``model.dtype``, ``model.param_dtype``, ``model.max_sequence_length``,
-    ``model.scan_layers``, ``model.remat_policy``.
+    ``model.scan_layers``, ``model.remat_policy``. ``mesh``: the transformer is loaded straight onto it.
     """
     from awm_jax.models import load_transformer, load_vae
     from awm_jax.text.flux import FluxTextEncoders
@@ -205,7 +205,8 @@ def load_flux_pipeline(config) -> FluxT2IPipeline:
     check_text_encoder_paths(root, m.text_encoder_paths, TEXT_SUBFOLDERS)
     dtype, param_dtype = model_dtypes(m)
     transformer = load_transformer(m.path, dtype=dtype, param_dtype=param_dtype, family="flux",
-                                   scan_layers=bool(m.scan_layers), remat_policy=str(m.remat_policy))
+                                   scan_layers=bool(m.scan_layers), remat_policy=str(m.remat_policy),
+                                   mesh=mesh)
     vae = load_vae(m.vae_path or root)
     text = FluxTextEncoders.from_pipeline_dir(root, max_sequence_length=int(m.max_sequence_length))
     return assemble_flux(root, transformer, vae, text, m.resolution, m.resolution)

@@ -154,7 +154,7 @@ def input_problems(config) -> list[str]:
     return pipeline_problems(config.model, "SD3", _TEXT_SUBFOLDERS, tokenizers, optional=(2,))
 
 
-def load_sd3_pipeline(config) -> SD3Pipeline:
+def load_sd3_pipeline(config, mesh=None) -> SD3Pipeline:
     """The trainer's entry: an :class:`SD3Pipeline` from ``config.model`` (ConfigDict or dict).
 
     Reads ``model.path`` (the pipeline folder or its ``transformer/``, diffusers or converted Flax),
@@ -162,6 +162,7 @@ def load_sd3_pipeline(config) -> SD3Pipeline:
     or "": the tokenizers are read from the same pipeline folder; a third entry "none" skips T5),
     ``model.resolution``, ``model.dtype``,
     ``model.param_dtype``, ``model.max_sequence_length``, ``model.scan_layers``, ``model.remat_policy``.
+    ``mesh``: the transformer is loaded straight onto it (its parameters born sharded).
     """
     from awm_jax.models import load_transformer, load_vae
     from awm_jax.text.sd3 import SD3TextEncoders
@@ -172,7 +173,8 @@ def load_sd3_pipeline(config) -> SD3Pipeline:
     check_text_encoder_paths(root, paths, _TEXT_SUBFOLDERS)
     dtype, param_dtype = model_dtypes(m)
     transformer = load_transformer(m.path, dtype=dtype, param_dtype=param_dtype, family="sd35",
-                                   scan_layers=bool(m.scan_layers), remat_policy=str(m.remat_policy))
+                                   scan_layers=bool(m.scan_layers), remat_policy=str(m.remat_policy),
+                                   mesh=mesh)
     vae = load_vae(m.vae_path or root)
     load_t5 = not (len(paths) >= 3 and paths[2] == "none")
     text = SD3TextEncoders.from_pipeline_dir(root, max_sequence_length=int(m.max_sequence_length),

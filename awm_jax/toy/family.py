@@ -44,7 +44,7 @@ class ToyFamily(SD3Family):
             return dict(d["transformer"])
         return super().model_config(path)
 
-    def load_pipeline(self, config):
+    def load_pipeline(self, config, mesh=None):  # the toy model is tiny: placed by the trainer
         return world.load_toy_pipeline(config.model.path or None, seed=config.seed)
 
 
