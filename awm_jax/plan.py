@@ -17,12 +17,16 @@ import argparse
 import importlib.util
 import json
 import sys
+import time
 
 __all__ = ["CHIPS", "TopologyError", "plan", "main"]
 
-# Dense bf16 peak FLOP/s and HBM bytes per chip (Google Cloud TPU docs, "TPU v5e" / "TPU v5p" / "TPU v6e
-# (Trillium)" system-architecture pages: 197 / 459 / 918 TFLOP/s bf16; 16 / 95 / 32 GiB HBM)
+# Dense bf16 peak FLOP/s and HBM bytes per chip (Google Cloud TPU docs, "TPU v5e" / "TPU v5p" / "TPU v6e"
+# system-architecture tables, checked 2026-12-03: 197 / 459 / 918 TFLOP/s bf16; HBM 16 / 95 / 32 GB, here
+# as GiB; XLA's own limit is a little lower, e.g. 15.75 GiB usable on v5e, 95.74 GiB on v5p)
 CHIPS = {"v5e": (197e12, 16 * 2**30), "v5p": (459e12, 95 * 2**30), "v6e": (918e12, 32 * 2**30)}
+# HBM bandwidth per chip, bytes/s (same pages: 819 / 2765 / 1638 GB/s): the memory side of the roofline
+HBM_BW = {"v5e": 819e9, "v5p": 2765e9, "v6e": 1638e9}
 
 
 class TopologyError(RuntimeError):
@@ -91,7 +95,7 @@ def _abstract_inputs(config, graphdef, fam, cfg, n: int, chunk: int):
     return batch, key, roll, neg
 
 
-def _analyse(compiled, chips: int, peak: float) -> dict:
+def _analyse(compiled, peak: float, bandwidth: float) -> dict:
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
@@ -102,10 +106,10 @@ def _analyse(compiled, chips: int, peak: float) -> dict:
     out["bytes_accessed"] = float(cost.get("bytes accessed", 0.0))
     est = cost.get("optimal_seconds")
     out["optimal_seconds"] = float(est) if est is not None and float(est) > 0 else None
-    roofline = max(out["flops"] / peak, out["bytes_accessed"] / 1e12) if out["flops"] else None
+    roofline = max(out["flops"] / peak, out["bytes_accessed"] / bandwidth) if out["flops"] else None
     out["time_s"] = out["optimal_seconds"] or roofline
     out["time_source"] = ("xla optimal_seconds" if out["optimal_seconds"]
-                          else "roofline max(flops/peak, bytes/1TB/s)")
+                          else "roofline max(flops/peak, bytes/HBM bandwidth)")
     out["mfu"] = (out["flops"] / peak / out["time_s"]) if out["time_s"] else None
     return out
 
@@ -138,20 +142,25 @@ def plan(config, topology: str) -> dict:
     rollout = ts.make_rollout_fn(graphdef, config, mesh, negative=neg)
     res = {"topology": topology, "chips": len(devices), "mesh": dict(mesh.shape), "peak_flops": peak,
            "hbm_bytes": hbm, "rollouts_per_step": n, "rollout_chunk": chunk}
-    res["train_step"] = _compiled(lambda: step.lower(abstract, base_state, batch, key), peak)
-    res["rollout"] = _compiled(lambda: rollout.lower(abstract.trainable, base_state, *roll), peak)
+    bw = HBM_BW[chip]
+    res["train_step"] = _compiled(lambda: step.lower(abstract, base_state, batch, key), peak, bw)
+    res["rollout"] = _compiled(lambda: rollout.lower(abstract.trainable, base_state, *roll), peak, bw)
     res["fits"] = all(res[k].get("error") is None and res[k]["peak_bytes"] <= hbm
                       for k in ("train_step", "rollout"))
     return res
 
 
-def _compiled(lower, peak: float) -> dict:
+def _compiled(lower, peak: float, bandwidth: float) -> dict:
     """:func:`_analyse` of the compiled program, or ``{"error": XLA's message}`` when XLA refuses it for
     lack of HBM (it states the bytes its temporaries need)."""
     import jax
 
     try:
-        return _analyse(lower().compile(), 0, peak)
+        t0 = time.perf_counter()
+        compiled = lower().compile()
+        out = _analyse(compiled, peak, bandwidth)
+        out["compile_s"] = time.perf_counter() - t0
+        return out
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -174,7 +183,7 @@ def _fmt(res: dict) -> str:
         lines.append(f"  {k}: args {r['argument'] / gib:.2f} GiB, outputs {r['output'] / gib:.2f} GiB, temps "
                      f"{r['temp'] / gib:.2f} GiB, code {r['generated_code'] / gib:.3f} GiB -> peak "
                      f"{r['peak_bytes'] / gib:.2f} GiB; {r['flops']:.4g} FLOPs, {r['bytes_accessed']:.4g} "
-                     f"bytes; est. {t}; MFU {mfu}")
+                     f"bytes; est. {t}; MFU {mfu}; compiled in {r['compile_s']:.0f} s")
     lines.append("fits" if res["fits"] else "DOES NOT FIT: a program needs more than the chip's HBM")
     return "\n".join(lines)
 

@@ -61,7 +61,10 @@ def velocity_model(graphdef, config) -> Callable:
     options = fam.velocity_options(config)
 
     def fn(params, base, x, t, cond):
-        model = nnx.merge(graphdef, params) if full else nnx.merge(graphdef, params, base)
+        # copy: fresh Variables at this trace level (states traced by an outer jit/scan would otherwise be
+        # reused, and nnx.scan over scanned layers refuses Variables of another trace level)
+        states = (params,) if full else (params, base)
+        model = nnx.merge(graphdef, *states, copy=True)
         return fam.velocity(model, x, jnp.asarray(t, jnp.float32), tuple(cond), **options)
 
     return fn
