@@ -263,13 +263,10 @@ def sd35m(task: str, algorithm: str = "awm", paper: bool = False) -> ml_collecti
     c.model.path = "weights/sd3.5-medium"  # the diffusers pipeline folder (tools/fetch_assets.py layout)
     c.model.vae_path = ""  # "" = <path>/vae
     c.model.text_encoder_paths = ("", "", "")  # CLIP-L, CLIP-G, T5: read from the pipeline folder
-    # Full-size memory defaults (BENCHMARKS.md, "TPU plan"): without activation checkpointing the train step
-    # needs ~180 GB of temporaries per chip (8 samples x K = 6 per micro-batch); per-block remat keeps only
-    # each block's input, scanned layers compile each block kind once, and 2 samples x K = 6 = 12 sequences
-    # per micro-batch keep v5e's 16 GB within reach (raise train.micro_batch_size on 80-141 GB chips).
-    c.model.scan_layers = True  # stacked blocks under nnx.scan (one trace per block kind)
-    c.model.remat_policy = "full"  # recompute each block in the backward pass
-    c.train.micro_batch_size = 2  # samples per device per micro-batch (x K training times)
+    # Full-size memory (BENCHMARKS.md, "TPU plan"): without activation checkpointing the train step needs
+    # ~180 GB of temporaries per chip; --config.model.scan_layers=True --config.model.remat_policy=full
+    # --config.train.micro_batch_size=2 brings v5e's to 19 GB (still over its 15.75 GB). Not yet the default:
+    # no plan has shown a fitting setting on v5e-16 / v5p-8.
     c.data.prompts_per_step = t["prompts"]
     c.data.train_format = t["fmt"]
     c.data.eval_format = t["fmt"]
