@@ -58,6 +58,10 @@ class CheckpointFormatError(RuntimeError):
     """A checkpoint directory written in a layout this version does not read."""
 
 
+class CheckpointLookupError(LookupError):
+    """:func:`restore_item` found no checkpoint, no such step, or no such item at that step."""
+
+
 class NoUsableCheckpointError(RuntimeError):
     """Checkpoints exist but none of them can be restored (nothing was changed on disk)."""
 
@@ -231,6 +235,31 @@ class Checkpointer:
         """Finish pending saves and release resources."""
         self._mngr.wait_until_finished()
         self._mngr.close()
+
+
+def restore_item(directory: str, item: str, step: int | None = None, template: Any = None
+                 ) -> tuple[int, Any]:
+    """``(step, tree)``: the one named ``item`` of checkpoint ``step`` (default: the newest) under
+    ``directory``, read-only, onto ``template`` (None: raw nested dicts). Raises
+    :class:`CheckpointLookupError` naming the saved steps / the items kept at that step, and
+    :class:`CheckpointFormatError` for the old layout."""
+    ck = Checkpointer(directory, read_only=True)
+    try:
+        steps = ck.all_steps()
+        if not steps:
+            raise CheckpointLookupError(f"no checkpoint under {directory}")
+        if step is None:
+            step = steps[-1]
+        elif int(step) not in steps:
+            raise CheckpointLookupError(f"no checkpoint at step {step} (saved steps: {steps})")
+        have = ck.items_at(int(step))
+        if item not in have:
+            kept = [n for n in ITEM_NAMES if n in have]
+            raise CheckpointLookupError(f"checkpoint step {step} keeps no {item!r} item; it has {kept}")
+        tmpl = {} if template is None else {item: template}
+        return int(step), ck.restore(int(step), [item], tmpl)[item]
+    finally:
+        ck.close()
 
 
 def flat_params(tree: Mapping) -> dict[str, np.ndarray]:

@@ -16,7 +16,7 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any
 
-from awm_jax.checkpoint import Checkpointer, CheckpointFormatError, flat_params
+from awm_jax.checkpoint import CheckpointFormatError, CheckpointLookupError, flat_params, restore_item
 from awm_jax.convert import ConversionError
 from awm_jax.convert.lora_export import load_flax_lora, write_peft_lora
 from awm_jax.models.family import ModelFamily, get_family
@@ -73,25 +73,13 @@ def lora_from_workdir(workdir: str | os.PathLike, which: str = "policy", step: i
     if lora.get("full_finetune"):
         raise ConversionError(f"workdir {d}: lora.full_finetune run has no LoRA to export")
     fam, model_cfg = workdir_model(config, d)
-    ck = Checkpointer(str(d / "checkpoints"), read_only=True)
     try:
-        steps = ck.all_steps()
-        if not steps:
-            raise ConversionError(f"workdir {d}: no checkpoint under {d / 'checkpoints'}")
-        if step is None:
-            step = steps[-1]
-        elif int(step) not in steps:
-            raise ConversionError(f"workdir {d}: no checkpoint at step {step} (saved steps: {steps})")
-        item = _ITEM[which]
-        try:
-            tree = ck.restore(int(step), [item])[item]
-        except CheckpointFormatError as e:
-            raise ConversionError(f"workdir {d}: {e}") from None
-        except KeyError:
-            raise ConversionError(f"workdir {d}: checkpoint {step} keeps no {which} adapter "
-                                  "(for eval_ema: config ema.eval_ema is off)") from None
-    finally:
-        ck.close()
+        step, tree = restore_item(str(d / "checkpoints"), _ITEM[which], step)
+    except CheckpointFormatError as e:
+        raise ConversionError(f"workdir {d}: {e}") from None
+    except CheckpointLookupError as e:
+        hint = " (for eval_ema: config ema.eval_ema is off)" if which == "eval_ema" else ""
+        raise ConversionError(f"workdir {d}: {e}{hint}") from None
     cfg = fam.config_from_dict(model_cfg, source=f"workdir {d} model")
     params = flat_params(unstack_state(tree, fam.stacks(cfg)))
     reward = str((config.get("reward") or {}).get("name", ""))

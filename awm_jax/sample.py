@@ -42,7 +42,6 @@ from typing import Any
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 WHICH = {"trainable": "trainable", "policy": "trainable", "eval_ema": "eval_ema", "kl_ema": "kl_ema"}
-ADAPTER_ITEMS = ("trainable", "eval_ema", "kl_ema")
 SAMPLED_FAMILIES = ("sd35", "flux")
 
 
@@ -204,34 +203,20 @@ def restore_adapter(workdir: str, which: str = "trainable", step: int | None = N
                     templates: dict[str, Any] | None = None) -> tuple[int, Any]:
     """``(step, item)``: the adapter item ``which`` of checkpoint ``step`` (default newest) of ``workdir``,
     restored onto ``templates[which]`` (None: as raw nested dicts)."""
-    from awm_jax.checkpoint import Checkpointer, CheckpointFormatError
+    from awm_jax.checkpoint import CheckpointFormatError, CheckpointLookupError, restore_item
 
     item = WHICH.get(which)
     if item is None:
         raise SampleError(f"--which {which!r}: expected one of {sorted(WHICH)}")
-    ckdir = pathlib.Path(workdir) / "checkpoints"
-    ck = Checkpointer(str(ckdir), read_only=True)
+    tmpl = templates.get(which) if templates else None
     try:
-        steps = ck.all_steps()
-        if not steps:
-            raise SampleError(f"--run {workdir}: no checkpoint under {ckdir}")
-        if step is None:
-            step = steps[-1]
-        elif int(step) not in steps:
-            raise SampleError(f"--run {workdir}: no checkpoint at --step {step} (saved steps: {steps})")
-        try:
-            have = ck.items_at(int(step))
-        except CheckpointFormatError as e:
-            raise SampleError(f"--run {workdir}: {e}") from None
-        if item not in have:
-            kept = [n for n in ADAPTER_ITEMS if n in have]
-            raise SampleError(f"--run {workdir}: checkpoint step {step} keeps no {item!r} item (--which "
-                              f"{which}); it has {kept} (eval_ema needs ema.eval_ema, kl_ema an "
-                              "off-policy run)")
-        tmpl = {item: templates[which]} if templates and which in templates else {}
-        return int(step), ck.restore(int(step), [item], tmpl)[item]
-    finally:
-        ck.close()
+        return restore_item(str(pathlib.Path(workdir) / "checkpoints"), item, step, tmpl)
+    except CheckpointFormatError as e:
+        raise SampleError(f"--run {workdir}: {e}") from None
+    except CheckpointLookupError as e:
+        hint = (f" (--which {which}; eval_ema needs ema.eval_ema, kl_ema an off-policy run)"
+                if "keeps no" in str(e) else "")
+        raise SampleError(f"--run {workdir}: {e}{hint}") from None
 
 
 def load_run(args) -> tuple[Any, Any, int]:
@@ -260,42 +245,15 @@ def load_run(args) -> tuple[Any, Any, int]:
 
 
 def read_lora_folder(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """An exported LoRA folder -> ``(Flax params {module.lora_a|b}, info with rank / alpha)``: a
-    diffusers/peft folder (``pytorch_lora_weights.safetensors``) or a Flax LoRA folder
-    (``lora_config.json``)."""
-    import numpy as np
-    from safetensors import safe_open
+    """An exported LoRA folder -> ``(Flax params {module.lora_a|b}, info with rank / alpha)``
+    (``awm_jax.convert.lora_export.read_lora_folder``), errors as :class:`SampleError` naming ``--lora``."""
+    from awm_jax.convert import ConversionError
+    from awm_jax.convert.lora_export import read_lora_folder as read
 
-    from awm_jax.convert.lora_export import (
-        FLAX_LORA_CONFIG,
-        METADATA_KEY,
-        PEFT_WEIGHTS,
-        PREFIX,
-        load_flax_lora,
-    )
-
-    d = pathlib.Path(path)
-    if (d / FLAX_LORA_CONFIG).is_file():
-        return load_flax_lora(d)
-    f = d / PEFT_WEIGHTS
-    if not f.is_file():
-        raise SampleError(f"--lora {path}: neither a peft LoRA folder ({PEFT_WEIGHTS}) nor a Flax LoRA "
-                          f"folder ({FLAX_LORA_CONFIG}); export one with tools/convert_weights.py "
-                          "export-lora")
-    with safe_open(str(f), framework="np") as fh:
-        meta = json.loads((fh.metadata() or {}).get(METADATA_KEY, "{}"))
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    rank, alpha = meta.get(f"{PREFIX}.r"), meta.get(f"{PREFIX}.lora_alpha")
-    if rank is None or alpha is None:
-        raise SampleError(f"--lora {f}: the header has no {METADATA_KEY} with {PREFIX}.r and "
-                          f"{PREFIX}.lora_alpha (not an awm-jax export)")
-    params = {}
-    for k, v in tensors.items():
-        if not (k.startswith(PREFIX + ".") and k.endswith((".lora_A.weight", ".lora_B.weight"))):
-            raise SampleError(f"--lora {f}: tensor {k!r} is not {PREFIX}.<module>.lora_A/lora_B.weight")
-        mod, leaf = k[len(PREFIX) + 1:].rsplit(".", 2)[0], k.rsplit(".", 2)[1]
-        params[f"{mod}.{'lora_a' if leaf == 'lora_A' else 'lora_b'}"] = np.ascontiguousarray(np.asarray(v).T)
-    return params, {"rank": int(rank), "alpha": float(alpha)}
+    try:
+        return read(path)
+    except ConversionError as e:
+        raise SampleError(f"--lora {e}") from None
 
 
 def apply_lora(transformer, path: str) -> None:

@@ -48,6 +48,35 @@ def plot_curves(agg: dict[str, dict], ylabel: str, path: str, hline: float | Non
     return path
 
 
+DRIFT_PANELS = (("kl", "KL to the reference (train metric)"), ("lora_b_norm", "LoRA B-factor norm"),
+                ("reward_mean", "training reward mean"), ("adv_zero_frac", "fraction of zero advantages"))
+
+
+def plot_drift(curves: dict[str, list[dict]], path: str) -> str:
+    """Four panels over optimizer steps (seed mean per run key): what moves while accuracy drifts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    n_p = len(DRIFT_PANELS)
+    fig, axes = plt.subplots(1, n_p, figsize=(4 * n_p, 3.6), constrained_layout=True)
+    for ax, (key, title) in zip(axes, DRIFT_PANELS):
+        for algo, cs in curves.items():
+            n = min(len(c["steps"]) for c in cs)
+            y = np.nanmean([c["drift"][key][:n] for c in cs], axis=0)
+            ax.plot(cs[0]["steps"][:n], y, label=label(algo))
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("optimizer step (epoch)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _fmt_hit(hit: dict | None) -> str:
     if hit is None:
         return "not reached"
@@ -128,6 +157,59 @@ ACCOUNTING = (
 )
 
 
+def _methods_table(res: dict) -> list[str]:
+    """Every run key: where it first reaches A*, its speedups over the Flow-GRPO key that set A*, its peak
+    and its end (stability: the drop after the peak)."""
+    h = res["headline"]
+    base = h["per_key"].get(h["baseline_key"])
+    lines = ["| method | first reaches A* | speedup FPE | speedup wall | peak (step) | final (step) | drop |",
+             "|---|---|---|---|---|---|---|"]
+    for key, st in res["stability"].items():
+        hit = h["per_key"].get(key)
+        sf = sw = None
+        if hit is not None and base is not None and base["step"] > 0 and hit["step"] > 0:
+            sf, sw = speedup_of(base["fpe"], hit["fpe"]), speedup_of(base["wall_s"], hit["wall_s"])
+        lines.append(f"| {label(key)} | {_fmt_hit(hit)} | {_fmt_x(sf)} | {_fmt_x(sw)} | "
+                     f"{st['peak']:.3f} ({st['peak_step']}) | {st['final']:.3f} ({st['final_step']}) | "
+                     f"{st['drop']:.3f} |")
+    return lines
+
+
+def speedup_of(baseline: float, ours: float) -> float | None:
+    return baseline / ours if baseline > 0 and ours > 0 else None
+
+
+def _sweep_table(rows: list[dict]) -> list[str]:
+    lines = ["| method (lr) | seeds | peak seed-mean accuracy (step) | final (step) | drop "
+             "| final train reward |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {label(r['key'])} | {', '.join(map(str, r['seeds']))} | {r['peak']:.3f} "
+                     f"({r['peak_step']}) | {r['final']:.3f} ({r['final_step']}) | {r['drop']:.3f} | "
+                     f"{r['final_reward']:.3f} |")
+    return lines
+
+
+def _drift_tables(drift: dict[str, dict], every: int = 4) -> list[str]:
+    lines = []
+    for key, d in drift.items():
+        rows = [r for r in d["rows"] if r["step"] % every == 0 or r is d["rows"][-1]]
+        if not rows:
+            continue
+        tags = list(rows[0]["per_tag"])
+        lines += [f"**{label(key)}** (mean of {d['n']} seeds)", "",
+                  "| step | held-out | train reward | kl | lora_norm | lora_b_norm | adv_abs_mean "
+                  "| adv_zero_frac | zero_std_frac | " + " | ".join(tags) + " |",
+                  "|---" * (9 + len(tags)) + "|"]
+        for r in rows:
+            lines.append(f"| {r['step']} | {r['accuracy']:.3f} | {r['reward_mean']:.3f} | {r['kl']:.2e} | "
+                         f"{r['lora_norm']:.3f} | {r['lora_b_norm']:.3f} | {r['adv_abs_mean']:.3f} | "
+                         f"{r['adv_zero_frac']:.3f} | {r['zero_std_frac']:.3f} | "
+                         + " | ".join(f"{r['per_tag'][t]:.3f}" for t in tags) + " |")
+        lines.append("")
+    return lines
+
+
 def _headline_lines(h: dict) -> list[str]:
     note = f" ({h['note']})" if h["note"] else ""
     return [
@@ -176,6 +258,12 @@ def write_report(
         "",
         *_headline_lines(res["headline"]),
         "",
+        "## Every method: reaching A*, peak and drift after it (seed means)",
+        "",
+        *_methods_table(res),
+        "",
+        *(["## Learning-rate sweep (one seed per lr; the rest of the report: each method at its best lr)", "",
+           *_sweep_table(res["sweep"]), ""] if res.get("sweep") else []),
         "## Final held-out accuracy (last eval, mean +- std over seeds)",
         "",
         *_final_table(res["final"]),
@@ -184,6 +272,9 @@ def write_report(
         "",
         *_curve_table(res["accuracy"]),
         "",
+        "## What moves (per eval step, seed means; kl is the step's train metric)",
+        "",
+        *_drift_tables(res["drift"]),
         "Plots: " + ", ".join(f"`{os.path.basename(p)}`" for p in pngs),
         "",
     ]

@@ -14,14 +14,15 @@ every call it wraps (the model runs on ``[uncond; cond]``).  ``batch = prompts_p
 
 - rollout (both): ``batch x sample.num_steps x (2 if sample.guidance_scale != 1 else 1)`` (ODE / SDE / CPS /
   SA-Solver all call the model once per sampling step).
-- AWM training (``awm_jax.rl.train_step._awm_loss_fn`` + ``awm_jax.rl.awm.awm_loss``): per sample and
+- AWM training (``awm_jax.rl.losses.awm_loss_fn`` + ``awm_jax.rl.awm.awm_loss``): per sample and
   training time, the policy pass with gradient (3), the reference pass (LoRA B = 0) only if
   ``awm.beta != 0`` (+1), the kl-EMA pass only if ``awm.ema_beta != 0`` (+1), and off-policy
   (``awm.on_policy = False``) the ``logp_old`` pass with the kl-EMA adapter (+1, on-policy uses
   ``stopgrad(logp)`` of the policy pass): ``batch x awm.train_timesteps x (3 + ...)``.
-- Flow-GRPO training (``_grpo_loss_fn`` + ``awm_jax.rl.grpo.flow_grpo_step_loss``): per sample and trained
-  sampling step (``int(sample.num_steps x flow_grpo.timestep_fraction)``) the policy pass (3) and the
-  reference pass only if ``flow_grpo.beta != 0`` (+1), both with ``sample.guidance_scale``'s CFG (x2).
+- Flow-GRPO training (``awm_jax.rl.losses.grpo_loss_fn`` + ``awm_jax.rl.grpo.flow_grpo_step_loss``): per
+  sample and trained sampling step (``int(sample.num_steps x flow_grpo.timestep_fraction)``) the policy
+  pass (3) and the reference pass only if ``flow_grpo.beta != 0`` (+1), both with ``sample.guidance_scale``'s
+  CFG (x2).
 - Evaluation (40-step ODE on the held-out prompts) is NOT counted: it is the same for both algorithms.
 
 **Wall-clock**: the x-axis is the *training* wall time: the sum over steps of ``batch / samples_per_s``
@@ -54,7 +55,15 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bench_utils as U  # noqa: E402
-from _toy_compare_report import ALGOS, LABELS, NAME, plot_curves, write_jsonl, write_report  # noqa: E402
+from _toy_compare_report import (  # noqa: E402
+    ALGOS,
+    LABELS,
+    NAME,
+    plot_curves,
+    plot_drift,
+    write_jsonl,
+    write_report,
+)
 
 # THE method table: name -> (label, config file, config overrides). Add a method (e.g. another objective's
 # configs/toy_<objective>.py) with one line here; workdirs are cached per (method, lr, seed).
@@ -71,6 +80,9 @@ LABELS.update({m: v[0] for m, v in METHODS.items()})
 PINNED_ENV = {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
 PINNED_ENV.update(dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"), "1"))
 TOL = 1e-9  # ">= A*" tolerance against float summation order only
+# What moves during training (per step, from metrics.jsonl; awm_jax.rl.epoch.drift_stats and the step's kl)
+DRIFT_KEYS = ("reward_mean", "kl", "lora_norm", "lora_b_norm", "adv_abs_mean", "adv_zero_frac",
+              "zero_std_frac")
 
 
 # ----------------------------------------------------------------------------- compute accounting
@@ -264,6 +276,7 @@ def run_curves(run: dict) -> dict[str, Any]:
         "train_wall_s": train_wall,
         "wall_s": [float(m["wall_s"]) for m in run["metrics"]],
         "reward_mean": [float(m["reward_mean"]) for m in run["metrics"]],
+        "drift": {k: [float(m.get(k, math.nan)) for m in run["metrics"]] for k in DRIFT_KEYS},
         "eval": {
             "step": [int(e["step"]) for e in evals],
             "cum_fpe": [int(e["step"]) * fpe["total"] for e in evals],
@@ -369,25 +382,69 @@ def final_accuracy(curves: list[dict]) -> dict[str, Any]:
     }
 
 
+def stability(agg: dict) -> dict[str, Any]:
+    """Peak and end of a seed-mean accuracy curve: ``peak`` (value, step), ``final`` (last point) and
+    ``drop`` = peak - final (>= 0; 0 when the curve ends at its peak)."""
+    i = int(np.argmax(agg["mean"]))
+    return {"peak": agg["mean"][i], "peak_step": agg["step"][i], "final": agg["mean"][-1],
+            "final_step": agg["step"][-1], "drop": agg["mean"][i] - agg["mean"][-1]}
+
+
+def drift_table(curves: list[dict], every: int | None = None) -> dict[str, Any]:
+    """Seed means of the drift series (:data:`DRIFT_KEYS`) and of the held-out accuracy (overall and per
+    tag) at every eval step > 0 (or every ``every``-th of them)."""
+    steps = sorted(set.intersection(*(set(c["eval"]["step"]) for c in curves)) - {0})
+    if every:
+        steps = [s for s in steps if s % every == 0 or s == steps[-1]]
+    rows = []
+    for s in steps:
+        row: dict[str, Any] = {"step": s}
+        for k in DRIFT_KEYS:
+            row[k] = float(np.nanmean([c["drift"][k][c["steps"].index(s)] for c in curves]))
+        ev = [c["eval"]["step"].index(s) for c in curves]
+        row["accuracy"] = float(np.mean([c["eval"]["overall"][i] for c, i in zip(curves, ev)]))
+        tags = sorted(set.intersection(*(set(c["eval"]["per_tag"][i]) for c, i in zip(curves, ev))))
+        row["per_tag"] = {t: float(np.mean([c["eval"]["per_tag"][i][t] for c, i in zip(curves, ev)]))
+                          for t in tags}
+        rows.append(row)
+    return {"n": len(curves), "rows": rows}
+
+
+def sweep_summary(curves: dict[str, list[dict]]) -> list[dict[str, Any]]:
+    """One row per run key ``method@lr`` of the sweep: seeds, peak / final seed-mean accuracy (stability)
+    and the final training reward."""
+    rows = []
+    for key, cs in curves.items():
+        st = stability(aggregate([accuracy_points(c) for c in cs]))
+        rows.append({"key": key, "seeds": [c["seed"] for c in cs], **st,
+                     "final_reward": float(np.mean([c["reward_mean"][-1] for c in cs]))})
+    return rows
+
+
 def analyze(curves: dict[str, list[dict]]) -> dict[str, Any]:
     """Aggregates, headline and final accuracies from ``{algo: [run_curves per seed]}``."""
     acc = {a: aggregate([accuracy_points(c) for c in curves[a]]) for a in curves}
     rew = {a: aggregate([reward_points(c) for c in curves[a]]) for a in curves}
     final = {a: final_accuracy(curves[a]) for a in curves}
     algos = {a: str(curves[a][0]["algorithm"]) for a in curves}
-    return {"accuracy": acc, "reward": rew, "headline": headline(acc, algos), "final": final}
+    return {"accuracy": acc, "reward": rew, "headline": headline(acc, algos), "final": final,
+            "stability": {a: stability(acc[a]) for a in acc},
+            "drift": {a: drift_table(curves[a]) for a in curves}}
 
 
 # ----------------------------------------------------------------------------- outputs
 
 
 def write_outputs(
-    out_dir: str, curves: dict[str, list[dict]], command: str, machine: dict | None = None
+    out_dir: str, curves: dict[str, list[dict]], command: str, machine: dict | None = None,
+    sweep: dict[str, list[dict]] | None = None,
 ) -> dict[str, Any]:
-    """Analyze ``curves`` and write the report, JSONL and both PNGs into ``out_dir``; returns the analysis
-    with ``paths``."""
+    """Analyze ``curves`` (and the learning-rate ``sweep``'s curves, if any) and write the report, JSONL and
+    the PNGs into ``out_dir``; returns the analysis with ``paths``."""
     os.makedirs(out_dir, exist_ok=True)
     res = analyze(curves)
+    if sweep:
+        res["sweep"] = sweep_summary(sweep)
     base = os.path.join(out_dir, NAME)
     pngs = [
         plot_curves(
@@ -397,6 +454,7 @@ def write_outputs(
             hline=res["headline"]["a_star"],
         ),
         plot_curves(res["reward"], "training reward mean", base + "_reward.png"),
+        plot_drift(curves, base + "_drift.png"),
     ]
     configs = {a: next(iter(curves[a]))["config"] for a in curves}
     curves_out = {a: [{k: v for k, v in c.items() if k != "config"} for c in curves[a]] for a in curves}
@@ -492,7 +550,9 @@ def main(argv=None) -> dict[str, Any]:
     if not a.analyze_only:
         _train(a, a.methods, lrs, a.seeds)
     curves = load_curves(a.root, a.seeds, a.methods, lrs)
+    sweep = None
     if a.best_seeds is not None:
+        sweep = curves
         best = best_lrs(curves, a.methods, lrs)
         print(f"[{NAME}] best lr per method: {best}", flush=True)
         curves = {}
@@ -501,7 +561,7 @@ def main(argv=None) -> dict[str, Any]:
                 _train(a, [m], [lr], a.best_seeds)
             curves.update(load_curves(a.root, a.best_seeds, [m], [lr]))
     out = a.out or os.path.join(a.root, "report")
-    res = write_outputs(out, curves, command, machine=U.machine_info("cpu"))
+    res = write_outputs(out, curves, command, machine=U.machine_info("cpu"), sweep=sweep)
     with open(res["paths"]["md"]) as f:
         print(f.read())
     return res

@@ -96,7 +96,9 @@ def _fake_run(root, algo, seed, acc, sps, steps=4):
     _write(
         os.path.join(wd, "metrics.jsonl"),
         [
-            {"step": s, "reward_mean": 0.1 * s + seed, "samples_per_s": sps, "wall_s": 10.0 * s}
+            {"step": s, "reward_mean": 0.1 * s + seed, "samples_per_s": sps, "wall_s": 10.0 * s,
+             "kl": 1e-3 * s, "lora_norm": 1.0 + s, "lora_b_norm": 0.1 * s + seed, "adv_abs_mean": 0.5,
+             "adv_zero_frac": 0.05 * s, "zero_std_frac": 0.0}
             for s in range(1, steps + 1)
         ],
     )
@@ -148,6 +150,7 @@ def test_headline_speedup_and_outputs(tmp_path):
     assert [os.path.basename(p) for p in res["paths"]["png"]] == [
         "toy_awm_vs_flow_grpo_accuracy.png",
         "toy_awm_vs_flow_grpo_reward.png",
+        "toy_awm_vs_flow_grpo_drift.png",
     ]
     md = open(res["paths"]["md"]).read()
     assert "3.07x" in md and "4.00x" in md and "counting" in md and "--x" in md
@@ -207,3 +210,25 @@ def test_methods_lr_workdirs_cached_and_best_lr(tmp_path):
     assert not B.is_done(str(tmp_path / "missing"))
     c = B.load_curves(str(tmp_path), [0], ["awm"], ["1e-3", "3e-3"])
     assert list(c) == ["awm@1e-3", "awm@3e-3"] and B.best_lrs(c, ["awm"], ["1e-3", "3e-3"]) == {"awm": "3e-3"}
+
+
+def test_stability_drift_and_sweep_tables(tmp_path):
+    """Peak / final / drop of the seed-mean curve, drift rows (seed means at eval steps), the sweep rows and
+    the per-method table in the report, re-derived by hand from the fake runs."""
+    c = _curves(tmp_path, [0.2, 0.4, 0.3], [0.2, 0.25, 0.3])
+    st = B.stability(B.aggregate([B.accuracy_points(x) for x in c["awm"]]))
+    assert (st["peak_step"], st["final_step"]) == (2, 4)
+    assert (st["peak"], st["final"], st["drop"]) == pytest.approx((0.4, 0.3, 0.1))
+    d = B.drift_table(c["awm"])
+    assert [r["step"] for r in d["rows"]] == [2, 4] and d["n"] == 2
+    r4 = d["rows"][1]  # seeds 0 and 1: lora_b_norm 0.4 and 1.4, adv_zero_frac 0.2
+    assert r4["lora_b_norm"] == pytest.approx(0.9) and r4["kl"] == pytest.approx(4e-3)
+    assert r4["adv_zero_frac"] == pytest.approx(0.2) and r4["accuracy"] == pytest.approx(0.3)
+    assert r4["per_tag"]["counting"] == pytest.approx(0.15)
+    res = B.write_outputs(str(tmp_path / "out"), c, "cmd", sweep=c)
+    assert [r["key"] for r in res["sweep"]] == ["awm", "flow_grpo"]
+    assert res["sweep"][1]["drop"] == pytest.approx(0.0) and res["sweep"][0]["final_reward"] == pytest.approx(0.9)
+    md = open(res["paths"]["md"]).read()
+    assert "Learning-rate sweep" in md and "What moves" in md and "| 0.400 (2) | 0.300 (4) | 0.100 |" in md
+    assert os.path.basename(res["paths"]["png"][-1]) == "toy_awm_vs_flow_grpo_drift.png"
+    assert os.path.getsize(res["paths"]["png"][-1]) > 0

@@ -185,7 +185,7 @@ def test_errors_name_the_workdir_step_and_item(world, tmp_path, capsys):
         for n in needles:
             assert n in err, (n, err)
 
-    fails(["--run", run, "--step", "9"], run, "no checkpoint at --step 9 (saved steps: [1, 2])")
+    fails(["--run", run, "--step", "9"], run, "no checkpoint at step 9 (saved steps: [1, 2])")
     fails(["--run", str(tmp_path)], str(tmp_path), "not a trainer workdir")
     fails(["--model", str(world["pipe_dir"]), "--step", "1"], "--step", "needs --run")
     fails(["--run", run, "--lora", str(tmp_path)], "--lora")

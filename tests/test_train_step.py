@@ -298,3 +298,21 @@ def test_flow_grpo_second_step_of_an_epoch_is_off_policy():
     state, m2 = step(state, base, p2, jax.random.key(1))
     assert float(m1["ratio_mean"]) == pytest.approx(1.0, abs=1e-5) and float(m1["clip_frac"]) == 0.0
     assert float(m2["clip_frac"]) > 0.0  # ratios outside [1 - 1e-4, 1 + 1e-4]: the clip binds
+
+
+def test_drift_stats_against_numpy():
+    """lora_norm / lora_b_norm (one jitted reduction) and the advantage statistics, re-derived in NumPy."""
+    from awm_jax.rl.epoch import drift_stats
+
+    rng = np.random.default_rng(0)
+    tree = {"blk": {"lora_a": rng.normal(size=(3, 2)), "lora_b": rng.normal(size=(2, 4))},
+            "out": {"lora_a": rng.normal(size=(5, 2)), "lora_b": rng.normal(size=(2, 1))}}
+    state = ts.TrainState(step=jnp.zeros((), jnp.int32), trainable=jax.tree.map(jnp.asarray, tree),
+                          opt_state=None)
+    adv = np.array([0.5, -1.0, 0.0, 2.0, 0.0])
+    d = drift_stats(state, adv)
+    leaves = [v for blk in tree.values() for v in blk.values()]
+    b = [blk["lora_b"] for blk in tree.values()]
+    assert d["lora_norm"] == pytest.approx(np.sqrt(sum((x ** 2).sum() for x in leaves)), rel=1e-6)
+    assert d["lora_b_norm"] == pytest.approx(np.sqrt(sum((x ** 2).sum() for x in b)), rel=1e-6)
+    assert (d["adv_abs_mean"], d["adv_pos_frac"], d["adv_zero_frac"]) == pytest.approx((0.7, 0.4, 0.4))

@@ -119,6 +119,41 @@ def load_flax_lora(src: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[
     return load_file(str(d / FLAX_LORA_WEIGHTS)), json.loads((d / FLAX_LORA_CONFIG).read_text())
 
 
+def read_peft_lora(src: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """A diffusers/peft LoRA folder written by :func:`write_peft_lora` -> ``(Flax params {module.lora_a|b}
+    (in, r) / (r, out), info {rank, alpha})``; rank and alpha come from the safetensors header."""
+    from safetensors import safe_open
+
+    f = pathlib.Path(src) / PEFT_WEIGHTS
+    with safe_open(str(f), framework="np") as fh:
+        meta = json.loads((fh.metadata() or {}).get(METADATA_KEY, "{}"))
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    rank, alpha = meta.get(f"{PREFIX}.r"), meta.get(f"{PREFIX}.lora_alpha")
+    if rank is None or alpha is None:
+        raise ConversionError(f"{f}: the header has no {METADATA_KEY} with {PREFIX}.r and "
+                              f"{PREFIX}.lora_alpha (not an awm-jax export)")
+    params = {}
+    for k, v in tensors.items():
+        if not (k.startswith(PREFIX + ".") and k.endswith((".lora_A.weight", ".lora_B.weight"))):
+            raise ConversionError(f"{f}: tensor {k!r} is not {PREFIX}.<module>.lora_A/lora_B.weight")
+        mod, leaf = k[len(PREFIX) + 1:].rsplit(".", 2)[0], k.rsplit(".", 2)[1]
+        params[f"{mod}.{'lora_a' if leaf == 'lora_A' else 'lora_b'}"] = np.ascontiguousarray(np.asarray(v).T)
+    return params, {"rank": int(rank), "alpha": float(alpha)}
+
+
+def read_lora_folder(src: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """A Flax LoRA folder (``lora_config.json``) or a diffusers/peft one
+    (``pytorch_lora_weights.safetensors``) -> ``(params, info)``; anything else raises
+    :class:`ConversionError` saying how to make one."""
+    d = pathlib.Path(src)
+    if (d / FLAX_LORA_CONFIG).is_file():
+        return load_flax_lora(d)
+    if not (d / PEFT_WEIGHTS).is_file():
+        raise ConversionError(f"{src}: neither a peft LoRA folder ({PEFT_WEIGHTS}) nor a Flax LoRA folder "
+                              f"({FLAX_LORA_CONFIG}); export one with tools/convert_weights.py export-lora")
+    return read_peft_lora(d)
+
+
 def write_peft_lora(params: Mapping[str, Any], info: Mapping[str, Any], dst: str | os.PathLike,
                     model_config: Mapping[str, Any], model: str) -> pathlib.Path:
     """Flax LoRA ``params`` (+ ``info`` with rank/alpha and card fields) -> diffusers/peft LoRA folder

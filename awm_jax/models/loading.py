@@ -66,14 +66,8 @@ def load_transformer(path: str | os.PathLike, dtype: Any = None, *, param_dtype:
     if mesh is not None:
         return _load_on_mesh(path, fam, mesh, dtype, param_dtype, seed, model_kwargs)
     config, _, tensors = read_flax_params(path, fam.converter)
-    cfg = fam.config_from_dict(config, source=f"{path}")
-    pdt = jnp.dtype(jnp.float32 if param_dtype is None else param_dtype)
-    kwargs = dict(dtype=jnp.float32 if dtype is None else dtype, param_dtype=pdt, **model_kwargs)
-
-    def build():
-        return fam.build(cfg, rngs=nnx.Rngs(seed), **kwargs)
-
-    graphdef, abstract = nnx.split(nnx.eval_shape(build))
+    cfg, pdt, build, graphdef, abstract = _abstract_model(fam, config, path, dtype, param_dtype, seed,
+                                                          model_kwargs)
     flat = list(nnx.to_flat_state(abstract))
 
     values: dict[tuple, jax.Array] = {}
@@ -81,7 +75,7 @@ def load_transformer(path: str | os.PathLike, dtype: Any = None, *, param_dtype:
         if fam.skip_tensor(key, arr, cfg, str(path)):
             continue
         values[_path(key)] = jnp.asarray(arr, dtype=pdt)
-    if kwargs.get("scan_layers"):
+    if model_kwargs.get("scan_layers"):
         values = dict(flatten(stack_state(nest(values), fam.stacks(cfg))))
 
     missing = [p for p, v in flat if p not in values]
@@ -98,21 +92,28 @@ def load_transformer(path: str | os.PathLike, dtype: Any = None, *, param_dtype:
     return nnx.merge(graphdef, nnx.from_flat_state(out))
 
 
+def _abstract_model(fam: ModelFamily, config: dict, path, dtype, param_dtype, seed: int, model_kwargs: dict):
+    """``(cfg, param dtype, build, graphdef, abstract state)`` of the model ``config.json`` describes."""
+    cfg = fam.config_from_dict(config, source=f"{path}")
+    pdt = jnp.dtype(jnp.float32 if param_dtype is None else param_dtype)
+    kwargs = dict(dtype=jnp.float32 if dtype is None else dtype, param_dtype=pdt, **model_kwargs)
+
+    def build():
+        return fam.build(cfg, rngs=nnx.Rngs(seed), **kwargs)
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(build))
+    return cfg, pdt, build, graphdef, abstract
+
+
 def _load_on_mesh(path, fam: ModelFamily, mesh: Mesh, dtype, param_dtype, seed: int, model_kwargs: dict):
     """:func:`load_transformer` with ``mesh``: every parameter born sharded, read shard by shard."""
     config, _, reader, tensors = open_flax_slices(path, fam.converter)
     with reader:
-        cfg = fam.config_from_dict(config, source=f"{path}")
-        pdt = jnp.dtype(jnp.float32 if param_dtype is None else param_dtype)
-        kwargs = dict(dtype=jnp.float32 if dtype is None else dtype, param_dtype=pdt, **model_kwargs)
-
-        def build():
-            return fam.build(cfg, rngs=nnx.Rngs(seed), **kwargs)
-
-        graphdef, abstract = nnx.split(nnx.eval_shape(build))
+        cfg, pdt, build, graphdef, abstract = _abstract_model(fam, config, path, dtype, param_dtype, seed,
+                                                              model_kwargs)
         flat = list(nnx.to_flat_state(abstract))
         shardings = dict(nnx.to_flat_state(parallel.state_shardings(abstract, mesh)))
-        stacks = fam.stacks(cfg) if kwargs.get("scan_layers") else ()
+        stacks = fam.stacks(cfg) if model_kwargs.get("scan_layers") else ()
         source = {_path(k): (tuple(shape), read) for k, shape, _, read in tensors}
         used: set[tuple] = set()
         out, missing = [], []
