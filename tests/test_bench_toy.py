@@ -227,7 +227,8 @@ def test_stability_drift_and_sweep_tables(tmp_path):
     assert r4["per_tag"]["counting"] == pytest.approx(0.15)
     res = B.write_outputs(str(tmp_path / "out"), c, "cmd", sweep=c)
     assert [r["key"] for r in res["sweep"]] == ["awm", "flow_grpo"]
-    assert res["sweep"][1]["drop"] == pytest.approx(0.0) and res["sweep"][0]["final_reward"] == pytest.approx(0.9)
+    assert res["sweep"][1]["drop"] == pytest.approx(0.0)
+    assert res["sweep"][0]["final_reward"] == pytest.approx(0.9)
     md = open(res["paths"]["md"]).read()
     assert "Learning-rate sweep" in md and "What moves" in md and "| 0.400 (2) | 0.300 (4) | 0.100 |" in md
     assert os.path.basename(res["paths"]["png"][-1]) == "toy_awm_vs_flow_grpo_drift.png"

@@ -3,7 +3,9 @@
 One launch of ``python -m awm_jax.train`` per process (``--coordinator_address/--num_processes/--process_id``,
 2 fake CPU devices each) against one process with 4 devices: the same config and seed give the same rewards
 and losses per step, and a 2-process run stopped after step 2 and resumed reaches step 4 with the
-uninterrupted run's numbers. Every subprocess has a timeout, so a hung collective fails the test.
+uninterrupted run's numbers; each epoch makes two optimizer steps (``train.steps_per_epoch``: the parts are
+drawn from the global batch, the same on every process). Every subprocess has a timeout, so a hung
+collective fails the test.
 """
 
 import json
@@ -23,6 +25,7 @@ OVERRIDES = {
     "sample.num_steps": 3, "train.micro_batch_size": 4, "eval.every": 0, "log.progress": "false",
     "log.tensorboard": "false", "checkpoint.every": 2, "checkpoint.async_save": "true",
     "reward.name": "jpeg_compressibility",  # a continuous reward: non-zero advantages and losses
+    "train.steps_per_epoch": 2,  # two optimizer steps on shuffled halves of each epoch's global rollouts
 }
 # XLA:CPU without its expensive optimisations: half the compile time of the train step; every run of the test
 # compiles with the same flags, so the 1-vs-2-process and resume comparisons are unaffected
@@ -108,6 +111,7 @@ def test_two_processes_match_one_process_and_resume(runs):
     assert [r["step"] for r in m1] == [1, 2, 3, 4]
     assert [r["step"] for r in m2] == [1, 2, 3, 4]  # steps 3-4 came from the resumed launch
     assert "resumed from step 2" in open(f"{two}.log0").read()
+    assert [r["opt_steps"] for r in m1] == [2, 4, 6, 8] and [r["opt_steps"] for r in m2] == [2, 4, 6, 8]
     for r1, r2 in zip(m1, m2):
         for k in KEYS:
             # same samples, noise and global order: rewards agree exactly; losses and gradient norms to ~1e-6

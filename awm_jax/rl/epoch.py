@@ -21,7 +21,7 @@ def epoch_parts(batch: dict, parts: int, key, mesh=None) -> list[dict]:
         raise ValueError(f"config key train.steps_per_epoch = {parts} must be >= 1")
     if parts == 1:
         return [batch]
-    n = int(np.asarray(batch["advantages"]).shape[0])
+    n = int(batch["advantages"].shape[0])  # the global row count (no fetch: rows may sit on other hosts)
     if n % parts:
         raise ValueError(f"config key train.steps_per_epoch = {parts} does not divide the {n} rollouts of an "
                          "epoch (data.prompts_per_step x data.group_size)")
