@@ -450,7 +450,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 batch["advantages"] = _local_advantages(adv, pos, len(groups), block, mesh)
                 parts, finite = [], True
                 k_perm = jax.random.fold_in(k_train, 1 << 20)  # the shuffle; part j > 0: fold_in(k_train, j)
-                for j, part in enumerate(epoch_parts(batch, int(config.train.steps_per_epoch), k_perm, mesh)):
+                parts_of_epoch = epoch_parts(batch, int(config.train.steps_per_epoch), k_perm, mesh, step)
+                for j, part in enumerate(parts_of_epoch):
                     backup = None
                     if guarded is not True:  # keep a copy until we know the step skips non-finite updates
                         backup = jax.tree.map(lambda x: jnp.array(x, copy=True), state)

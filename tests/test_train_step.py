@@ -316,3 +316,33 @@ def test_drift_stats_against_numpy():
     assert d["lora_norm"] == pytest.approx(np.sqrt(sum((x ** 2).sum() for x in leaves)), rel=1e-6)
     assert d["lora_b_norm"] == pytest.approx(np.sqrt(sum((x ** 2).sum() for x in b)), rel=1e-6)
     assert (d["adv_abs_mean"], d["adv_pos_frac"], d["adv_zero_frac"]) == pytest.approx((0.7, 0.4, 0.4))
+
+
+def test_old_policy_fixed_within_an_epoch():
+    """elbo_grpo with train.steps_per_epoch = 2: the old policy (kl-EMA adapter, which sampled the epoch's
+    rollouts) is the same for both parts and moves once, after the last, with the decay of epoch 3 applied to
+    the twice-updated adapter (re-derived: kl <- d kl + (1 - d) theta, d = min(rate x epoch, max))."""
+    from awm_jax.rl import ema as ema_lib
+    from awm_jax.rl.epoch import epoch_parts
+
+    cfg = config_lib.load_config("configs/toy_elbo_grpo.py")
+    cfg.model.dtype = "float32"
+    cfg.lora.rank, cfg.lora.alpha = 2, 4.0
+    cfg.awm.train_timesteps = 2
+    cfg.train.micro_batch_size = N
+    cfg.optim.lr = 1e-2
+    g, base, state = ts.create_train_state(_model(), cfg)
+    state = state.replace(trainable=jax.tree.map(lambda a: a + 0.01, state.trainable))
+    kl0 = _copy(state.kl_ema)
+    step = ts.make_train_step(g, cfg, None)
+    p1, p2 = epoch_parts(_batch(adv=np.linspace(-1, 1, N)), 2, jax.random.key(3), epoch=3)
+    assert not bool(p1["epoch_end"]) and bool(p2["epoch_end"]) and int(p2["epoch"]) == 3
+    state, m1 = step(state, base, p1, jax.random.key(0))
+    _assert_tree_close(_copy(state.kl_ema), kl0, rtol=0, atol=0)  # unchanged after the first part
+    assert float(m1["ratio_mean"]) != pytest.approx(1.0, abs=1e-7)  # old policy != the trained adapter
+    state, _ = step(state, base, p2, jax.random.key(1))
+    d = min(float(cfg.ema.kl_decay_rate) * 3, float(cfg.ema.kl_decay_max))
+    want = jax.tree.map(lambda k, p: d * k + (1 - d) * np.asarray(p), kl0, _copy(state.trainable))
+    _assert_tree_close(_copy(state.kl_ema), want, rtol=1e-5, atol=1e-7)
+    assert int(state.step) == 2 and d == pytest.approx(ema_lib.kl_ema_decay(3, cfg.ema.kl_decay_rate,
+                                                                             cfg.ema.kl_decay_max))

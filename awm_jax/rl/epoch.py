@@ -13,10 +13,15 @@ from awm_jax import parallel
 __all__ = ["epoch_parts", "merge_part_metrics", "drift_stats"]
 
 
-def epoch_parts(batch: dict, parts: int, key, mesh=None) -> list[dict]:
+def epoch_parts(batch: dict, parts: int, key, mesh=None, epoch: int | None = None) -> list[dict]:
     """The epoch's rollouts shuffled (by ``key``) and split into ``parts`` disjoint equal parts, one optimizer
     step each (``train.steps_per_epoch``); 1 = the whole batch, unshuffled. Old log-probs stay the rollout's,
-    so a Flow-GRPO step after the first is off-policy (its ratio moves and the clip binds)."""
+    so a Flow-GRPO step after the first is off-policy (its ratio moves and the clip binds).
+
+    With several parts each carries two scalars for the train step: ``epoch_end`` (True on the last part
+    only) and ``epoch`` (the epoch number, if given): the old policy (the kl-EMA adapter, which sampled these
+    rollouts for nft / elbo_grpo / off-policy AWM) then stays fixed through the epoch and moves once after its
+    last part, with its decay counted in epochs (DiffusionNFT's per-epoch update)."""
     if parts < 1:
         raise ValueError(f"config key train.steps_per_epoch = {parts} must be >= 1")
     if parts == 1:
@@ -32,8 +37,12 @@ def epoch_parts(batch: dict, parts: int, key, mesh=None) -> list[dict]:
     for j in range(parts):  # global arrays on several hosts: the same replicated index on every host
         idx = np.sort(perm[j * size:(j + 1) * size])
         idx = parallel.put(idx, rep) if rep is not None else jnp.asarray(idx)
-        out.append({k: (_take_rows(v, idx) if hasattr(v, "shape") and v.ndim and v.shape[0] == n else v)
-                    for k, v in batch.items()})
+        part = {k: (_take_rows(v, idx) if hasattr(v, "shape") and v.ndim and v.shape[0] == n else v)
+                for k, v in batch.items()}
+        part["epoch_end"] = np.asarray(j == parts - 1)
+        if epoch is not None:
+            part["epoch"] = np.asarray(epoch, np.int32)
+        out.append(part)
     return out
 
 

@@ -306,8 +306,11 @@ def make_train_step(graphdef, config, mesh: Mesh | None = None, *, negative=None
         new_params = optax.apply_updates(params, updates)
         new_step = state.step + 1
         kl = state.kl_ema
-        if kl is not None:
-            kl = ema_lib.kl_ema_update(kl, new_params, new_step, kl_rate, kl_max)
+        if kl is not None:  # per optimizer step; with epoch parts (rl.epoch) once per epoch, after its last
+            kl_new = ema_lib.kl_ema_update(kl, new_params, batch.get("epoch", new_step), kl_rate, kl_max)
+            if "epoch_end" in batch:
+                kl_new = jax.tree.map(lambda a, b: jnp.where(batch["epoch_end"], a, b), kl_new, kl)
+            kl = kl_new
         ev = state.eval_ema
         if ev is not None:
             ev = ema_lib.eval_ema_update(ev, new_params, new_step, float(e.eval_decay_max),
@@ -316,7 +319,7 @@ def make_train_step(graphdef, config, mesh: Mesh | None = None, *, negative=None
         out = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
         metrics = dict(aux)
         metrics.update(grad_norm=grad_norm, finite=finite, step=out.step, lr=jnp.float32(o.lr),
-                       kl_ema_decay=ema_lib.kl_ema_decay(new_step, kl_rate, kl_max))
+                       kl_ema_decay=ema_lib.kl_ema_decay(batch.get("epoch", new_step), kl_rate, kl_max))
         return out, metrics
 
     if max_traces is not None:
@@ -355,9 +358,7 @@ def _placed_call(jitted, config, mesh: Mesh | None, negative, donate: bool) -> C
                 raise ValueError(f"train batch of {n} samples is not divisible by the "
                                  f"{num_batch_shards(mesh)} "
                                  f"batch shards of mesh {dict(mesh.shape)} (data x fsdp)")
-            batch = {k: place(v, batch_sharding(mesh, v.ndim) if k not in ("times", "noise", "logp_old")
-                               else NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"))))
-                     for k, v in batch.items()}
+            batch = {k: place(v, _batch_entry_sharding(mesh, k, v.ndim)) for k, v in batch.items()}
             key = parallel.put(key, rep)
         neg = None if negative is None else tuple(jnp.asarray(x) for x in negative)
         return cache["fn"](state, base, batch, key, neg)
@@ -374,11 +375,7 @@ def _placed_call(jitted, config, mesh: Mesh | None, negative, donate: bool) -> C
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
 
         def batch_sh(k, v):
-            if mesh is None:
-                return None
-            if k in ("times", "noise", "logp_old"):
-                return NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
-            return batch_sharding(mesh, len(v.shape))
+            return None if mesh is None else _batch_entry_sharding(mesh, k, len(v.shape))
 
         args = (jax.tree.map(spec, state, st_sh), jax.tree.map(spec, base_state,
                                                                   state_shardings(base_state, mesh)),
@@ -389,6 +386,16 @@ def _placed_call(jitted, config, mesh: Mesh | None, negative, donate: bool) -> C
 
     run.lower = lower
     return run
+
+
+def _batch_entry_sharding(mesh: Mesh, key: str, ndim: int) -> NamedSharding:
+    """Rows over (data, fsdp); the per-time entries on their second axis; scalars (epoch_end, epoch)
+    replicated."""
+    if ndim == 0:
+        return NamedSharding(mesh, PartitionSpec())
+    if key in ("times", "noise", "logp_old"):
+        return NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
+    return batch_sharding(mesh, ndim)
 
 
 _AWM_KEYS = ("x0", "prompt_embeds", "pooled", "advantages")
