@@ -167,9 +167,9 @@ def base_config() -> ml_collections.ConfigDict:
     t.max_nonfinite = 3  # stop after this many non-finite (skipped) updates in a row
     t.scan_times = False  # AWM per_time loss: accumulate the K training times one by one (less memory)
     t.steps_per_epoch = 1  # optimizer steps per epoch, each on a shuffled disjoint part of its rollouts
+    # (old log-probs from the rollout: Flow-GRPO's steps after the first are off-policy; reference: 2)
     # (with > 1 the kl-EMA adapter, the old/sampling policy of nft, elbo_grpo and off-policy AWM, moves once
     # per epoch, after its last part)
-    # (old log-probs from the rollout: Flow-GRPO's steps after the first are off-policy; reference: 2)
 
     c.checkpoint = k = ml_collections.ConfigDict()
     k.every = 10  # save every N epochs (loop steps; and at the end / on SIGTERM)
