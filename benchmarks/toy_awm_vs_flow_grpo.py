@@ -464,10 +464,15 @@ def write_outputs(
     return res
 
 
+def _lrs_of(lrs, method: str) -> list:
+    """The lr grid of ``method``: ``lrs`` itself (one list for every method) or ``lrs[method]``."""
+    return list(lrs[method] if isinstance(lrs, dict) else lrs)
+
+
 def load_curves(root: str, seeds: list[int], methods=ALGOS, lrs=(None,)) -> dict[str, list[dict]]:
     """``{run key: [run_curves + "config"]}`` for every (method, lr, seed) workdir under ``root``."""
     out: dict[str, list[dict]] = {}
-    for m, lr in ((m, lr) for m in methods for lr in lrs):
+    for m, lr in ((meth, lr) for meth in methods for lr in _lrs_of(lrs, meth)):
         a = run_key(m, lr)
         out[a] = []
         for s in seeds:
@@ -487,6 +492,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--methods", nargs="+", default=list(ALGOS), choices=sorted(METHODS),
                     help="rows of the METHODS table to run")
+    ap.add_argument("--lr-grid", action="append", default=[], metavar="METHOD=LR[,LR...]",
+                    help="the lr sweep of one method (replaces --lrs for it; repeatable)")
     ap.add_argument("--lrs", nargs="+", default=None,
                     help="learning-rate sweep (optim.lr values; default: each config's lr)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the sweep")
@@ -506,6 +513,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def lr_grids(a: argparse.Namespace) -> dict[str, list]:
+    """``{method: [lr, ...]}`` from ``--lrs`` (every method; None: the config's lr) and ``--lr-grid``."""
+    grids = {m: [None] if a.lrs is None else list(a.lrs) for m in a.methods}
+    for item in a.lr_grid:
+        m, sep, vals = item.partition("=")
+        if not sep or m not in grids or not vals:
+            raise SystemExit(f"error: --lr-grid {item!r}: expected METHOD=LR[,LR...] with METHOD one of "
+                             f"--methods {a.methods}")
+        grids[m] = vals.split(",")
+    return grids
+
+
 def check_plotting() -> None:
     """matplotlib must import before hours of training are spent (the report plots the curves)."""
     try:
@@ -519,7 +538,7 @@ def _train(a, methods, lrs, seeds) -> None:
     runs = []
     for s in seeds:
         for m in methods:  # the methods of a seed side by side (with --jobs 2: at the same time)
-            for lr in lrs:
+            for lr in _lrs_of(lrs, m):
                 wd = workdir_of(a.root, m, s, lr)
                 if is_done(wd):
                     print(f"[{NAME}] cached {run_key(m, lr)} seed {s}: {os.path.relpath(wd)}", flush=True)
@@ -535,8 +554,8 @@ def best_lrs(curves: dict[str, list[dict]], methods, lrs) -> dict[str, str | Non
     out = {}
     for m in methods:
         peak = {lr: max(aggregate([accuracy_points(c) for c in curves[run_key(m, lr)]])["mean"])
-                for lr in lrs}
-        out[m] = max(lrs, key=lambda lr: peak[lr])
+                for lr in _lrs_of(lrs, m)}
+        out[m] = max(_lrs_of(lrs, m), key=lambda lr: peak[lr])  # a tie: the one listed first
     return out
 
 
@@ -546,7 +565,7 @@ def main(argv=None) -> dict[str, Any]:
     a = parse_args(argv)
     check_plotting()
     command = shlex.join(["python", f"benchmarks/{NAME}.py", *argv])
-    lrs = [None] if a.lrs is None else list(a.lrs)
+    lrs = lr_grids(a)
     if not a.analyze_only:
         _train(a, a.methods, lrs, a.seeds)
     curves = load_curves(a.root, a.seeds, a.methods, lrs)

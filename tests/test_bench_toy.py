@@ -233,3 +233,12 @@ def test_stability_drift_and_sweep_tables(tmp_path):
     assert "Learning-rate sweep" in md and "What moves" in md and "| 0.400 (2) | 0.300 (4) | 0.100 |" in md
     assert os.path.basename(res["paths"]["png"][-1]) == "toy_awm_vs_flow_grpo_drift.png"
     assert os.path.getsize(res["paths"]["png"][-1]) > 0
+
+
+def test_lr_grid_per_method():
+    a = B.parse_args(["--methods", "awm", "flow_grpo", "--lrs", "1e-3", "3e-3",
+                      "--lr-grid", "flow_grpo=3e-3,1e-2"])
+    assert B.lr_grids(a) == {"awm": ["1e-3", "3e-3"], "flow_grpo": ["3e-3", "1e-2"]}
+    assert B.lr_grids(B.parse_args(["--methods", "awm"])) == {"awm": [None]}
+    with pytest.raises(SystemExit, match="--lr-grid 'nft=1e-3'"):
+        B.lr_grids(B.parse_args(["--methods", "awm", "--lr-grid", "nft=1e-3"]))
