@@ -176,3 +176,18 @@ def test_speckles_are_not_objects():
     big = _img([O({"class": "circle", "color": "red", "cx": 8, "cy": 8, "h": 4}),
                 O({"class": "circle", "color": "blue", "cx": 24, "cy": 24, "h": 3})])
     assert _eval(s, big, m) == (1.0, 0.0)  # a real second object still counts against the partial score
+
+
+def test_strict_training_reward_is_the_verdict():
+    """strict=True: the training reward is the evaluation's 0/1 verdict (one of two objects: 0, not 0.5)."""
+    m = {"tag": "two_object", "include": [{"class": "circle", "count": 1}, {"class": "square", "count": 1}],
+         "exclude": [], "prompt": "a photo of a circle and a square"}
+    one = _img([O({"class": "circle", "color": "red", "cx": 8, "cy": 8, "h": 4})])
+    both = _img([O({"class": "circle", "color": "red", "cx": 8, "cy": 8, "h": 4}),
+                 O({"class": "square", "color": "blue", "cx": 24, "cy": 24, "h": 4})])
+    imgs, metas = np.concatenate([one, both]), [m, m]
+    strict = reward.ToyGenEvalScorer(strict=True)
+    np.testing.assert_array_equal(strict(imgs, [m["prompt"]] * 2, metas), [0.0, 1.0])
+    np.testing.assert_array_equal(reward.ToyGenEvalScorer()(imgs, [m["prompt"]] * 2, metas), [0.5, 1.0])
+    with pytest.raises(ValueError, match="strict must be true or false"):
+        reward.ToyGenEvalScorer(strict="yes")

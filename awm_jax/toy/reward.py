@@ -68,9 +68,14 @@ def score_detections(dets: dict, meta: dict, margin: float = POSITION_MARGIN) ->
 class ToyGenEvalScorer:
     """Scorer ``(images uint8 (B,H,W,3), prompts, metadata) -> np.float32 (B,)`` for the toy world."""
 
-    def __init__(self, position_margin: float = POSITION_MARGIN):
-        """``position_margin``: GenEval's position threshold (0.1)."""
+    def __init__(self, position_margin: float = POSITION_MARGIN, strict: bool = False):
+        """``position_margin``: GenEval's position threshold (0.1). ``strict``: train on the evaluation's
+        strict 0/1 verdict instead of the partial score (``--config.reward.kwargs.strict=true``; the
+        reward-vs-metric experiment of the drift study in ``benchmarks/results/toy_awm_vs_flow_grpo.md``)."""
         self.margin = float(position_margin)
+        if not isinstance(strict, bool):
+            raise ValueError(f"toy_geneval: strict must be true or false, got {strict!r}")
+        self.strict = strict
 
     def _check(self, images, prompts, metadata):
         images = np.asarray(images)
@@ -89,11 +94,10 @@ class ToyGenEvalScorer:
         return images
 
     def __call__(self, images, prompts, metadata) -> np.ndarray:
-        """Training reward: the GenEval partial score per image."""
+        """Training reward: the GenEval partial score per image (``strict``: the 0/1 verdict)."""
         images = self._check(images, prompts, metadata)
-        return np.array(
-            [score_detections(detect(im), m, self.margin)[1] for im, m in zip(images, metadata)], np.float32
-        )
+        res = [score_detections(detect(im), m, self.margin) for im, m in zip(images, metadata)]
+        return np.array([float(ok) if self.strict else partial for ok, partial, _ in res], np.float32)
 
     def evaluate(self, images, prompts, metadata) -> dict:
         """Per-sample ``accuracy`` (strict 0/1), ``score`` (partial), ``tag`` and ``reason``."""
