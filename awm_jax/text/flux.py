@@ -15,15 +15,19 @@ sent to both encoders:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import pathlib
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from awm_jax.text.hf import CachedEncoders, files_signature, load_component_pair, read_json
+from awm_jax.text.hf import (
+    CachedEncoders,
+    folder_fingerprint,
+    load_component_pair,
+    open_pipeline_folder,
+    read_json,
+)
 
 __all__ = ["FluxTextEncoders", "MAX_T5_LENGTH"]
 
@@ -93,10 +97,7 @@ class FluxTextEncoders(CachedEncoders):
             FileNotFoundError / ValueError naming the folder or file; VocabularyError for a tokenizer
             whose vocabulary does not fit its encoder.
         """
-        root = pathlib.Path(path).expanduser().resolve()
-        if not root.is_dir():
-            raise FileNotFoundError(f"FLUX pipeline folder {root} does not exist")
-        index = read_json(root / "model_index.json")
+        root, index = open_pipeline_folder(path, "FLUX")
         kw = dict(dtype=dtype, min_vocab_fraction=min_vocab_fraction)
         tok, enc = load_component_pair(root, index, "tokenizer", "text_encoder", expect=("CLIPTextModel",),
                                        **kw)
@@ -119,11 +120,10 @@ class FluxTextEncoders(CachedEncoders):
                 raise ValueError(f"{tpath}: {key} = {tcfg[key]} does not fit the text encoders ({want})")
         parts = {"root": str(root), "max_sequence_length": int(max_sequence_length), "dtype": str(dtype),
                  "vocab": [len(tok), len(tok_2)]}
-        for sub in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
-            parts[sub] = files_signature(root / sub)
-        fp = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+        fp = folder_fingerprint("FluxTextEncoders", parts, root,
+                                ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
         return cls(tok, enc, tok_2, enc_2, max_sequence_length=max_sequence_length, device=device,
-                   cache_size=cache_size, chunk_size=chunk_size, fingerprint=f"FluxTextEncoders:{fp}")
+                   cache_size=cache_size, chunk_size=chunk_size, fingerprint=fp)
 
     def _default_fingerprint(self) -> str:
         parts = [type(self).__name__, str(self.max_sequence_length), str(self.tokenizer_max_length)]

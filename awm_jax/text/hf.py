@@ -7,14 +7,16 @@ warning about prompts truncated to the tokenizer length (diffusers truncates sil
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import pathlib
+from collections.abc import Iterable
 
 from awm_jax.text.base import check_vocab_size
 
-__all__ = ["CachedEncoders", "TruncationWarning", "component_class", "files_signature", "load_component_pair",
-           "read_json", "transformers_class"]
+__all__ = ["CachedEncoders", "TruncationWarning", "component_class", "files_signature", "folder_fingerprint",
+           "load_component_pair", "open_pipeline_folder", "read_json", "transformers_class"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,24 @@ def transformers_class(cls_name: str, root: pathlib.Path, component: str):
 def files_signature(folder: pathlib.Path) -> list[tuple[str, int, int]]:
     """(name, size, mtime_ns) of every file of a component folder: cheap, no hashing of GB of weights."""
     return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+
+
+def open_pipeline_folder(path, what: str) -> tuple[pathlib.Path, dict]:
+    """``(resolved root, model_index.json)`` of the diffusers pipeline folder ``path`` of family ``what``
+    (FileNotFoundError / ValueError naming the folder or file)."""
+    root = pathlib.Path(path).expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{what} pipeline folder {root} does not exist")
+    return root, read_json(root / "model_index.json")
+
+
+def folder_fingerprint(name: str, parts: dict, root: pathlib.Path, subfolders: Iterable[str]) -> str:
+    """``"<name>:<sha256>"`` of ``parts`` plus the :func:`files_signature` of each existing subfolder."""
+    parts = dict(parts)
+    for sub in subfolders:
+        if (root / sub).is_dir():
+            parts[sub] = files_signature(root / sub)
+    return f"{name}:" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def load_component_pair(root: pathlib.Path, index: dict, tok_name: str, enc_name: str, *, dtype,

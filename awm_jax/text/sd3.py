@@ -18,15 +18,19 @@ The CFG negative embeddings of diffusers (empty negative prompt) are ``encode(["
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import pathlib
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from awm_jax.text.hf import CachedEncoders, files_signature, load_component_pair, read_json
+from awm_jax.text.hf import (
+    CachedEncoders,
+    folder_fingerprint,
+    load_component_pair,
+    open_pipeline_folder,
+    read_json,
+)
 
 __all__ = ["SD3TextEncoders"]
 
@@ -113,10 +117,7 @@ class SD3TextEncoders(CachedEncoders):
             FileNotFoundError / ValueError naming the folder or file; VocabularyError for a tokenizer
             whose vocabulary does not fit its encoder.
         """
-        root = pathlib.Path(path).expanduser().resolve()
-        if not root.is_dir():
-            raise FileNotFoundError(f"SD3 pipeline folder {root} does not exist")
-        index = read_json(root / "model_index.json")
+        root, index = open_pipeline_folder(path, "SD3")
 
         kw = {"dtype": dtype, "min_vocab_fraction": min_vocab_fraction}
         tok_l, enc_l = load_component_pair(root, index, "tokenizer", "text_encoder", **kw)
@@ -152,16 +153,13 @@ class SD3TextEncoders(CachedEncoders):
             "joint": joint,
         }
         subs = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
-        for sub in subs:
-            d = root / sub
-            if d.is_dir() and (sub[-1] != "3" or enc_t5 is not None):
-                parts[sub] = files_signature(d)
         parts["vocab"] = [len(t) for t in (tok_l, tok_g, tok_t5) if t is not None]
-        fp = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+        fp = folder_fingerprint("SD3TextEncoders", parts, root,
+                                [s for s in subs if s[-1] != "3" or enc_t5 is not None])
         return cls(
             tok_l, enc_l, tok_g, enc_g, tok_t5, enc_t5,
             max_sequence_length=max_sequence_length, joint_attention_dim=joint, device=device,
-            cache_size=cache_size, chunk_size=chunk_size, fingerprint=f"SD3TextEncoders:{fp}",
+            cache_size=cache_size, chunk_size=chunk_size, fingerprint=fp,
         )
 
     def _default_fingerprint(self) -> str:
