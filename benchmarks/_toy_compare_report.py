@@ -160,7 +160,7 @@ ACCOUNTING = (
 def _methods_table(res: dict) -> list[str]:
     """Every run key: where it first reaches A*, its speedups over the Flow-GRPO key that set A*, its peak
     and its end (stability: the drop after the peak)."""
-    h = res["headline"]
+    h = res["headline"] or {"per_key": {}, "baseline_key": None}
     base = h["per_key"].get(h["baseline_key"])
     lines = ["| method | first reaches A* | speedup FPE | speedup wall | peak (step) | final (step) | drop |",
              "|---|---|---|---|---|---|---|"]
@@ -210,7 +210,9 @@ def _drift_tables(drift: dict[str, dict], every: int = 4) -> list[str]:
     return lines
 
 
-def _headline_lines(h: dict) -> list[str]:
+def _headline_lines(h: dict | None) -> list[str]:
+    if h is None:
+        return ["No headline: A* needs both an AWM and a Flow-GRPO method among --methods."]
     note = f" ({h['note']})" if h["note"] else ""
     return [
         f"- A* = Flow-GRPO's best seed-mean held-out strict GenEval overall accuracy: **{h['a_star']:.3f}**",

@@ -242,3 +242,12 @@ def test_lr_grid_per_method():
     assert B.lr_grids(B.parse_args(["--methods", "awm"])) == {"awm": [None]}
     with pytest.raises(SystemExit, match="--lr-grid 'nft=1e-3'"):
         B.lr_grids(B.parse_args(["--methods", "awm", "--lr-grid", "nft=1e-3"]))
+
+
+def test_report_without_flow_grpo_has_no_headline(tmp_path):
+    """Methods without a Flow-GRPO run (e.g. only the issue-17 objectives): the report is written, no A*."""
+    for seed in (0, 1):
+        _fake_run(tmp_path, "awm", seed, [0.2, 0.3, 0.25], sps=128.0)
+    res = B.write_outputs(str(tmp_path / "out"), B.load_curves(str(tmp_path), [0, 1], ["awm"]), "cmd")
+    assert res["headline"] is None and res["stability"]["awm"]["drop"] == pytest.approx(0.05)
+    assert "No headline" in open(res["paths"]["md"]).read()
