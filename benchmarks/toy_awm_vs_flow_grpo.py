@@ -80,6 +80,7 @@ LABELS.update({m: v[0] for m, v in METHODS.items()})
 PINNED_ENV = {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
 PINNED_ENV.update(dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"), "1"))
 TOL = 1e-9  # ">= A*" tolerance against float summation order only
+FINE = "_fine"  # <workdir>_fine: the run's first steps again with eval.every = 1 (--fine-start)
 # What moves during training (per step, from metrics.jsonl; awm_jax.rl.epoch.drift_stats and the step's kl)
 DRIFT_KEYS = ("reward_mean", "kl", "lora_norm", "lora_b_norm", "adv_abs_mean", "adv_zero_frac",
               "zero_std_frac")
@@ -236,7 +237,28 @@ def load_run(workdir: str) -> dict[str, Any]:
         return [v for _, v in sorted({int(r["step"]): r for r in recs}.items())]
 
     metrics, evals = by_step(_read_jsonl(paths["metrics"])), by_step(_read_jsonl(paths["evals"]))
-    return {"workdir": workdir, "config": config, "metrics": metrics, "evals": evals}
+    run = {"workdir": workdir, "config": config, "metrics": metrics, "evals": evals}
+    if os.path.isdir(workdir + FINE) and os.path.isfile(os.path.join(workdir + FINE, "eval.jsonl")):
+        run = merge_fine_start(run, load_run(workdir + FINE))
+    return run
+
+
+def merge_fine_start(run: dict, fine: dict) -> dict:
+    """``run`` with the evaluations of its fine-start twin (``<workdir>_fine``: the same config and seed for
+    the first steps with ``eval.every = 1``) at the steps ``run`` did not evaluate. Training is deterministic
+    (constant lr, evaluation on its own key), so the twin's per-step reward and loss must equal the run's:
+    a twin that differs raises."""
+    mine = {int(m["step"]): m for m in run["metrics"]}
+    for m in fine["metrics"]:
+        r = mine.get(int(m["step"]))
+        if r is None or not all(np.isclose(float(r[k]), float(m[k]), rtol=1e-5, atol=1e-8)
+                                for k in ("reward_mean", "loss")):
+            theirs = None if r is None else r["reward_mean"]
+            raise ValueError(f"{fine['workdir']}: step {m['step']} differs from {run['workdir']} (reward "
+                             f"{m['reward_mean']} vs {theirs}): not its twin")
+    have = {int(e["step"]) for e in run["evals"]}
+    extra = [e for e in fine["evals"] if int(e["step"]) not in have]
+    return {**run, "evals": sorted(run["evals"] + extra, key=lambda e: int(e["step"]))}
 
 
 def _tags(rec: dict) -> dict[str, float]:
@@ -508,6 +530,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="extra --config.KEY=VALUE for every method (repeatable)")
     ap.add_argument("--jobs", type=int, default=1, choices=[1, 2],
                     help="runs at once; 2 pins each to its own core with single-threaded XLA")
+    ap.add_argument("--fine-start", type=int, default=0, metavar="N",
+                    help="after the best-lr seeds: the first N steps of the --fine-methods runs again "
+                         "with eval.every=1 (<workdir>_fine), merged into their curves: a finer grid where a "
+                         "method crosses A* early")
+    ap.add_argument("--fine-methods", nargs="+", default=["awm"], choices=sorted(METHODS),
+                    help="methods that get --fine-start twins (default: awm)")
     ap.add_argument("--analyze-only", action="store_true", help="skip training, read existing workdirs")
     ap.add_argument("--out", default=None,
                     help="report folder (default <root>/report; the committed results are written only when "
@@ -551,6 +579,17 @@ def _train(a, methods, lrs, seeds) -> None:
     run_all(runs, a.jobs)
 
 
+def _train_fine(a, method: str, lr, seeds) -> None:
+    """The ``--fine-start`` twins ``<workdir>_fine`` of (method, lr, seeds): max_steps N, eval.every 1."""
+    runs = []
+    for s in seeds:
+        wd = workdir_of(a.root, method, s, lr) + FINE
+        if not is_done(wd):
+            runs.append({"name": f"{run_key(method, lr)}_s{s}{FINE}", "workdir": wd,
+                         "cmd": train_command(method, wd, s, a.fine_start, [*a.set, "eval.every=1"], lr)})
+    run_all(runs, a.jobs)
+
+
 def best_lrs(curves: dict[str, list[dict]], methods, lrs) -> dict[str, str | None]:
     """Per method, the lr whose seed-mean accuracy curve has the highest point."""
     out = {}
@@ -580,6 +619,8 @@ def main(argv=None) -> dict[str, Any]:
         for m, lr in best.items():
             if not a.analyze_only:
                 _train(a, [m], [lr], a.best_seeds)
+                if a.fine_start and m in a.fine_methods:
+                    _train_fine(a, m, lr, a.best_seeds)
             curves.update(load_curves(a.root, a.best_seeds, [m], [lr]))
     out = a.out or os.path.join(a.root, "report")
     res = write_outputs(out, curves, command, machine=U.machine_info("cpu"), sweep=sweep)

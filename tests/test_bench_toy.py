@@ -98,7 +98,7 @@ def _fake_run(root, algo, seed, acc, sps, steps=4):
         [
             {"step": s, "reward_mean": 0.1 * s + seed, "samples_per_s": sps, "wall_s": 10.0 * s,
              "kl": 1e-3 * s, "lora_norm": 1.0 + s, "lora_b_norm": 0.1 * s + seed, "adv_abs_mean": 0.5,
-             "adv_zero_frac": 0.05 * s, "zero_std_frac": 0.0}
+             "adv_zero_frac": 0.05 * s, "zero_std_frac": 0.0, "loss": 0.01 * s}
             for s in range(1, steps + 1)
         ],
     )
@@ -251,3 +251,21 @@ def test_report_without_flow_grpo_has_no_headline(tmp_path):
     res = B.write_outputs(str(tmp_path / "out"), B.load_curves(str(tmp_path), [0, 1], ["awm"]), "cmd")
     assert res["headline"] is None and res["stability"]["awm"]["drop"] == pytest.approx(0.05)
     assert "No headline" in open(res["paths"]["md"]).read()
+
+
+def test_fine_start_twin_merges_its_evaluations(tmp_path):
+    """<workdir>_fine (same first steps, eval every step) adds the step-1/3 evaluations; a twin whose rewards
+    differ is refused."""
+    wd = _fake_run(tmp_path, "awm", 0, [0.2, 0.3, 0.4], sps=128.0)
+    fine = _fake_run(tmp_path / "f", "awm", 0, [0.2, 0.3, 0.4], sps=128.0)
+    _write(os.path.join(fine, "eval.jsonl"), [{"step": s, "accuracy/overall": a} for s, a in
+                                              ((0, 0.2), (1, 0.25), (2, 0.3), (3, 0.33))])
+    os.rename(fine, wd + B.FINE)
+    run = B.load_run(wd)
+    assert [int(e["step"]) for e in run["evals"]] == [0, 1, 2, 3, 4]
+    assert run["evals"][1]["accuracy/overall"] == 0.25 and run["evals"][2]["accuracy/counting"] == 0.15
+    _write(os.path.join(wd + B.FINE, "metrics.jsonl"), [{"step": 1, "reward_mean": 9.0, "loss": 0.0}])
+    with pytest.raises(ValueError, match="not its twin"):
+        B.load_run(wd)
+    cmd = B.train_command("awm", "/w_fine", 1, 2, ["eval.every=2", "eval.every=1"], lr="1e-2")
+    assert cmd[-2:] == ["--config.eval.every=2", "--config.eval.every=1"]  # the last override wins
