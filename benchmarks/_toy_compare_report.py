@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 import _bench_utils as U
+from _toy_compare_analysis import speedup
 
 NAME = "toy_awm_vs_flow_grpo"
 ALGOS = ("awm", "flow_grpo")  # the default --methods; every method: toy_awm_vs_flow_grpo.METHODS
@@ -168,15 +169,11 @@ def _methods_table(res: dict) -> list[str]:
         hit = h["per_key"].get(key)
         sf = sw = None
         if hit is not None and base is not None and base["step"] > 0 and hit["step"] > 0:
-            sf, sw = speedup_of(base["fpe"], hit["fpe"]), speedup_of(base["wall_s"], hit["wall_s"])
+            sf, sw = speedup(base["fpe"], hit["fpe"]), speedup(base["wall_s"], hit["wall_s"])
         lines.append(f"| {label(key)} | {_fmt_hit(hit)} | {_fmt_x(sf)} | {_fmt_x(sw)} | "
                      f"{st['peak']:.3f} ({st['peak_step']}) | {st['final']:.3f} ({st['final_step']}) | "
                      f"{st['drop']:.3f} |")
     return lines
-
-
-def speedup_of(baseline: float, ours: float) -> float | None:
-    return baseline / ours if baseline > 0 and ours > 0 else None
 
 
 def _sweep_table(rows: list[dict]) -> list[str]:

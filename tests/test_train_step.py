@@ -274,19 +274,27 @@ def test_bad_inputs_raise(setup):
     assert isinstance(jax.tree.leaves(nnx.state(_model(), LoRAParam)), list)
 
 
+def _moved_state(config_file: str, **over):
+    """``(cfg, graphdef, base, state)`` of ``config_file`` at the tiny sizes, fp32, lr 1e-2, with the LoRA
+    state moved off its initial value (so it differs from the kl-EMA / rollout policy)."""
+    cfg = config_lib.load_config(config_file)
+    cfg.model.dtype = "float32"
+    cfg.lora.rank, cfg.lora.alpha = 2, 4.0
+    cfg.train.micro_batch_size = N
+    cfg.optim.lr = 1e-2
+    for k, v in over.items():
+        section, key = k.split(".")
+        cfg[section][key] = v
+    g, base, state = ts.create_train_state(_model(), cfg)
+    return cfg, g, base, state.replace(trainable=jax.tree.map(lambda a: a + 0.01, state.trainable))
+
+
 def test_flow_grpo_second_step_of_an_epoch_is_off_policy():
     """train.steps_per_epoch = 2: the second part's old log-probs are the rollout's, so after the first
     optimizer step its ratio moves away from 1 and the 1e-4 clip binds (first part: ratio exactly 1)."""
     from awm_jax import train
 
-    cfg = config_lib.load_config("configs/toy_flow_grpo.py")
-    cfg.model.dtype = "float32"
-    cfg.lora.rank, cfg.lora.alpha = 2, 4.0
-    cfg.sample.num_steps = 3
-    cfg.train.micro_batch_size = N
-    cfg.optim.lr = 1e-2
-    g, base, state = ts.create_train_state(_model(), cfg)
-    state = state.replace(trainable=jax.tree.map(lambda a: a + 0.01, state.trainable))
+    cfg, g, base, state = _moved_state("configs/toy_flow_grpo.py", **{"sample.num_steps": 3})
     batch = _batch(adv=np.linspace(-1, 1, N))
     traj = ts.make_rollout_fn(g, cfg, None)(state.trainable, base, batch["prompt_embeds"], batch["pooled"],
                                             jax.random.key(2))
@@ -325,14 +333,7 @@ def test_old_policy_fixed_within_an_epoch():
     from awm_jax.rl import ema as ema_lib
     from awm_jax.rl.epoch import epoch_parts
 
-    cfg = config_lib.load_config("configs/toy_elbo_grpo.py")
-    cfg.model.dtype = "float32"
-    cfg.lora.rank, cfg.lora.alpha = 2, 4.0
-    cfg.awm.train_timesteps = 2
-    cfg.train.micro_batch_size = N
-    cfg.optim.lr = 1e-2
-    g, base, state = ts.create_train_state(_model(), cfg)
-    state = state.replace(trainable=jax.tree.map(lambda a: a + 0.01, state.trainable))
+    cfg, g, base, state = _moved_state("configs/toy_elbo_grpo.py", **{"awm.train_timesteps": 2})
     kl0 = _copy(state.kl_ema)
     step = ts.make_train_step(g, cfg, None)
     p1, p2 = epoch_parts(_batch(adv=np.linspace(-1, 1, N)), 2, jax.random.key(3), epoch=3)
