@@ -6,7 +6,10 @@ tensor)`` mesh over the devices of ``jax.experimental.topologies.get_topology_de
 topology_name=...)`` (libtpu compiles for a TPU topology on a machine without TPUs), and AOT-compiles the
 real train step and rollout (``awm_jax.rl.train_step``) for one optimizer step's batch. Prints per chip
 XLA's memory analysis (arguments, outputs, temporaries, generated code) and cost analysis (FLOPs, bytes
-accessed, estimated seconds where XLA gives them) and the implied MFU against the chip's dense bf16 peak.
+accessed, estimated seconds where XLA gives them). XLA counts a loop body once (scanned layers, the sampler's
+steps, the micro-batch scan), so the FLOPs of the whole program come from its jaxpr (``awm_jax.flops``, trip
+counts included); the estimated time is XLA's, scaled by the ratio of the two counts, and MFU is the model
+FLOPs (the same step traced without remat: no recomputation) over that time and the chip's dense bf16 peak.
 Exit 1 when a program needs more than the chip's HBM (the numbers are printed), 2 on bad input or without
 libtpu (with how to install it).
 """
@@ -95,7 +98,10 @@ def _abstract_inputs(config, graphdef, fam, cfg, n: int, chunk: int):
     return batch, key, roll, neg
 
 
-def _analyse(compiled, peak: float, bandwidth: float) -> dict:
+def _analyse(compiled, peak: float, bandwidth: float, counted: float | None = None,
+             model: float | None = None) -> dict:
+    """Per-chip figures of ``compiled``; ``counted`` / ``model``: the program's / the model's FLOPs per chip
+    from the jaxpr (loop trip counts included; the model's without remat recomputation)."""
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
@@ -110,81 +116,118 @@ def _analyse(compiled, peak: float, bandwidth: float) -> dict:
     out["time_s"] = out["optimal_seconds"] or roofline
     out["time_source"] = ("xla optimal_seconds" if out["optimal_seconds"]
                           else "roofline max(flops/peak, bytes/HBM bandwidth)")
-    out["mfu"] = (out["flops"] / peak / out["time_s"]) if out["time_s"] else None
+    out["mfu_xla"] = (out["flops"] / peak / out["time_s"]) if out["time_s"] else None  # one loop iteration
+    if counted:
+        # XLA's time covers its count (loop bodies once): scale it to the whole program's FLOPs
+        factor = max(1.0, counted / out["flops"]) if out["flops"] else None
+        out["program_flops"], out["model_flops"] = counted, model or counted
+        out["loop_factor"] = factor
+        out["est_s"] = out["time_s"] * factor if factor and out["time_s"] else counted / peak
+        out["compute_bound_s"] = counted / peak
+        out["mfu"] = out["model_flops"] / peak / out["est_s"]
+    else:
+        out["est_s"], out["mfu"] = out["time_s"], out["mfu_xla"]
     return out
 
 
 def plan(config, topology: str) -> dict:
     """Compile the train step and the rollout of ``config`` for ``topology``; return the per-chip figures."""
-    import jax
-    from flax import nnx
 
     from awm_jax import parallel
+    from awm_jax.flops import traced_flops
     from awm_jax.models.family import get_family
-    from awm_jax.rl import train_step as ts
 
     chip, devices = topology_devices(topology)
     peak, hbm = CHIPS[chip]
     fam = get_family(str(config.model.kind))
     arch = str(config.model.arch)
     cfg = fam.config_from_dict(fam.architecture(arch), source=f"config key model.arch = {arch!r}")
-    model = nnx.eval_shape(lambda: fam.build(cfg, rngs=nnx.Rngs(0), dtype=ts._dtype(config.model.dtype),
-                                             scan_layers=bool(config.model.scan_layers),
-                                             remat_policy=str(config.model.remat_policy)))
     m = config.mesh
     mesh = parallel.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor, devices=devices)
-    graphdef, base_state, state = ts.create_train_state(model, config)
     n = int(config.data.prompts_per_step) * int(config.data.group_size)
     chunk = int(config.sample.batch_size) * len(devices)
+    res = {"topology": topology, "chips": len(devices), "mesh": dict(mesh.shape), "peak_flops": peak,
+           "hbm_bytes": hbm, "rollouts_per_step": n, "rollout_chunk": chunk,
+           "rollout_calls": -(-n // chunk)}
+    bw, chips = HBM_BW[chip], len(devices)
+    train, roll = _programs(config, fam, cfg, mesh, n, chunk, str(config.model.remat_policy))
+    model_train = None  # the model FLOPs of MFU: the same step without remat recomputation
+    if str(config.model.remat_policy) != "none":
+        model_train = traced_flops(*_programs(config, fam, cfg, mesh, n, chunk, "none")[0]).flops / chips
+    res["train_step"] = _compiled(train, peak, bw, chips, model_train)
+    res["rollout"] = _compiled(roll, peak, bw, chips, None)
+    res["fits"] = all(res[k].get("error") is None and res[k]["peak_bytes"] <= hbm
+                      for k in ("train_step", "rollout"))
+    if res["fits"]:  # one loop step: the rollout calls and the optimizer step (no decode / scoring)
+        res["step_s"] = res["rollout_calls"] * res["rollout"]["est_s"] + res["train_step"]["est_s"]
+    return res
+
+
+def _programs(config, fam, cfg, mesh, n: int, chunk: int, remat: str):
+    """``((train step, args), (rollout, args))``: the jitted programs and their abstract arguments."""
+    import jax
+    from flax import nnx
+
+    from awm_jax.rl import train_step as ts
+
+    model = nnx.eval_shape(lambda: fam.build(cfg, rngs=nnx.Rngs(0), dtype=ts._dtype(config.model.dtype),
+                                             scan_layers=bool(config.model.scan_layers), remat_policy=remat))
+    graphdef, base_state, state = ts.create_train_state(model, config)
     batch, key, roll, neg = _abstract_inputs(config, graphdef, fam, cfg, n, chunk)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     step = ts.make_train_step(graphdef, config, mesh, negative=neg)
     rollout = ts.make_rollout_fn(graphdef, config, mesh, negative=neg)
-    res = {"topology": topology, "chips": len(devices), "mesh": dict(mesh.shape), "peak_flops": peak,
-           "hbm_bytes": hbm, "rollouts_per_step": n, "rollout_chunk": chunk}
-    bw = HBM_BW[chip]
-    res["train_step"] = _compiled(lambda: step.lower(abstract, base_state, batch, key), peak, bw)
-    res["rollout"] = _compiled(lambda: rollout.lower(abstract.trainable, base_state, *roll), peak, bw)
-    res["fits"] = all(res[k].get("error") is None and res[k]["peak_bytes"] <= hbm
-                      for k in ("train_step", "rollout"))
-    return res
+    return (step, abstract, base_state, batch, key), (rollout, abstract.trainable, base_state, *roll)
 
 
-def _compiled(lower, peak: float, bandwidth: float) -> dict:
-    """:func:`_analyse` of the compiled program, or ``{"error": XLA's message}`` when XLA refuses it for
-    lack of HBM (it states the bytes its temporaries need)."""
+def _compiled(program, peak: float, bandwidth: float, chips: int, model: float | None) -> dict:
+    """:func:`_analyse` of the compiled ``(jitted, *args)``, or ``{"error": XLA's message}`` when XLA refuses
+    it for lack of HBM (it states the bytes its temporaries need). ``model``: the model FLOPs per chip
+    (None: the program's own)."""
     import jax
 
+    from awm_jax.flops import jaxpr_flops
+
+    fn, *args = program
+    t0 = time.perf_counter()
+    traced = fn.trace(*args)
+    counted = jaxpr_flops(traced.jaxpr).flops / chips
+    model = model or counted
     try:
-        t0 = time.perf_counter()
-        compiled = lower().compile()
-        out = _analyse(compiled, peak, bandwidth)
+        compiled = traced.lower().compile()
+        out = _analyse(compiled, peak, bandwidth, counted, model)
         out["compile_s"] = time.perf_counter() - t0
         return out
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        return {"error": " ".join(str(e).split())[:400]}
+        return {"error": " ".join(str(e).split())[:400], "program_flops": counted, "model_flops": model}
 
 
 def _fmt(res: dict) -> str:
     gib = 2**30
     lines = [f"plan for {res['topology']}: {res['chips']} chips, mesh {res['mesh']}, "
-             f"{res['rollouts_per_step']} rollouts per step (rollout chunk {res['rollout_chunk']}); "
-             f"per chip, HBM {res['hbm_bytes'] / gib:.1f} GiB, "
+             f"{res['rollouts_per_step']} rollouts per step ({res['rollout_calls']} rollout calls of "
+             f"{res['rollout_chunk']}); per chip, HBM {res['hbm_bytes'] / gib:.1f} GiB, "
              f"peak {res['peak_flops'] / 1e12:.0f} TFLOP/s bf16"]
     for k in ("train_step", "rollout"):
         r = res[k]
         if r.get("error"):
             lines.append(f"  {k}: XLA refused it: {r['error']}")
             continue
-        t = f"{r['time_s']:.4g} s ({r['time_source']})" if r["time_s"] else "n/a"
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         lines.append(f"  {k}: args {r['argument'] / gib:.2f} GiB, outputs {r['output'] / gib:.2f} GiB, temps "
                      f"{r['temp'] / gib:.2f} GiB, code {r['generated_code'] / gib:.3f} GiB -> peak "
-                     f"{r['peak_bytes'] / gib:.2f} GiB; {r['flops']:.4g} FLOPs, {r['bytes_accessed']:.4g} "
-                     f"bytes; est. {t}; MFU {mfu}; compiled in {r['compile_s']:.0f} s")
-    lines.append("fits" if res["fits"] else "DOES NOT FIT: a program needs more than the chip's HBM")
+                     f"{r['peak_bytes'] / gib:.2f} GiB; compiled in {r['compile_s']:.0f} s")
+        lines.append(f"    FLOPs per chip: {r['program_flops']:.4g} (jaxpr, loops included), model "
+                     f"{r['model_flops']:.4g}; XLA (loop bodies once): {r['flops']:.4g} FLOPs, "
+                     f"{r['bytes_accessed']:.4g} bytes, {r['time_s']:.4g} s ({r['time_source']})")
+        lines.append(f"    est. {r['est_s']:.4g} s (XLA's time x {r['loop_factor'] or 1:.3g}; compute-bound "
+                     f"{r['compute_bound_s']:.4g} s); MFU {100 * r['mfu']:.1f}%")
+    if res["fits"]:
+        lines.append(f"fits; one loop step ~{res['step_s']:.4g} s per chip ({res['rollout_calls']} rollout "
+                     "calls + the train step; decode, text encoding and scoring not included)")
+    else:
+        lines.append("DOES NOT FIT: a program needs more than the chip's HBM")
     return "\n".join(lines)
 
 

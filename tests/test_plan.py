@@ -41,6 +41,10 @@ def test_tiny_toy_plan_on_v5e_2x2(tmp_path, capsys):
     res = json.load(open(out))
     for k in ("train_step", "rollout"):
         assert res[k]["flops"] > 0 and res[k]["peak_bytes"] > 0 and 0 < res[k]["mfu"] <= 1
+        # the jaxpr count has the loops' trip counts (sampler steps, micro-batches): above XLA's one iteration
+        assert res[k]["program_flops"] > res[k]["flops"] and res[k]["est_s"] >= res[k]["time_s"]
+    assert res["train_step"]["model_flops"] == res["train_step"]["program_flops"]  # no remat: no recompute
+    assert res["step_s"] == pytest.approx(2 * res["rollout"]["est_s"] + res["train_step"]["est_s"])
     # the same plan on a pretend 1 MiB chip fails with exit code 1 and the numbers
     plan.CHIPS["v5e"], saved = (197e12, 2**20), plan.CHIPS["v5e"]
     try:
@@ -62,3 +66,5 @@ def test_scanned_layers_with_remat_plan(tmp_path):
 
     res = json.load(open(out))
     assert res["train_step"]["flops"] > 0 and res["train_step"]["compile_s"] > 0
+    t = res["train_step"]  # full remat recomputes each block's forward in the backward pass
+    assert 1.05 * t["model_flops"] < t["program_flops"] < 2 * t["model_flops"]

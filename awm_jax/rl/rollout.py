@@ -90,9 +90,10 @@ def make_rollout_fn(graphdef, config, mesh: Mesh | None = None, *, latent_shape=
         neg = None if negative is None else tuple(jnp.asarray(x) for x in negative)
         return cache[m](params, base, emb, pooled, key, neg)
 
-    def lower(trainable, base_state, prompt_embeds, pooled, key):
-        """``jax.jit(...).lower`` of the rollout on abstract inputs (``jax.ShapeDtypeStruct``), batch sharded
-        over (data, fsdp) of ``mesh``: AOT compiles for another topology (``awm_jax.plan``)."""
+    def trace(trainable, base_state, prompt_embeds, pooled, key):
+        """``jax.jit(...).trace`` of the rollout on abstract inputs (``jax.ShapeDtypeStruct``), batch sharded
+        over (data, fsdp) of ``mesh``: its jaxpr (FLOP count) and ``.lower()`` (AOT compiles for another
+        topology; ``awm_jax.plan``)."""
         rep = None if mesh is None else parallel.replicated(mesh)
 
         def spec(x, sh):
@@ -106,7 +107,8 @@ def make_rollout_fn(graphdef, config, mesh: Mesh | None = None, *, latent_shape=
                 spec(prompt_embeds, bsh(prompt_embeds)), spec(pooled, bsh(pooled)), spec(key, rep))
         neg = None if negative is None else tuple(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
                                                   for x in negative)
-        return jax.jit(lambda *a: core(*a, mesh)).lower(*args, neg)
+        return jax.jit(lambda *a: core(*a, mesh)).trace(*args, neg)
 
-    rollout.lower = lower
+    rollout.trace = trace
+    rollout.lower = lambda *a: trace(*a).lower()
     return rollout

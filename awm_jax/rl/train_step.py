@@ -363,10 +363,10 @@ def _placed_call(jitted, config, mesh: Mesh | None, negative, donate: bool) -> C
         neg = None if negative is None else tuple(jnp.asarray(x) for x in negative)
         return cache["fn"](state, base, batch, key, neg)
 
-    def lower(state, base_state, batch: dict, key):
-        """``jax.jit(...).lower`` of the same function on abstract inputs (``jax.ShapeDtypeStruct``; state and
-        base per the logical rules, batch over (data, fsdp)): AOT compiles for another topology
-        (``awm_jax.plan``)."""
+    def trace(state, base_state, batch: dict, key):
+        """``jax.jit(...).trace`` of the same function on abstract inputs (``jax.ShapeDtypeStruct``; state and
+        base per the logical rules, batch over (data, fsdp)): its jaxpr (FLOP count) and ``.lower()`` (AOT
+        compiles for another topology; ``awm_jax.plan``)."""
         st_sh = state_shardings(state, mesh)
         rep = None if mesh is None else parallel.replicated(mesh)
         fn = jitted(st_sh, rep) if donate else jitted
@@ -382,9 +382,10 @@ def _placed_call(jitted, config, mesh: Mesh | None, negative, donate: bool) -> C
                 {k: spec(v, batch_sh(k, v)) for k, v in batch.items()}, spec(key, rep))
         neg = None if negative is None else tuple(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
                                                   for x in negative)
-        return fn.lower(*args, neg)
+        return fn.trace(*args, neg)
 
-    run.lower = lower
+    run.trace = trace
+    run.lower = lambda *a: trace(*a).lower()
     return run
 
 
