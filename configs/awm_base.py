@@ -265,10 +265,13 @@ def sd35m(task: str, algorithm: str = "awm", paper: bool = False) -> ml_collecti
     c.model.path = "weights/sd3.5-medium"  # the diffusers pipeline folder (tools/fetch_assets.py layout)
     c.model.vae_path = ""  # "" = <path>/vae
     c.model.text_encoder_paths = ("", "", "")  # CLIP-L, CLIP-G, T5: read from the pipeline folder
-    # Full-size memory (BENCHMARKS.md, "TPU plan"): without activation checkpointing the train step needs
-    # ~180 GB of temporaries per chip; --config.model.scan_layers=True --config.model.remat_policy=full
-    # --config.train.micro_batch_size=2 brings v5e's to 19 GB (still over its 15.75 GB). Not yet the default:
-    # no plan has shown a fitting setting on v5e-16 / v5p-8.
+    # Full-size memory (BENCHMARKS.md, "TPU plan from the compiler"): without activation checkpointing the
+    # train step needs ~180 GB of temporaries per chip. Scanned layers + full per-block remat + micro-batch 2
+    # fit v5p-8 (22.6 GiB peak) and v6e-8 (20.3 GiB); v5e-16 (16 GB chips) also needs
+    # --config.train.micro_batch_size=1 --config.mesh.data=8 --config.mesh.fsdp=2 (12.6 GiB).
+    c.model.scan_layers = True
+    c.model.remat_policy = "full"
+    c.train.micro_batch_size = 2
     c.data.prompts_per_step = t["prompts"]
     c.data.train_format = t["fmt"]
     c.data.eval_format = t["fmt"]

@@ -108,7 +108,9 @@ class FluxT2IPipeline(T2IPipeline):
 
         def velocity(x, t, context):
             state, cond = context
-            return family.velocity(nnx.merge(graphdef, state), x, t, tuple(cond), guidance=guidance)
+            # copy=True: fresh Variables at this trace level (scanned layers refuse outer ones)
+            return family.velocity(nnx.merge(graphdef, state, copy=True), x, t, tuple(cond),
+                                   guidance=guidance)
 
         self._velocity[guidance] = velocity
         return velocity

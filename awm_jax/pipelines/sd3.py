@@ -76,7 +76,8 @@ class SD3Pipeline(T2IPipeline):
             state, cond, uncond = context
 
             def model(xx, tt, c):
-                return family.velocity(nnx.merge(graphdef, state), xx, tt, c)
+                # copy=True: fresh Variables at this trace level (scanned layers refuse outer ones)
+                return family.velocity(nnx.merge(graphdef, state, copy=True), xx, tt, c)
 
             return classifier_free_guidance(model, scale)(x, t, (tuple(cond), tuple(uncond)))
 
