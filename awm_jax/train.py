@@ -52,6 +52,7 @@ from awm_jax.logging_lib import TrainLogger, run_summary
 from awm_jax.models.family import get_family
 from awm_jax.rewards.bridge import RewardBridge
 from awm_jax.rl.advantages import reward_stats, step_advantages
+from awm_jax.rl.collect import local_advantages, prepare, rollout_epoch
 from awm_jax.rl.epoch import drift_stats, epoch_parts, merge_part_metrics
 from awm_jax.rl.policy import rolls_out_with_old
 from awm_jax.text.base import CachedTextEncoder
@@ -146,10 +147,6 @@ def _embedding_cache(encoder, config) -> CachedTextEncoder:
     return CachedTextEncoder(fn, max_entries=None, max_bytes=int(float(config.model.text_cache_mb) * 2**20))
 
 
-def _concat(outs: list[dict]) -> dict:
-    return {k: jnp.concatenate([jnp.asarray(o[k]) for o in outs], axis=0) for k in outs[0]}
-
-
 def _scalar(x) -> float:
     return float(np.asarray(x).mean())
 
@@ -183,47 +180,6 @@ def threading_main() -> bool:
 
 
 # ----------------------------------------------------------------------------- the loop
-
-
-def _rollout_epoch(comp, config, mesh, params, embed, sampler, dataset, bridge, step, key, tl=None):
-    """This host's rollouts of one step (``awm_jax.distributed``: its slice of every rollout block); returns
-    (the train batch as global arrays, local rewards, local positions in the global batch). Per-phase wall
-    time goes to the :class:`Timeline` ``tl``."""
-    tl = tl or Timeline()
-    idx_all, _ = sampler.global_indices(step)
-    block = config.sample.batch_size * jax.device_count()
-    pos = distributed.local_positions(len(idx_all), block)
-    prompts, metadata = dataset.take(idx_all[pos])
-    with tl.phase("text_encode"):
-        emb, pooled = embed.encode(prompts)
-    outs, futures, embs, pools = [], [], [], []
-    for i, sl in enumerate(distributed.block_slices(len(idx_all), block)):
-        e, p = distributed.to_global(emb[sl], mesh), distributed.to_global(pooled[sl], mesh)
-        k = jax.random.fold_in(key, i)
-        with tl.phase("rollout"):
-            out = jax.block_until_ready(
-                comp.rollout(params, comp.base_state, jnp.asarray(e), jnp.asarray(p), k))
-        with tl.phase("decode"):
-            images = np.asarray(comp.pipeline.decode(distributed.local_rows(out["x0"])))
-        futures.append(bridge.submit(images, prompts[sl], metadata[sl]))  # scoring overlaps next chunk
-        outs.append(out)
-        embs.append(e)
-        pools.append(p)
-    with tl.phase("score"):  # the wait for the scores not already overlapped with the next chunk
-        rewards = np.concatenate([np.asarray(f.result(), np.float32) for f in futures])
-    batch = _concat(outs)
-    batch["prompt_embeds"], batch["pooled"] = _concat_rows(embs), _concat_rows(pools)
-    return batch, rewards, pos
-
-
-def _concat_rows(xs: list):
-    return jnp.concatenate([jnp.asarray(x) for x in xs], axis=0)
-
-
-def _local_advantages(adv: np.ndarray, pos: np.ndarray, n: int, block: int, mesh) -> jax.Array:
-    """The global advantages in the train batch's row order (block by block, as the rollouts)."""
-    mine = adv[pos]
-    return _concat_rows([distributed.to_global(mine[sl], mesh) for sl in distributed.block_slices(n, block)])
 
 
 def evaluate(comp, config, state, embed, eval_set, step: int, mesh=None):
@@ -435,6 +391,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     guarded: bool | None = None  # does the train step report metrics["finite"]?
     last: dict = {}
     step = start
+    prepared = None  # the next step's prompts and embeddings, made while the devices train
     try:
         with _Stop() as stop:
             for step in range(start + 1, config.max_steps + 1):
@@ -442,12 +399,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 key = jax.random.fold_in(rng, step)
                 k_roll, k_train = jax.random.split(key)
                 params = (comp.rollout_params_of or comp.trainable_of)(state)
-                batch, rewards_local, pos = _rollout_epoch(
-                    comp, config, mesh, params, embed, sampler, dataset, bridge, step, k_roll, tl)
+                batch, rewards_local, pos = rollout_epoch(
+                    comp, config, mesh, params, embed, sampler, dataset, bridge, step, k_roll, tl, prepared)
+                prepared = None
                 _, groups = sampler.global_indices(step)
                 rewards = distributed.gather_rows(rewards_local, pos, len(groups))  # once per step
                 adv = step_advantages(rewards, groups, config)  # the same on every host
-                batch["advantages"] = _local_advantages(adv, pos, len(groups), block, mesh)
+                batch["advantages"] = local_advantages(adv, pos, len(groups), block, mesh)
                 parts, finite = [], True
                 k_perm = jax.random.fold_in(k_train, 1 << 20)  # the shuffle; part j > 0: fold_in(k_train, j)
                 parts_of_epoch = epoch_parts(batch, int(config.train.steps_per_epoch), k_perm, mesh, step)
@@ -458,6 +416,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     with tl.phase("train"):
                         state, pm = comp.train_step(state, comp.base_state, part,
                                                      k_train if j == 0 else jax.random.fold_in(k_train, j))
+                    if j == len(parts_of_epoch) - 1 and step < config.max_steps:
+                        with tl.phase("text_encode"):  # next step's prompts while the devices train
+                            prepared = prepare(config, sampler, dataset, embed, step + 1)
+                    with tl.phase("train"):
                         pm = {k: np.asarray(v) for k, v in pm.items()}
                     if "finite" in pm:
                         guarded = True

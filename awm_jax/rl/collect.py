@@ -1,0 +1,84 @@
+"""One step's rollouts on the host side of the loop (``awm_jax.train``): which prompts this host rolls out and
+their text embeddings (:func:`prepare`), the rollout blocks pipelined with decoding and reward scoring
+(:func:`rollout_epoch`), and the advantages back as global arrays in the batch's row order."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from awm_jax import distributed
+from awm_jax.timeline import Timeline
+
+__all__ = ["prepare", "rollout_epoch", "local_advantages"]
+
+
+def _concat(outs: list[dict]) -> dict:
+    return {k: jnp.concatenate([jnp.asarray(o[k]) for o in outs], axis=0) for k in outs[0]}
+
+
+def prepare(config, sampler, dataset, embed, step):
+    """The prompts of ``step`` this host rolls out (its slice of every rollout block) and their text
+    embeddings: host work the loop does for step n + 1 while the devices run step n's train step."""
+    idx_all, _ = sampler.global_indices(step)
+    block = config.sample.batch_size * jax.device_count()
+    pos = distributed.local_positions(len(idx_all), block)
+    prompts, metadata = dataset.take(idx_all[pos])
+    emb, pooled = embed.encode(prompts)
+    return {"n": len(idx_all), "block": block, "pos": pos, "prompts": prompts, "metadata": metadata,
+            "emb": emb, "pooled": pooled}
+
+
+def rollout_epoch(comp, config, mesh, params, embed, sampler, dataset, bridge, step, key, tl=None,
+                   prepared=None):
+    """This host's rollouts of one step (``awm_jax.distributed``: its slice of every rollout block); returns
+    (the train batch as global arrays, local rewards, local positions in the global batch). Per-phase wall
+    time goes to the :class:`Timeline` ``tl``; ``prepared``: :func:`prepare` of this step, if done.
+
+    The device pipeline: rollout block i + 1 and its decode are dispatched before the host waits for block
+    i's images, so the devices sample block i + 1 while the host copies, scores (the reward bridge's
+    thread) and books block i."""
+    tl = tl or Timeline()
+    if prepared is None:
+        with tl.phase("text_encode"):
+            prepared = prepare(config, sampler, dataset, embed, step)
+    prompts, metadata, emb, pooled = (prepared[k] for k in ("prompts", "metadata", "emb", "pooled"))
+    slices = distributed.block_slices(prepared["n"], prepared["block"])
+
+    def launch(i: int):  # dispatch only: nothing here waits for the devices
+        sl = slices[i]
+        e, p = distributed.to_global(emb[sl], mesh), distributed.to_global(pooled[sl], mesh)
+        k = jax.random.fold_in(key, i)
+        out = comp.rollout(params, comp.base_state, jnp.asarray(e), jnp.asarray(p), k)
+        return out, comp.pipeline.decode(out["x0"]), e, p
+
+    outs, futures, embs, pools = [], [], [], []
+    nxt = launch(0)
+    for i, sl in enumerate(slices):
+        out, images, e, p = nxt
+        if i + 1 < len(slices):
+            nxt = launch(i + 1)  # queued on the devices behind block i's decode
+        with tl.phase("rollout"):
+            jax.block_until_ready(out)
+        with tl.phase("decode"):
+            images = np.asarray(distributed.local_rows(images))
+        futures.append(bridge.submit(images, prompts[sl], metadata[sl]))  # scored while block i + 1 samples
+        outs.append(out)
+        embs.append(e)
+        pools.append(p)
+    with tl.phase("score"):  # the wait for the scores not already overlapped with the next block
+        rewards = np.concatenate([np.asarray(f.result(), np.float32) for f in futures])
+    batch = _concat(outs)
+    batch["prompt_embeds"], batch["pooled"] = _concat_rows(embs), _concat_rows(pools)
+    return batch, rewards, prepared["pos"]
+
+
+def _concat_rows(xs: list):
+    return jnp.concatenate([jnp.asarray(x) for x in xs], axis=0)
+
+
+def local_advantages(adv: np.ndarray, pos: np.ndarray, n: int, block: int, mesh) -> jax.Array:
+    """The global advantages in the train batch's row order (block by block, as the rollouts)."""
+    mine = adv[pos]
+    return _concat_rows([distributed.to_global(mine[sl], mesh) for sl in distributed.block_slices(n, block)])
