@@ -37,7 +37,7 @@ def test_train_step_parts(dry):
     for algo in ("awm", "flow_grpo"):
         p = rec["parts"][f"{algo}_train_step"]
         assert p["jax"]["median_s"] > 0 and p["torch_eager"]["median_s"] > 0
-        assert p["jax"]["flops"] > 0  # XLA's count: the MFU numerator
+        assert p["jax"]["flops"] > 0  # the model FLOPs (jaxpr, no remat): the MFU numerator
         assert p["peak_flops"] is None and "mfu" not in p["jax"]  # no bf16 peak for a CPU
     table = open(out / "gpu_suite.md").read()
     assert "| awm_train_step | torch_eager |" in table and "| flow_grpo_train_step | jax |" in table

@@ -45,6 +45,14 @@ def test_tiny_toy_plan_on_v5e_2x2(tmp_path, capsys):
         assert res[k]["program_flops"] > res[k]["flops"] and res[k]["est_s"] >= res[k]["time_s"]
     assert res["train_step"]["model_flops"] == res["train_step"]["program_flops"]  # no remat: no recompute
     assert res["step_s"] == pytest.approx(2 * res["rollout"]["est_s"] + res["train_step"]["est_s"])
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import plan_report  # the BENCHMARKS.md table row of this plan
+
+    line = plan_report.row(res)
+    assert line.startswith("|  | v5e:2x2 | data 4 |") and f"8 in {res['step_s']:.0f} s" in line
+    assert line.count("|") == plan_report.HEADER.splitlines()[0].count("|")
     # the same plan on a pretend 1 MiB chip fails with exit code 1 and the numbers
     plan.CHIPS["v5e"], saved = (197e12, 2**20), plan.CHIPS["v5e"]
     try:

@@ -1,0 +1,67 @@
+"""Collect ``python -m awm_jax.plan --json`` outputs into ``results/tpu_plans.jsonl`` and print the markdown
+table of ``BENCHMARKS.md`` ("TPU plan from the compiler").
+
+    python benchmarks/plan_report.py --label "SD3.5-M, shipped defaults" plan.json [more.json ...]
+    python benchmarks/plan_report.py --table    # the table of every recorded plan
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tpu_plans.jsonl")
+GIB = 2**30
+
+
+def row(rec: dict) -> str:
+    """One markdown row of a plan record (``awm_jax.plan`` JSON plus ``label`` and ``overrides``)."""
+    mesh = " x ".join(f"{k} {v}" for k, v in rec["mesh"].items() if v > 1) or "1 chip"
+    cells = [rec.get("label", ""), rec["topology"], mesh, rec.get("overrides", "") or "-"]
+    for k in ("train_step", "rollout"):
+        r = rec[k]
+        if r.get("error"):
+            cells.append("**over HBM**: " + r["error"].split("RESOURCE_EXHAUSTED:")[-1].strip()[:90])
+            continue
+        cells.append(f"{r['peak_bytes'] / GIB:.2f} GiB ({r['compile_s']:.0f} s)")
+    t, ro = rec["train_step"], rec["rollout"]
+    if rec.get("fits"):
+        cells += [f"{t['model_flops']:.3g} / {t['program_flops']:.3g}", f"{t['compute_bound_s']:.3g} / "
+                  f"{t['est_s']:.3g}", f"{100 * t['mfu']:.0f} %",
+                  f"{rec['rollout_calls']} x {ro['compute_bound_s']:.3g} / {ro['est_s']:.3g}",
+                  f"{rec['rollouts_per_step']} in {rec['step_s']:.0f} s"]
+    else:
+        cells += ["-"] * 5
+    return "| " + " | ".join(cells) + " |"
+
+
+HEADER = ("| model | topology | mesh | overrides | train step peak / chip (compile) "
+          "| rollout peak / chip (compile) | train FLOPs / chip: model / with remat "
+          "| train s / chip: compute-bound / XLA est. | train MFU at XLA est. "
+          "| rollout calls x s: compute-bound / XLA est. | rollouts per loop step in (XLA est.) |\n"
+          + "|---" * 11 + "|")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("files", nargs="*", help="plan JSON files to record")
+    p.add_argument("--label", default="", help="the model / config of these plans")
+    p.add_argument("--overrides", default="", help="the --config overrides these plans used")
+    p.add_argument("--table", action="store_true", help="print the table of every recorded plan")
+    args = p.parse_args(argv)
+    for f in args.files:
+        rec = json.load(open(f))
+        rec["label"], rec["overrides"] = args.label, args.overrides
+        with open(RESULTS, "a") as out:
+            out.write(json.dumps(rec) + "\n")
+        print(row(rec))
+    if args.table:
+        print(HEADER)
+        for line in open(RESULTS):
+            print(row(json.loads(line)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
