@@ -171,6 +171,7 @@ def _programs(config, fam, cfg, mesh, n: int, chunk: int, remat: str):
     from awm_jax.rl import train_step as ts
 
     model = nnx.eval_shape(lambda: fam.build(cfg, rngs=nnx.Rngs(0), dtype=ts._dtype(config.model.dtype),
+                                             param_dtype=ts._dtype(config.model.param_dtype),
                                              scan_layers=bool(config.model.scan_layers), remat_policy=remat))
     graphdef, base_state, state = ts.create_train_state(model, config)
     batch, key, roll, neg = _abstract_inputs(config, graphdef, fam, cfg, n, chunk)

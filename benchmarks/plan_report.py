@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tpu_plans.jsonl")
 GIB = 2**30
@@ -22,7 +23,8 @@ def row(rec: dict) -> str:
     for k in ("train_step", "rollout"):
         r = rec[k]
         if r.get("error"):
-            cells.append("**over HBM**: " + r["error"].split("RESOURCE_EXHAUSTED:")[-1].strip()[:90])
+            m = re.search(r"temporaries \((\S+)\) exceeds? available HBM \((\S+)\)", r["error"])
+            cells.append(f"**over HBM**: temporaries {m[1]} > {m[2]}" if m else r["error"][:90])
             continue
         cells.append(f"{r['peak_bytes'] / GIB:.2f} GiB ({r['compile_s']:.0f} s)")
     t, ro = rec["train_step"], rec["rollout"]
