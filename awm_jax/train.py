@@ -27,6 +27,7 @@ for its pipeline) so the loop is independent of the model family. Checkpoints ho
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -391,7 +392,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     guarded: bool | None = None  # does the train step report metrics["finite"]?
     last: dict = {}
     step = start
-    prepared = None  # the next step's prompts and embeddings, made while the devices train
+    prepared = pending = None  # the next step's prompts and embeddings, made while the devices train
+    prefetch = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="awm-prefetch")
     try:
         with _Stop() as stop:
             for step in range(start + 1, config.max_steps + 1):
@@ -416,10 +418,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     with tl.phase("train"):
                         state, pm = comp.train_step(state, comp.base_state, part,
                                                      k_train if j == 0 else jax.random.fold_in(k_train, j))
-                    if j == len(parts_of_epoch) - 1 and step < config.max_steps:
-                        with tl.phase("text_encode"):  # next step's prompts while the devices train
-                            prepared = prepare(config, sampler, dataset, embed, step + 1)
-                    with tl.phase("train"):
+                        if j == len(parts_of_epoch) - 1 and step < config.max_steps:
+                            # the next step's prompts, encoded on a host thread while the devices train
+                            pending = prefetch.submit(prepare, config, sampler, dataset, embed, step + 1)
                         pm = {k: np.asarray(v) for k, v in pm.items()}
                     if "finite" in pm:
                         guarded = True
@@ -431,6 +432,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             state = backup
                     finite = finite and ok
                     parts.append(pm)
+                if pending is not None:  # before anything else touches the text encoder (evaluation)
+                    with tl.phase("text_encode"):  # what the train step did not hide of it
+                        prepared, pending = pending.result(), None
                 metrics = merge_part_metrics(parts)
                 loss = _scalar(metrics.get("loss", np.nan))
                 nonfinite = 0 if finite else nonfinite + 1
@@ -473,6 +477,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 with open(os.path.join(workdir, "timeline.json"), "w") as f:
                     json.dump(summary, f, indent=1)
     finally:
+        prefetch.shutdown(wait=True, cancel_futures=True)
         ckpt.close()
         logger.close()
     return last
