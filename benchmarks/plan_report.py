@@ -26,13 +26,15 @@ def row(rec: dict) -> str:
             m = re.search(r"temporaries \((\S+)\) exceeds? available HBM \((\S+)\)", r["error"])
             cells.append(f"**over HBM**: temporaries {m[1]} > {m[2]}" if m else r["error"][:90])
             continue
-        cells.append(f"{r['peak_bytes'] / GIB:.2f} GiB ({r['compile_s']:.0f} s)")
+        over = " **over HBM**" if r["peak_bytes"] > rec["hbm_bytes"] else ""
+        cells.append(f"{r['peak_bytes'] / GIB:.2f} GiB{over} ({r['compile_s']:.0f} s)")
     t, ro = rec["train_step"], rec["rollout"]
-    if rec.get("fits"):
+    if not t.get("error") and not ro.get("error"):  # compiled (fitting or not): the time figures
+        step_s = rec["rollout_calls"] * ro["est_s"] + t["est_s"]
         cells += [f"{t['model_flops']:.3g} / {t['program_flops']:.3g}", f"{t['compute_bound_s']:.3g} / "
                   f"{t['est_s']:.3g}", f"{100 * t['mfu']:.0f} %",
                   f"{rec['rollout_calls']} x {ro['compute_bound_s']:.3g} / {ro['est_s']:.3g}",
-                  f"{rec['rollouts_per_step']} in {rec['step_s']:.0f} s"]
+                  f"{rec['rollouts_per_step']} in {step_s:.0f} s"]
     else:
         cells += ["-"] * 5
     return "| " + " | ".join(cells) + " |"
