@@ -62,8 +62,9 @@ def main(argv=None) -> int:
         print(row(rec))
     if args.table:
         print(HEADER)
-        for line in open(RESULTS):
-            print(row(json.loads(line)))
+        recs = sorted((json.loads(line) for line in open(RESULTS)), key=lambda r: r["chips"])
+        for rec in sorted(recs, key=lambda r: r.get("label", ""), reverse=True):  # stable: by chips within
+            print(row(rec))
     return 0
 
 
