@@ -54,6 +54,19 @@ class T2IPipeline:
         """Shape of one latent as the samplers see it."""
         raise NotImplementedError
 
+    def _cached_velocity(self, key, make: Callable[[Callable], Callable]) -> Callable:
+        """``make(model)`` once per ``key`` (one object per setting: the samplers' jit cache is reused), where
+        ``model(state, x, t, cond, **options)`` is the family's velocity of the transformer with ``state``."""
+        if key not in self._velocity:
+            graphdef, family = nnx.graphdef(self.transformer), self.family
+
+            def model(state, x, t, cond, **options):
+                # copy=True: fresh Variables at this trace level (scanned layers refuse outer ones)
+                return family.velocity(nnx.merge(graphdef, state, copy=True), x, t, tuple(cond), **options)
+
+            self._velocity[key] = make(model)
+        return self._velocity[key]
+
     def decode(self, latents: jax.Array) -> jax.Array:
         """Model-space latents (B, C, h, w) -> uint8 images (B, H, W, 3) (jitted; callable inside jit)."""
         if self._decode_fn is None:

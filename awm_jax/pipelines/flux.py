@@ -101,19 +101,14 @@ class FluxT2IPipeline(T2IPipeline):
                              "give guidance")
         else:
             guidance = float(guidance)
-        if guidance in self._velocity:
-            return self._velocity[guidance]
-        graphdef = nnx.graphdef(self.transformer)
-        family = self.family
 
-        def velocity(x, t, context):
-            state, cond = context
-            # copy=True: fresh Variables at this trace level (scanned layers refuse outer ones)
-            return family.velocity(nnx.merge(graphdef, state, copy=True), x, t, tuple(cond),
-                                   guidance=guidance)
+        def make(model):
+            def velocity(x, t, context):
+                state, cond = context
+                return model(state, x, t, cond, guidance=guidance)
+            return velocity
 
-        self._velocity[guidance] = velocity
-        return velocity
+        return self._cached_velocity(guidance, make)
 
     def sample_latents(self, prompts: Sequence[str], *, num_steps: int = 28, guidance: float | None = 3.5,
                        key: jax.Array | None = None, latents: jax.Array | None = None) -> jax.Array:

@@ -67,22 +67,15 @@ class SD3Pipeline(T2IPipeline):
         from awm_jax.sampling import classifier_free_guidance
 
         scale = float(guidance_scale)
-        if scale in self._velocity:
-            return self._velocity[scale]
-        graphdef = nnx.graphdef(self.transformer)
-        family = self.family
 
-        def velocity(x, t, context):
-            state, cond, uncond = context
+        def make(model):
+            def velocity(x, t, context):
+                state, cond, uncond = context
+                guided = classifier_free_guidance(lambda xx, tt, c: model(state, xx, tt, c), scale)
+                return guided(x, t, (tuple(cond), tuple(uncond)))
+            return velocity
 
-            def model(xx, tt, c):
-                # copy=True: fresh Variables at this trace level (scanned layers refuse outer ones)
-                return family.velocity(nnx.merge(graphdef, state, copy=True), xx, tt, c)
-
-            return classifier_free_guidance(model, scale)(x, t, (tuple(cond), tuple(uncond)))
-
-        self._velocity[scale] = velocity
-        return velocity
+        return self._cached_velocity(scale, make)
 
     def sample_latents(self, prompts: Sequence[str], *, num_steps: int = 40, guidance_scale: float = 1.0,
                        key: jax.Array | None = None, latents: jax.Array | None = None,
