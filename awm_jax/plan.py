@@ -99,8 +99,7 @@ def _abstract_inputs(config, graphdef, fam, cfg, n: int, chunk: int):
     return batch, key, roll, neg
 
 
-def _analyse(compiled, peak: float, bandwidth: float, counted: float | None = None,
-             model: float | None = None) -> dict:
+def _analyse(compiled, peak: float, bandwidth: float, counted: float, model: float) -> dict:
     """Per-chip figures of ``compiled``; ``counted`` / ``model``: the program's / the model's FLOPs per chip
     from the jaxpr (loop trip counts included; the model's without remat recomputation)."""
     mem = compiled.memory_analysis()
@@ -117,18 +116,22 @@ def _analyse(compiled, peak: float, bandwidth: float, counted: float | None = No
     out["time_s"] = out["optimal_seconds"] or roofline
     out["time_source"] = ("xla optimal_seconds" if out["optimal_seconds"]
                           else "roofline max(flops/peak, bytes/HBM bandwidth)")
-    out["mfu_xla"] = (out["flops"] / peak / out["time_s"]) if out["time_s"] else None  # one loop iteration
-    if counted:
-        # XLA's time covers its count (loop bodies once): scale it to the whole program's FLOPs
-        factor = max(1.0, counted / out["flops"]) if out["flops"] else None
-        out["program_flops"], out["model_flops"] = counted, model or counted
-        out["loop_factor"] = factor
-        out["est_s"] = out["time_s"] * factor if factor and out["time_s"] else counted / peak
-        out["compute_bound_s"] = counted / peak
-        out["mfu"] = out["model_flops"] / peak / out["est_s"]
-    else:
-        out["est_s"], out["mfu"] = out["time_s"], out["mfu_xla"]
+    # XLA's time covers its count (loop bodies once): scale it to the whole program's FLOPs
+    factor = max(1.0, counted / out["flops"]) if out["flops"] else None
+    out["program_flops"], out["model_flops"], out["loop_factor"] = counted, model, factor
+    out["est_s"] = out["time_s"] * factor if factor and out["time_s"] else counted / peak
+    out["compute_bound_s"] = counted / peak
+    out["mfu"] = model / peak / out["est_s"]
     return out
+
+
+def loop_step_s(res: dict) -> float | None:
+    """One loop step's estimate per chip (the rollout calls and the optimizer step; no decode or scoring)
+    of a plan whose two programs compiled, else None."""
+    t, r = res["train_step"], res["rollout"]
+    if t.get("error") or r.get("error"):
+        return None
+    return res["rollout_calls"] * r["est_s"] + t["est_s"]
 
 
 def plan(config, topology: str) -> dict:
@@ -162,8 +165,7 @@ def plan(config, topology: str) -> dict:
         res["rollout"] = _compiled(roll, peak, bw, chips, None)
     res["fits"] = all(res[k].get("error") is None and res[k]["peak_bytes"] <= hbm
                       for k in ("train_step", "rollout"))
-    if res["fits"]:  # one loop step: the rollout calls and the optimizer step (no decode / scoring)
-        res["step_s"] = res["rollout_calls"] * res["rollout"]["est_s"] + res["train_step"]["est_s"]
+    res["step_s"] = loop_step_s(res)
     return res
 
 
@@ -188,7 +190,7 @@ def _programs(config, fam, cfg, mesh, n: int, chunk: int, remat: str):
 def _compiled(program, peak: float, bandwidth: float, chips: int, model: float | None) -> dict:
     """:func:`_analyse` of the compiled ``(jitted, *args)``, or ``{"error": XLA's message}`` when XLA refuses
     it for lack of HBM (it states the bytes its temporaries need). ``model``: the model FLOPs per chip
-    (None: the program's own)."""
+    (None: the program's own count, a program without remat)."""
     import jax
 
     from awm_jax.flops import jaxpr_flops

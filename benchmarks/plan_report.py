@@ -11,6 +11,10 @@ import argparse
 import json
 import os
 import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from awm_jax.plan import loop_step_s  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tpu_plans.jsonl")
 GIB = 2**30
@@ -29,8 +33,8 @@ def row(rec: dict) -> str:
         over = " **over HBM**" if r["peak_bytes"] > rec["hbm_bytes"] else ""
         cells.append(f"{r['peak_bytes'] / GIB:.2f} GiB{over} ({r['compile_s']:.0f} s)")
     t, ro = rec["train_step"], rec["rollout"]
-    if not t.get("error") and not ro.get("error"):  # compiled (fitting or not): the time figures
-        step_s = rec["rollout_calls"] * ro["est_s"] + t["est_s"]
+    step_s = loop_step_s(rec)
+    if step_s is not None:  # both programs compiled (fitting or not): the time figures
         cells += [f"{t['model_flops']:.3g} / {t['program_flops']:.3g}", f"{t['compute_bound_s']:.3g} / "
                   f"{t['est_s']:.3g}", f"{100 * t['mfu']:.0f} %",
                   f"{rec['rollout_calls']} x {ro['compute_bound_s']:.3g} / {ro['est_s']:.3g}",

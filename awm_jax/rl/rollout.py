@@ -110,5 +110,4 @@ def make_rollout_fn(graphdef, config, mesh: Mesh | None = None, *, latent_shape=
         return jax.jit(lambda *a: core(*a, mesh)).trace(*args, neg)
 
     rollout.trace = trace
-    rollout.lower = lambda *a: trace(*a).lower()
     return rollout

@@ -385,7 +385,6 @@ def _placed_call(jitted, config, mesh: Mesh | None, negative, donate: bool) -> C
         return fn.trace(*args, neg)
 
     run.trace = trace
-    run.lower = lambda *a: trace(*a).lower()
     return run
 
 
