@@ -222,10 +222,12 @@ def parse_args(argv: Sequence[str]) -> tuple[str, str, list[tuple[str, str]]]:
 
 
 _CHOICES = {
-    "algorithm": ("awm", "flow_grpo", "nft", "elbo_reinforce", "elbo_grpo"),
+    "algorithm": None,  # validate(): awm_jax.rl.registry.all_names() (deprecated aliases included)
     "model.remat_policy": ("none", "full", "dots_saveable", "nothing_saveable"),
     "sample.sampler": ("sa_solver", "euler_maruyama", "ode", "sde", "cps"),
-    "awm.timestep_sampler": ("discrete", "discrete_wo_init", "uniform", "logit_normal"),
+    "awm.timestep_sampler": ("discrete", "discrete_wo_init", "uniform", "logit_normal", "permutation"),
+    "advantages.mode": ("standard", "exact"),
+    "elbo.likelihood": ("adaptive", "exact", "uniform", "t"),
     "awm.weighting": ("uniform", "t", "t2", "ghuber", "elbo"),
     "awm.loss_type": ("per_time", "mean_over_times"),
     "advantages.std_mode": ("global", "group"),
@@ -248,6 +250,7 @@ def _get(cfg, key):
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Check enumerations, positivity and cross-field constraints; raise ``ConfigError`` naming the key."""
     from awm_jax.models.family import family_names
+    from awm_jax.rl import registry
 
     kinds = tuple(family_names())
     kind = cfg.get("model", {}).get("kind")
@@ -258,6 +261,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             val = _get(cfg, key)
         except KeyError:
             raise ConfigError(f"config is missing required key '{key}'") from None
+        choices = registry.all_names() if choices is None else choices
         if val not in choices:
             raise ConfigError(f"config key '{key}' = {val!r} is not one of {choices}")
     for key in _POSITIVE:
@@ -282,8 +286,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config key 'model.text_cache_mb' must be >= 0, got {cfg.model.text_cache_mb}")
     if cfg.algorithm == "nft" and not cfg.nft.beta > 0:
         raise ConfigError(f"config key 'nft.beta' must be > 0, got {cfg.nft.beta}")
-    if cfg.train.scan_times and cfg.algorithm == "elbo_grpo":
-        raise ConfigError("config key 'train.scan_times' = True: elbo_grpo's ratio needs all K times at once")
+    if cfg.train.scan_times and registry.get(cfg.algorithm).needs_all_times:
+        raise ConfigError(f"config key 'train.scan_times' = True: {cfg.algorithm}'s ratio needs all K times "
+                          "at once")
     if cfg.train.scan_times and cfg.awm.loss_type != "per_time":
         raise ConfigError("config key 'train.scan_times' = True needs awm.loss_type = 'per_time'")
     if cfg.lora.rank <= 0 and not cfg.lora.full_finetune:

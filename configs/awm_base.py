@@ -30,7 +30,10 @@ _TASKS = {
 def base_config() -> ml_collections.ConfigDict:
     """Every key the trainer knows, with the public AWM code's SD3.5-Medium defaults."""
     c = ml_collections.ConfigDict()
-    c.algorithm = "awm"  # objective (docs/objectives.md): awm|flow_grpo|nft|elbo_reinforce|elbo_grpo
+    # objective (awm_jax.rl.registry, docs/objectives.md): awm|flow_grpo|nft|elbo_exact_reinforce|
+    # elbo_exact_grpo (exact-weight ELBO; old names elbo_reinforce|elbo_grpo still load, deprecated)|epg|pepg|
+    # par|epg_noratio|pepg_noratio|par_noratio|epg_grpo (seed 004's ELBO policy gradients)|ram (RAM)
+    c.algorithm = "awm"  # objective name
     c.seed = 42  # master seed: init, data order, rollout and training noise all derive from (seed, step)
     c.max_steps = 1000  # number of epochs (loop steps: rollouts + train.steps_per_epoch optimizer steps)
     c.components = "awm_jax.train:default_components"  # "module:function" returning the loop's components
@@ -93,13 +96,18 @@ def base_config() -> ml_collections.ConfigDict:
     a.eps = 1e-4  # added to the std
     a.clip = 5.0  # advantages clipped to [-clip, clip]
     a.correct_threshold = 1.0  # reward >= this counts as "correct" (all-correct / all-wrong fractions)
+    # "standard": (R - group mean) / (std + eps) | "exact": exact_scale (R - group mean), no std (seed 004)
+    a.mode = "standard"  # advantage formula
+    a.exact_scale = 0.1  # "exact" mode's factor: seed 004's BETA / ALPHA = 1e-4 / 1e-3
 
     c.awm = w = ml_collections.ConfigDict()
     # awm.*: AWM's keys, shared by the other clean-sample objectives (nft, elbo_reinforce, elbo_grpo)
     w.train_timesteps = 6  # K training times per sample
-    w.timestep_sampler = "discrete_wo_init"  # "discrete" | "discrete_wo_init" | "uniform" | "logit_normal"
+    # "discrete" | "discrete_wo_init" | "uniform" | "logit_normal" | "permutation" (per sample a random
+    # permutation of the S sampler-grid times, the first int(S * timestep_fraction) = train_timesteps of them)
+    w.timestep_sampler = "discrete_wo_init"  # training-time sampler
     w.timestep_draw = "sample"  # "sample": each sample its own stratified K-tuple | "step": one for the step
-    w.timestep_fraction = 0.9  # discrete samplers: upper stratum bound int(num_steps * fraction)
+    w.timestep_fraction = 0.9  # discrete: upper stratum bound int(num_steps * fraction); permutation: count
     w.weighting = "ghuber"  # w(t): "uniform" | "t" | "t2" | "ghuber" | "elbo" ((1 - t) / t, the ELBO's)
     w.ghuber_power = 0.25  # ghuber power p
     w.beta = 0.001  # weight of KL to the reference (base) model, velocity space
@@ -114,6 +122,14 @@ def base_config() -> ml_collections.ConfigDict:
     n.beta = 1.0  # implicit-policy strength b: v+ = (1 - b) v_old + b v, v- = (1 + b) v_old - b v
     n.adaptive_weighting = True  # divide each x0-space error by stopgrad(mean |x0_pred - x0|)
 
+    c.elbo = el = ml_collections.ConfigDict()  # seed 004's ELBO policy gradients (epg, pepg, par, epg_grpo)
+    el.likelihood = "adaptive"  # ELBO per (time, sample): "adaptive" | "exact" | "uniform" | "t" (docs)
+    el.clip_range = 1e-3  # epg_grpo: PPO clip of the per-(time, sample) ELBO ratio
+    el.adv_clamp = 5.0  # epg_grpo: advantages clamped to [-adv_clamp, adv_clamp] inside the loss
+
+    c.ram = rm = ml_collections.ConfigDict()  # RAM (Reinforce Adjoint Matching)
+    rm.rho = 100.0  # target v_ref + rho A (u - v_old): reward multiplier / inverse KL temperature
+
     c.flow_grpo = g = ml_collections.ConfigDict()
     g.clip_range = 1e-4  # PPO clip
     g.beta = 0.04  # KL weight
@@ -122,7 +138,8 @@ def base_config() -> ml_collections.ConfigDict:
     # reference's noise_pred_uncond.detach()); False differentiates both branches (awm-jax before issue 13)
 
     c.ema = e = ml_collections.ConfigDict()
-    # the kl-EMA adapter is also the old (sampling) policy of nft / elbo_grpo (and of AWM off-policy)
+    # the kl-EMA adapter is also the old (sampling) policy of nft, elbo_exact_grpo, the seed-004 objectives
+    # and ram (and of AWM off-policy)
     e.kl_decay_rate = 0.001  # kl-EMA decay d = min(kl_decay_max, kl_decay_rate * step)
     e.kl_decay_max = 0.3  # cap of the kl-EMA decay
     e.eval_ema = True  # keep an evaluation EMA of the adapter, decay min((1+s)/(10+s), eval_decay_max)
@@ -237,11 +254,76 @@ def _nft_sd35(c: ml_collections.ConfigDict) -> None:
 
 
 def _elbo(c: ml_collections.ConfigDict, name: str) -> None:
-    """ELBO policy gradients: the AWM setting with the ELBO weighting and another policy-gradient loss."""
-    c.algorithm = name
+    """The exact-weight ELBO objectives (elbo_exact_*; formerly elbo_*): the AWM setting with the (1 - t) / t
+    weighting and another policy-gradient loss. NOT seed 004's objectives (_seed004)."""
+    c.algorithm = _EXACT.get(name, name)
     c.awm.weighting = "elbo"  # per-time weight (1 - t) / t of the flow-matching ELBO
-    if name == "elbo_grpo":
+    if c.algorithm == "elbo_exact_grpo":
         c.awm.clip_range = 0.2  # PPO clip of the ELBO ratio (on the mean over the K times)
+
+
+_EXACT = {"elbo_reinforce": "elbo_exact_reinforce", "elbo_grpo": "elbo_exact_grpo"}  # deprecated -> new
+SEED004 = ("epg", "pepg", "par", "epg_noratio", "pepg_noratio", "par_noratio", "epg_grpo")
+
+
+def _seed004(c: ml_collections.ConfigDict, method: str) -> None:
+    """Seed 004's ELBO policy gradients as scripts/sd3/sd3_geneval_pepg.sh runs them (the 5 sd3_geneval_*
+    scripts differ only in METHOD; docs/objectives.md has the file:line of every value)."""
+    c.algorithm = method  # METHOD (sd3_geneval_pepg.sh:31; epg.sh / par.sh the same line)
+    c.elbo.likelihood = "adaptive"  # ELBO="adaptive" (sd3_geneval_pepg.sh:37)
+    # ADV="exact" (:32): A = BETA (R - mean_prompt) / ALPHA, BETA 1e-4 (:34), ALPHA 1e-3 (:35); grpo asserts
+    # ADV="standard" (src/utils/base.py compute_policy_loss), std over all rewards (config/base.py global_std)
+    c.advantages.mode = "standard" if method == "epg_grpo" else "exact"
+    c.advantages.exact_scale = 0.1  # BETA / ALPHA = 1e-4 / 1e-3
+    c.awm.beta = 1e-4  # KL_METHOD="girsanov" (:33) with weight BETA = 1e-4 (:34): 1e-4 mean (v - v_ref)^2
+    c.awm.ema_beta = 0.0  # no kl-EMA term: the adapter is the old policy only
+    c.awm.kl_elbo = False  # girsanov = plain velocity MSE
+    c.ema.kl_decay_rate = 0.001  # DECAY_TYPE=1 (:38): old <- d old + (1 - d) theta, d = min(0.001 step, 0.5)
+    c.ema.kl_decay_max = 0.5  # (src/utils/__init__.py return_decay; after every epoch in src/train.py)
+    c.ema.eval_decay_max = 0.9  # EMAModuleWrapper(decay=0.9, update_step_interval=1) (src/train.py)
+    c.ema.eval_every = 1
+    c.optim.max_grad_norm = 5.0  # MAX_GRAD_NORM=5.0 (:39)
+    c.train.steps_per_epoch = 1  # GRADIENT_STEP_PER_EPOCH=1 (:40)
+    c.sample.guidance_scale = 1.0  # GUIDANCE_SCALE / TRAIN_ / REF_GUIDANCE_SCALE = 1.0 (:41-43): no CFG
+    c.eval.guidance_scale = 1.0
+    # the sampler's own grid times: per sample a random permutation of the num_steps grid points, the first
+    # int(num_steps * timestep_fraction) (config/base.py timestep_fraction = 0.99; src/train.py)
+    c.awm.timestep_sampler = "permutation"
+    c.awm.timestep_fraction = 0.99
+    c.awm.timestep_draw = "sample"
+    _seed004_rollouts(c)
+
+
+def _seed004_rollouts(c: ml_collections.ConfigDict) -> None:
+    """config/sd3.py _sd3_ode_base_config: deterministic 10-step rollouts, 9 training times per sample."""
+    # TODO(h30b dpm2): "dpm2" (config/sd3.py: sample.solver = "dpm2", deterministic) once the sampler lands
+    c.sample.sampler = "ode"  # deterministic rollouts (stand-in for the authors' DPM2 solver)
+    c.sample.noise_level = 0.0  # sample.deterministic = True
+    c.sample.num_steps = 10  # sample.num_steps = 10 (eval_num_steps = 40 = our eval.num_steps)
+    c.awm.train_timesteps = 9  # int(10 * 0.99)
+
+
+def _ram(c: ml_collections.ConfigDict, task: str) -> None:
+    """RAM as the seed-004 repository's port runs it (src/utils/base.py "ram" branch) on that repository's SD3
+    recipe; rho and the advantage normalisation are second-hand (docs/objectives.md)."""
+    c.algorithm = "ram"
+    c.ram.rho = 1000.0 if task == "pickscore" else 100.0  # second-hand (RAM README / ports): 100 / 1000
+    c.advantages.mode = "standard"  # R - group mean over the std of all the step's rewards, no clip
+    c.advantages.std_mode = "global"
+    c.awm.beta = 0.0  # no KL term: rho is the inverse KL temperature
+    c.awm.ema_beta = 0.0
+    c.ema.kl_decay_rate = 0.001  # the port's old policy: DECAY_TYPE=1, d = min(0.001 step, 0.5) per epoch
+    c.ema.kl_decay_max = 0.5  # (RAM's README: EMA 0.9 with a linear warm-up, second-hand)
+    c.ema.eval_decay_max = 0.9
+    c.ema.eval_every = 1
+    c.optim.max_grad_norm = 5.0  # the seed-004 scripts' MAX_GRAD_NORM (RAM's own: not readable here)
+    c.train.steps_per_epoch = 1
+    c.sample.guidance_scale = 1.0  # no CFG inside the loss or the rollouts
+    c.eval.guidance_scale = 1.0
+    c.awm.timestep_sampler = "permutation"  # the port: 9 of the 10 grid times (the paper: K = 8, p(t) = 2t)
+    c.awm.timestep_fraction = 0.99
+    c.awm.timestep_draw = "sample"
+    _seed004_rollouts(c)
 
 
 def _paper(c: ml_collections.ConfigDict, task: dict) -> None:
@@ -296,8 +378,15 @@ def sd35m(task: str, algorithm: str = "awm", paper: bool = False) -> ml_collecti
     elif algorithm == "nft":
         _nft(c)
         _nft_sd35(c)
-    elif algorithm in ("elbo_reinforce", "elbo_grpo"):
+    elif algorithm in ("elbo_reinforce", "elbo_grpo", "elbo_exact_reinforce", "elbo_exact_grpo"):
         _elbo(c, algorithm)
+    elif algorithm in SEED004:
+        _seed004(c, algorithm)
+        c.data.prompts_per_step = 48  # config/sd3.py: num_groups = 48 prompts x 24 images per epoch
+        c.max_steps = 360  # MAX_EPOCHS=360 (sd3_geneval_pepg.sh:29)
+    elif algorithm == "ram":
+        _ram(c, task)
+        c.data.prompts_per_step = 48  # the seed-004 recipe (config/sd3.py num_groups)
     elif algorithm != "awm":
         raise ValueError(f"unknown algorithm {algorithm!r}")
     return c
@@ -386,8 +475,12 @@ def toy(algorithm: str = "awm") -> ml_collections.ConfigDict:
         c.train.steps_per_epoch = 1  # adds the reference's 2 steps per epoch as its own method)
     elif algorithm == "nft":
         _nft(c)  # the toy's rollouts (20 ODE steps) and K = 6 times as AWM: same rollouts, other loss
-    elif algorithm in ("elbo_reinforce", "elbo_grpo"):
+    elif algorithm in ("elbo_reinforce", "elbo_grpo", "elbo_exact_reinforce", "elbo_exact_grpo"):
         _elbo(c, algorithm)
+    elif algorithm in SEED004:
+        _seed004(c, algorithm)  # the authors' rollouts: 10 deterministic steps, 9 of the 10 grid times
+    elif algorithm == "ram":
+        _ram(c, "geneval")
     elif algorithm != "awm":
         raise ValueError(f"unknown algorithm {algorithm!r}")
     return c

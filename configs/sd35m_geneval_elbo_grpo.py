@@ -1,15 +1,7 @@
-"""SD3.5-Medium on geneval: the PPO-clipped ELBO ratio on AWM's rollouts and times.
+"""Deprecated alias of configs/sd35m_geneval_elbo_exact_grpo.py.
 
-Keys that differ from the AWM config (set in configs/awm_base.py, every key documented there):
-
-- algorithm = "elbo_grpo": rollouts from the old policy (the kl-EMA adapter)
-- awm.weighting = "elbo": per-time weight (1 - t) / t
-- awm.clip_range = 0.2: PPO clip of the ELBO ratio
+The exact-weight ELBO objective, renamed (docs/objectives.md).
+Loads the same config; kept so that existing commands and workdirs keep working.
 """
 
-from awm_base import sd35m
-
-
-def get_config():
-    """Return the config."""
-    return sd35m("geneval", algorithm="elbo_grpo")
+from sd35m_geneval_elbo_exact_grpo import get_config  # noqa: F401

@@ -1,15 +1,7 @@
-"""The toy shapes world with the PPO-clipped ELBO ratio (same base as configs/toy.py).
+"""Deprecated alias of configs/toy_elbo_exact_grpo.py.
 
-Keys that differ from the AWM config (set in configs/awm_base.py, every key documented there):
-
-- algorithm = "elbo_grpo": rollouts from the old policy (the kl-EMA adapter)
-- awm.weighting = "elbo": per-time weight (1 - t) / t
-- awm.clip_range = 0.2: PPO clip of the ratio of the ELBOs (mean over the K times)
+The exact-weight ELBO objective, renamed (docs/objectives.md).
+Loads the same config; kept so that existing commands and workdirs keep working.
 """
 
-from awm_base import toy
-
-
-def get_config():
-    """Return the config."""
-    return toy(algorithm="elbo_grpo")
+from toy_elbo_exact_grpo import get_config  # noqa: F401

@@ -1,14 +1,7 @@
-"""The toy shapes world with REINFORCE on the flow-matching ELBO (same base and rollouts as configs/toy.py).
+"""Deprecated alias of configs/toy_elbo_exact_reinforce.py.
 
-Keys that differ from the AWM config (set in configs/awm_base.py, every key documented there):
-
-- algorithm = "elbo_reinforce"
-- awm.weighting = "elbo": per-time weight (1 - t) / t
+The exact-weight ELBO objective, renamed (docs/objectives.md).
+Loads the same config; kept so that existing commands and workdirs keep working.
 """
 
-from awm_base import toy
-
-
-def get_config():
-    """Return the config."""
-    return toy(algorithm="elbo_reinforce")
+from toy_elbo_exact_reinforce import get_config  # noqa: F401

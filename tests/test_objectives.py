@@ -245,11 +245,16 @@ def test_objective_configs():
     assert (n.algorithm, n.nft.beta, n.awm.beta, n.awm.ema_beta) == ("nft", 1.0, 1e-4, 0.0)
     assert (n.sample.guidance_scale, n.sample.num_steps, n.awm.train_timesteps) == (1.0, 10, 9)
     assert (n.ema.kl_decay_rate, n.ema.kl_decay_max, n.advantages.clip) == (0.001, 0.5, 5.0)
-    e = config_lib.load_config(os.path.join(ROOT, "configs", "sd35m_geneval_elbo_grpo.py"))
-    assert (e.algorithm, e.awm.weighting, e.awm.clip_range) == ("elbo_grpo", "elbo", 0.2)
+    e = config_lib.load_config(os.path.join(ROOT, "configs", "sd35m_geneval_elbo_exact_grpo.py"))
+    assert (e.algorithm, e.awm.weighting, e.awm.clip_range) == ("elbo_exact_grpo", "elbo", 0.2)
+    # the old config file is a deprecated alias of the renamed one
+    old = config_lib.load_config(os.path.join(ROOT, "configs", "sd35m_geneval_elbo_grpo.py"))
+    assert old.to_dict() == e.to_dict()
     base = config_lib.load_config(os.path.join(ROOT, "configs", "toy.py")).to_dict()
-    for name in ("nft", "elbo_reinforce", "elbo_grpo"):
+    for name, algo in (("nft", "nft"), ("elbo_exact_reinforce", "elbo_exact_reinforce"),
+                       ("elbo_exact_grpo", "elbo_exact_grpo"), ("elbo_reinforce", "elbo_exact_reinforce"),
+                       ("elbo_grpo", "elbo_exact_grpo")):
         c = config_lib.load_config(os.path.join(ROOT, "configs", f"toy_{name}.py")).to_dict()
         diff = {f"{k}.{j}" for k in c if isinstance(c[k], dict) for j in c[k] if c[k][j] != base[k][j]}
         assert not any(k.startswith(("sample.", "data.", "optim.")) for k in diff), (name, diff)
-        assert c["algorithm"] == name
+        assert c["algorithm"] == algo

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from awm_jax.rl import registry
+
 
 def _as_inputs(rewards, group_ids):
     r = np.asarray(rewards)
@@ -111,18 +113,40 @@ def reward_stats(rewards, group_ids, correct_threshold: float = 1.0) -> dict[str
     }
 
 
+def exact_advantages(rewards, group_ids, scale: float = 0.1) -> np.ndarray:
+    """Seed 004's "exact" advantage ``A_i = scale (r_i - mean_{same group} r)`` (no std, no clip) -> (B,)
+    numpy; the authors' ``scale = BETA / ALPHA = 1e-4 / 1e-3`` (docs/objectives.md)."""
+    r, inv = _as_inputs(rewards, group_ids)
+    r64 = r.astype(np.float64)
+    mean = np.bincount(inv, weights=r64) / np.bincount(inv)
+    return (float(scale) * (r64 - mean[inv])).astype(r.dtype)
+
+
+MODES = ("standard", "exact")
+
+
 def step_advantages(rewards, group_ids, config) -> np.ndarray:
     """The trainer's advantages for one step, per ``config`` (float32 (B,) numpy).
 
-    :func:`group_advantages` over the globally gathered rewards (``advantages.std_mode``, ``advantages.eps``),
-    then the algorithm's clipping: AWM (and nft / elbo_*) :func:`awm_clip_advantages` (``advantages.clip``,
-    ``awm.advantage_max``), Flow-GRPO :func:`grpo_clip_advantages` (its mask is applied in the loss).
+    ``advantages.mode = "standard"``: :func:`group_advantages` over the globally gathered rewards
+    (``advantages.std_mode``, ``advantages.eps``); ``"exact"``: :func:`exact_advantages`
+    (``advantages.exact_scale``).  Then the objective's clipping (``awm_jax.rl.registry``): AWM, nft and
+    elbo_exact_* :func:`awm_clip_advantages` (``advantages.clip``, ``awm.advantage_max``), Flow-GRPO
+    :func:`grpo_clip_advantages` (its mask is applied in the loss); the seed-004 objectives and RAM none
+    (epg_grpo clamps inside its loss).
     """
     a = config.advantages
-    adv = group_advantages(np.asarray(rewards, np.float64), group_ids, global_std=a.std_mode == "global",
-                           eps=float(a.eps))
-    if str(config.algorithm) != "flow_grpo":  # AWM and the other clean-sample objectives
-        adv = awm_clip_advantages(adv, float(a.clip), float(config.awm.advantage_max))
+    mode = str(a.mode)
+    r = np.asarray(rewards, np.float64)
+    if mode == "standard":
+        adv = group_advantages(r, group_ids, global_std=a.std_mode == "global", eps=float(a.eps))
+    elif mode == "exact":
+        adv = exact_advantages(r, group_ids, float(a.exact_scale))
     else:
+        raise ValueError(f"config key advantages.mode = {mode!r}: expected one of {MODES}")
+    spec = registry.get(str(config.algorithm))
+    if spec.kind == "trajectory":
         adv, _ = grpo_clip_advantages(adv, float(a.clip))
+    elif spec.clip_advantages:
+        adv = awm_clip_advantages(adv, float(a.clip), float(config.awm.advantage_max))
     return np.asarray(adv, np.float32)

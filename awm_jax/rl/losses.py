@@ -4,14 +4,16 @@ A train step splits its batch of N samples into M micro-batches (:func:`micro_ba
 and, optionally, AWM's K training times into chunks; ``awm_chunks`` / ``grpo_chunks`` stack the per-chunk
 inputs and ``awm_loss_fn`` / ``objective_loss_fn`` / ``grpo_loss_fn`` build the function
 ``(params, base, ctx, chunk) -> (loss, aux)`` the step differentiates and accumulates.  Clean-sample
-objectives (AWM, nft, elbo_*) share one prologue (:func:`_noised_inputs`: the chunk's x0, conditioning,
-times and noise, drawn per sample so that results do not depend on the micro-batching or the mesh).
+objectives (AWM and every registry objective of kind "x0") share one prologue (:func:`_noised_inputs`:
+the chunk's x0, conditioning, times and noise, drawn per sample so that results do not depend on the
+micro-batching or the mesh).
 The reference model is the trainable LoRA state with ``B = 0`` (:func:`zero_lora_b`) or, when fully
 fine-tuning, the frozen base.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import jax
@@ -22,7 +24,7 @@ from jax.sharding import Mesh
 from awm_jax.parallel import constrain_batch, num_batch_shards
 from awm_jax.rl import awm as awm_lib
 from awm_jax.rl import grpo as grpo_lib
-from awm_jax.rl import objectives as obj_lib
+from awm_jax.rl import registry
 from awm_jax.rl.policy import algorithm, guided, model_family, velocity_model
 from awm_jax.rl.timesteps import sample_train_timesteps
 
@@ -125,6 +127,9 @@ def awm_chunks(batch, key, config, mesh, shape_k: int, grid: np.ndarray):
     scan_times = bool(config.train.scan_times)
     if scan_times and str(w.loss_type) != "per_time":
         raise ValueError("config key train.scan_times needs awm.loss_type = 'per_time'")
+    if scan_times and registry.get(algorithm(config)).needs_all_times:
+        raise ValueError(f"config key train.scan_times = True: {algorithm(config)}'s loss needs all K "
+                         "times of a sample at once")
     if not scan_times:
         return c, m, shape_k, k_n
     # (M, K, mb, ...) -> (M * K, 1, mb, ...): one chunk per (micro-batch, time)
@@ -190,27 +195,27 @@ def _awm_logp(vf, x0, times, noise, w):
     return lp.reshape(k, b)
 
 
+def _resolve(path: str) -> Callable:
+    """``"module:function"`` -> the function (the registry names losses lazily)."""
+    mod, _, fn = path.partition(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
 def objective_loss_fn(graphdef, config, mesh, full: bool, num_times: int, k_noise) -> Callable:
-    """``(params, base, kl_ema, chunk) -> (loss, aux)`` of an ``awm_jax.rl.objectives`` objective (nft,
-    elbo_reinforce, elbo_grpo) on the AWM chunks: times, noise and micro-batches as AWM; the old policy's
-    velocity from the kl-EMA adapter state."""
+    """``(params, base, kl_ema, chunk) -> (loss, aux)`` of a registry objective of kind ``"x0"`` (nft,
+    elbo_exact_*, epg / pepg / par / epg_grpo, ram; ``awm_jax.rl.registry``) on the AWM chunks: times, noise
+    and micro-batches as AWM; the old policy's velocity from the kl-EMA adapter state, the reference model's
+    from the zeroed adapters (or the frozen base), each computed only when the objective or its KL needs
+    it."""
     w = config.awm
-    algo = algorithm(config)
+    spec = registry.get(algorithm(config))
+    if spec.kind != "x0":
+        raise ValueError(f"config key algorithm = {spec.name!r} has its own loss path, not objective_loss_fn")
     model_fn = velocity_model(graphdef, config)
     k_total = int(w.train_timesteps)
-    kl = dict(beta=float(w.beta), ema_beta=float(w.ema_beta), kl_elbo=bool(w.kl_elbo))
-    if algo == "nft":
-        hyper = dict(nft_beta=float(config.nft.beta), advantage_max=float(w.advantage_max),
-                     loss_scale=float(config.advantages.clip),
-                     adaptive_weighting=bool(config.nft.adaptive_weighting), **kl)
-        fn = obj_lib.nft_loss
-    elif algo == "elbo_reinforce":
-        hyper = dict(weighting=str(w.weighting), ghuber_power=float(w.ghuber_power), **kl)
-        fn = obj_lib.elbo_reinforce_loss
-    else:
-        hyper = dict(clip_range=float(w.clip_range), weighting=str(w.weighting),
-                     ghuber_power=float(w.ghuber_power), **kl)
-        fn = obj_lib.elbo_grpo_loss
+    hyper = spec.hyper(config)
+    fn = _resolve(spec.loss)
+    beta, ema_beta = float(w.beta), float(w.ema_beta)
 
     def loss(params, base, kl_ema, ch):
         x0, times, noise, rep = _noised_inputs(ch, mesh, k_noise, k_total, num_times)
@@ -222,11 +227,11 @@ def objective_loss_fn(graphdef, config, mesh, full: bool, num_times: int, k_nois
             return v.astype(jnp.float32).reshape(xt.shape)
 
         out = {"v": v_of(params)}
-        if algo in obj_lib.NEEDS_OLD:
+        if spec.needs_old:
             out["v_old"] = jax.lax.stop_gradient(v_of(kl_ema))
-        if kl["beta"] != 0:
+        if spec.needs_ref or beta != 0:
             out["v_ref"] = jax.lax.stop_gradient(v_of(ref_params(params, base, full)))
-        if kl["ema_beta"] != 0 and kl_ema is not None:  # the old policy *is* the kl-EMA adapter: one pass
+        if ema_beta != 0 and kl_ema is not None:  # the old policy *is* the kl-EMA adapter: one pass
             out["v_ema"] = out["v_old"] if "v_old" in out else jax.lax.stop_gradient(v_of(kl_ema))
         return fn(out, {"x0": x0, "noise": noise, "times": times, "adv": ch["adv"]}, **hyper)
 

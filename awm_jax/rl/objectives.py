@@ -1,4 +1,4 @@
-"""The objective family trained on clean rollout samples: DiffusionNFT and ELBO policy gradients.
+"""The objective family trained on clean rollout samples: DiffusionNFT and the exact-weight ELBO objectives.
 
 Every objective is one pure function ``(outputs, batch, **hyper) -> (loss, metrics)`` on the model's
 velocities at the noised points of the batch (the train step computes them; docs/objectives.md has the
@@ -14,7 +14,13 @@ formulas and the defaults of the authors' code with their sources):
 Shared KL terms (as AWM, ``awm_jax.rl.awm.velocity_kl``):
 ``KL = beta mean_{k,b} d(v, v_ref) + ema_beta mean_{k,b} d(v, v_ema)``, ``d = mean_CHW (v - v')^2``
 (divided by ``2 sigma(t)^2`` with ``kl_elbo``).  AWM and Flow-GRPO keep their own loss functions
-(``awm_jax.rl.awm.awm_loss``, ``awm_jax.rl.grpo.flow_grpo_step_loss``); :data:`OBJECTIVES` names all five.
+(``awm_jax.rl.awm.awm_loss``, ``awm_jax.rl.grpo.flow_grpo_step_loss``); :data:`OBJECTIVES` names every
+objective's loss (the registry ``awm_jax.rl.registry`` is the source).  The seed-004 ELBO policy gradients
+(epg, pepg, par, epg_grpo) live in ``awm_jax.rl.elbo_pg``, RAM in ``awm_jax.rl.ram``.
+
+``elbo_exact_reinforce`` / ``elbo_exact_grpo`` (formerly shipped as ``elbo_reinforce`` / ``elbo_grpo``, names
+kept as deprecated aliases) use the ``(1 - t) / t`` ("exact") weight of a velocity error and a ratio of the
+means over the K times: they are NOT the seed-004 paper's objectives (docs/objectives.md).
 """
 
 from __future__ import annotations
@@ -22,18 +28,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from awm_jax.rl import registry
 from awm_jax.rl.awm import awm_log_prob, flow_matching_mse, velocity_kl
 
 # objective -> the function that computes its loss (the two older ones take velocity closures)
-OBJECTIVES = {
-    "awm": "awm_jax.rl.awm.awm_loss",
-    "flow_grpo": "awm_jax.rl.grpo.flow_grpo_step_loss",
-    "nft": "awm_jax.rl.objectives.nft_loss",
-    "elbo_reinforce": "awm_jax.rl.objectives.elbo_reinforce_loss",
-    "elbo_grpo": "awm_jax.rl.objectives.elbo_grpo_loss",
-}
+OBJECTIVES = {"awm": "awm_jax.rl.awm.awm_loss", "flow_grpo": "awm_jax.rl.grpo.flow_grpo_step_loss",
+              **{n: s.loss.replace(":", ".") for n, s in registry.OBJECTIVES.items() if s.kind == "x0"}}
 # objectives whose loss needs the old (sampling) policy's velocity: the kl-EMA adapter state plays it
-NEEDS_OLD = ("nft", "elbo_grpo")
+NEEDS_OLD = tuple(n for n, s in registry.OBJECTIVES.items() if s.needs_old)
 
 
 def _flat(a):
@@ -73,9 +75,10 @@ def elbo_log_likelihood(v, batch, *, weighting: str = "elbo", ghuber_power: floa
     return lp.reshape(k, b)
 
 
-def elbo_reinforce_loss(outputs, batch, *, weighting: str = "elbo", ghuber_power: float = 0.25,
-                        beta: float = 0.0, ema_beta: float = 0.0, kl_elbo: bool = False):
-    """REINFORCE on the ELBO: ``L = -mean_b A_b ELBO_b + KL``, ``ELBO_b = mean_k elbo_log_likelihood_kb``.
+def elbo_exact_reinforce_loss(outputs, batch, *, weighting: str = "elbo", ghuber_power: float = 0.25,
+                              beta: float = 0.0, ema_beta: float = 0.0, kl_elbo: bool = False):
+    """REINFORCE on the exact-weight ELBO: ``L = -mean_b A_b ELBO_b + KL``,
+    ``ELBO_b = mean_k elbo_log_likelihood_kb``.
 
     Gradient ``-mean_b A_b grad ELBO_b``: the score-function estimator with the ELBO standing in for
     ``log p(x0 | c)`` (fresh noise and times on the clean rollout sample, as AWM).
@@ -90,13 +93,14 @@ def elbo_reinforce_loss(outputs, batch, *, weighting: str = "elbo", ghuber_power
                   "logp_mean": jnp.mean(jax.lax.stop_gradient(logp))}
 
 
-def elbo_grpo_loss(outputs, batch, *, clip_range: float = 0.2, weighting: str = "elbo",
-                   ghuber_power: float = 0.25, beta: float = 0.0, ema_beta: float = 0.0,
-                   kl_elbo: bool = False):
-    """PPO-clipped ratio of ELBOs: ``L = mean_b max(-A_b r_b, -A_b clip(r_b, 1 - c, 1 + c)) + KL``,
+def elbo_exact_grpo_loss(outputs, batch, *, clip_range: float = 0.2, weighting: str = "elbo",
+                         ghuber_power: float = 0.25, beta: float = 0.0, ema_beta: float = 0.0,
+                         kl_elbo: bool = False):
+    """PPO-clipped ratio of exact-weight ELBOs (mean over the K times):
+    ``L = mean_b max(-A_b r_b, -A_b clip(r_b, 1 - c, 1 + c)) + KL``,
     ``r_b = exp(ELBO_b(v) - sg(ELBO_b(v_old)))`` with both ELBOs (mean over the K times) on the *same*
     noise and times.  When ``v_old == v`` (first on-policy step) ``r = 1`` and the gradient is
-    :func:`elbo_reinforce_loss`'s.
+    :func:`elbo_exact_reinforce_loss`'s.
     """
     lp = jnp.mean(elbo_log_likelihood(outputs["v"], batch, weighting=weighting, ghuber_power=ghuber_power), 0)
     lp_old = jnp.mean(elbo_log_likelihood(jax.lax.stop_gradient(outputs["v_old"]), batch, weighting=weighting,
@@ -111,6 +115,11 @@ def elbo_grpo_loss(outputs, batch, *, clip_range: float = 0.2, weighting: str = 
                   "logp_mean": jnp.mean(jax.lax.stop_gradient(lp)), "ratio_mean": jnp.mean(rs),
                   "ratio_min": jnp.min(rs), "ratio_max": jnp.max(rs),
                   "clip_frac": jnp.mean((jnp.abs(rs - 1.0) > clip_range).astype(jnp.float32))}
+
+
+# deprecated names (the objectives were renamed when the seed-004 ones were added; docs/objectives.md)
+elbo_reinforce_loss = elbo_exact_reinforce_loss
+elbo_grpo_loss = elbo_exact_grpo_loss
 
 
 def nft_optimality(adv, advantage_max: float = 1.0):

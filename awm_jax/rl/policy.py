@@ -14,22 +14,22 @@ import jax.numpy as jnp
 from flax import nnx
 
 from awm_jax.models.family import ModelFamily, family_for_graph
+from awm_jax.rl import registry
 from awm_jax.sampling.samplers import classifier_free_guidance
 
 __all__ = ["ALGORITHMS", "X0_ALGORITHMS", "algorithm", "guided", "is_full_finetune", "model_family",
            "rolls_out_with_old", "trains_on_x0", "velocity_model"]
 
-# the objectives (config key ``algorithm``; docs/objectives.md): all but Flow-GRPO train on the clean sample
-ALGORITHMS = ("awm", "flow_grpo", "nft", "elbo_reinforce", "elbo_grpo")
-X0_ALGORITHMS = ("awm", "nft", "elbo_reinforce", "elbo_grpo")
+# the objectives (config key ``algorithm``; awm_jax.rl.registry, docs/objectives.md): all but Flow-GRPO train
+# on the clean sample
+ALGORITHMS = tuple(registry.OBJECTIVES)
+X0_ALGORITHMS = tuple(n for n, s in registry.OBJECTIVES.items() if s.kind != "trajectory")
 
 
 def algorithm(config) -> str:
-    """``config.algorithm``, validated."""
-    a = str(config.algorithm)
-    if a not in ALGORITHMS:
-        raise ValueError(f"config key algorithm = {a!r}: expected one of {ALGORITHMS}")
-    return a
+    """``config.algorithm``, validated; a deprecated alias (``elbo_reinforce``, ``elbo_grpo``) gives its new
+    name with a DeprecationWarning."""
+    return registry.canonical(str(config.algorithm))
 
 
 def trains_on_x0(config) -> bool:
@@ -38,10 +38,11 @@ def trains_on_x0(config) -> bool:
 
 
 def rolls_out_with_old(config) -> bool:
-    """Rollouts come from the old policy (the kl-EMA adapter state): AWM off-policy, DiffusionNFT (its
-    code samples with the "old" adapter) and ``elbo_grpo`` (PPO: the ratio's denominator sampled)."""
+    """Rollouts come from the old policy (the kl-EMA adapter state): AWM off-policy, and every objective whose
+    registry entry says so (DiffusionNFT and the seed-004 objectives: their code samples with the "old"
+    adapter; ``elbo_exact_grpo``: the ratio's denominator sampled; RAM)."""
     a = algorithm(config)
-    return a in ("nft", "elbo_grpo") or (a == "awm" and not bool(config.awm.on_policy))
+    return registry.get(a).rolls_out_with_old or (a == "awm" and not bool(config.awm.on_policy))
 
 
 def is_full_finetune(config) -> bool:

@@ -1,6 +1,7 @@
 """Training-time samplers for AWM: which ``t`` each of the K forward passes per sample uses.
 
-All return ``(K, B)`` float32 times in (0, 1), one stratified K-tuple per sample by default
+All return ``(K, B)`` float32 times in (0, 1] (``permutation`` includes the grid's t = 1), one stratified
+K-tuple per sample by default
 (``draw="sample"``: the same expected gradient as one shared tuple, lower variance); ``draw="step"`` shares
 one K-tuple across the whole batch (awm-jax's former behaviour for ``discrete*`` / ``logit_normal``; the
 public code draws one per micro-batch of 3 samples per GPU).
@@ -14,7 +15,7 @@ import numpy as np
 
 from awm_jax.sampling.schedules import shift_times
 
-KINDS = ("discrete", "discrete_wo_init", "uniform", "logit_normal")
+KINDS = ("discrete", "discrete_wo_init", "uniform", "logit_normal", "permutation")
 DRAWS = ("sample", "step")
 
 
@@ -47,6 +48,9 @@ def sample_train_timesteps(key, kind: str, num_times: int, batch_size: int, *, g
     - ``uniform``: stratified ``U(uniform_range)`` per (time, sample), strata shuffled over K per sample,
       then the SD3 ``shift`` (the public code's "uniform"; ``uniform_range=(0, 1), shift=1`` is plain U(0,1)).
     - ``logit_normal``: stratified normal quantiles, shuffled, ``sigmoid(m + s u)``, shifted, ``>= min_t``.
+    - ``permutation`` (seed 004 / DiffusionNFT): the S sampler times ``grid[:S]`` (``grid`` has S + 1 points
+      ending at 0), a random permutation of them per draw, the first ``K = int(S * timestep_fraction)``
+      (``num_times`` must equal that count): K distinct grid times per sample, in random order.
 
     ``draw``: ``"sample"`` (each sample its own K-tuple) or ``"step"`` (one K-tuple for all B samples).
     """
@@ -59,6 +63,8 @@ def sample_train_timesteps(key, kind: str, num_times: int, batch_size: int, *, g
         raise ValueError(f"num_times and batch_size must be >= 1, got {num_times}, {batch_size}")
     d_ = b_ if draw == "sample" else 1  # independent draws
     ku, kp = jax.random.split(key)
+    if kind == "permutation":
+        return _permutation_times(kp, grid, k_, b_, d_, timestep_fraction)
     if kind.startswith("discrete"):
         if grid is None:
             raise ValueError(f"timestep sampler {kind!r} needs the sampler grid")
@@ -81,6 +87,20 @@ def sample_train_timesteps(key, kind: str, num_times: int, batch_size: int, *, g
         z = jax.scipy.stats.norm.ppf(jnp.clip(u, 1e-7, 1 - 1e-7))
         t = jnp.maximum(shift_times(jax.nn.sigmoid(logit_mean + logit_std * z), shift), min_t)
     return jnp.broadcast_to(t, (k_, b_)).astype(jnp.float32)
+
+
+def _permutation_times(key, grid, k_: int, b_: int, d_: int, fraction: float) -> jnp.ndarray:
+    if grid is None:
+        raise ValueError("timestep sampler 'permutation' needs the sampler grid")
+    g = np.asarray(grid, np.float64)[:-1]  # the S times the sampler evaluates (the final 0 dropped)
+    s = int(g.shape[0])
+    count = int(s * fraction)
+    if k_ != count or count < 1:
+        raise ValueError(f"timestep sampler 'permutation': awm.train_timesteps = {k_} must equal "
+                         f"int(num_steps * awm.timestep_fraction) = int({s} * {fraction}) = {count} (>= 1)")
+    idx = jax.vmap(lambda k: jax.random.permutation(k, s)[:k_])(jax.random.split(key, d_))  # (d_, K)
+    t = jnp.asarray(g, jnp.float32)[idx.T]
+    return jnp.broadcast_to(t, (k_, b_))
 
 
 def sample_train_noise(key, num_times: int, x0) -> jnp.ndarray:

@@ -1,4 +1,4 @@
-"""The jitted, sharded train step of every objective (AWM, Flow-GRPO, nft, elbo_*) and the train state.
+"""The jitted, sharded train step of every objective (``awm_jax.rl.registry``) and the train state.
 
 The rollout samplers live in ``awm_jax.rl.rollout`` (re-exported here); the per-chunk losses of each objective
 in ``awm_jax.rl.losses``; the model family's velocity and CFG in ``awm_jax.rl.policy``; placement on the mesh
@@ -29,8 +29,9 @@ kl-EMA and eval-EMA are updated.  A non-finite loss or gradient leaves the whole
 (``metrics["finite"] = False``).  The state is donated; training noise and times are drawn per sample from
 ``key`` so results do not depend on the micro-batching or the mesh.
 
-The other clean-sample objectives (``config.algorithm`` nft / elbo_reinforce / elbo_grpo,
-``awm_jax.rl.objectives``) use AWM's batch, chunks, times and noise; their old policy is the kl-EMA state.
+The other clean-sample objectives (``config.algorithm`` of kind "x0" in ``awm_jax.rl.registry``: nft,
+elbo_exact_*, epg / pepg / par / epg_grpo, ram) use AWM's batch, chunks, times and noise; their old policy is
+the kl-EMA state.
 
 AWM batch: ``x0 (N,C,H,W), prompt_embeds (N,T,D), pooled (N,P), advantages (N,)`` (already clipped), optional
 ``times (K,N)``, ``noise (K,N,C,H,W)`` and ``logp_old (K,N)`` (all three needed for an external ``logp_old``).
@@ -64,8 +65,7 @@ from awm_jax.parallel import (
     state_shardings,
 )
 from awm_jax.rl import ema as ema_lib
-from awm_jax.rl import losses
-from awm_jax.rl import objectives as obj_lib
+from awm_jax.rl import losses, registry
 from awm_jax.rl.losses import key_str, micro_batch_size, zero_lora_b
 from awm_jax.rl.policy import ALGORITHMS, algorithm, is_full_finetune, trains_on_x0, velocity_model
 from awm_jax.rl.rollout import ROLLOUT_SAMPLERS, make_rollout_fn
@@ -104,9 +104,10 @@ def _dtype(name) -> Any:
 
 
 def _needs_kl_ema(config) -> bool:
-    """The kl-EMA adapter state exists: AWM's EMA term / off-policy, or the old policy of nft / elbo_grpo."""
+    """The kl-EMA adapter state exists: AWM's EMA term / off-policy, or the old policy of a registry objective
+    that needs one (nft, elbo_exact_grpo, the seed-004 objectives, ram)."""
     a = algorithm(config)
-    if a in obj_lib.NEEDS_OLD:
+    if registry.get(a).needs_old:
         return True
     return trains_on_x0(config) and (float(config.awm.ema_beta) != 0 or
                                      (a == "awm" and not bool(config.awm.on_policy)))
@@ -240,7 +241,7 @@ def _accumulate(loss_and_grad: Callable, params, chunks, num: int):
 
 def _make_grads(graphdef, config, mesh: Mesh | None) -> Callable:
     """``grads(state, base, batch, key, neg) -> (mean gradients (fp32), mean aux)`` (traceable)."""
-    algo = algorithm(config)
+    kind = registry.get(algorithm(config)).kind
     full = is_full_finetune(config)
     if trains_on_x0(config):
         num_k = int(config.awm.train_timesteps)
@@ -252,10 +253,10 @@ def _make_grads(graphdef, config, mesh: Mesh | None) -> Callable:
             raise ValueError(f"Flow-GRPO trains SDE/CPS trajectories; sample.sampler = {sampler!r}")
 
     def grads(state: TrainState, base, batch, key, neg):
-        if algo != "flow_grpo":
+        if kind != "trajectory":
             grid = losses.time_grid(graphdef, config, batch["x0"].shape[1:])
             chunks, num, k_chunk, k_noise = losses.awm_chunks(batch, key, config, mesh, num_k, grid)
-            make = losses.awm_loss_fn if algo == "awm" else losses.objective_loss_fn
+            make = losses.awm_loss_fn if kind == "awm" else losses.objective_loss_fn
             loss_fn = make(graphdef, config, mesh, full, k_chunk, k_noise)
             ctx = state.kl_ema
         else:
@@ -403,7 +404,8 @@ _GRPO_KEYS = ("latents", "log_probs", "timesteps", "next_timesteps", "prompt_emb
 
 
 def _check_batch(batch: dict, algo: str) -> None:
-    need = _GRPO_KEYS if algo == "flow_grpo" else _AWM_KEYS
+    trajectory = registry.get(algo).kind == "trajectory"
+    need = _GRPO_KEYS if trajectory else _AWM_KEYS
     missing = [k for k in need if k not in batch]
     if missing:
         raise KeyError(f"{algo} train batch lacks keys {missing} (has {sorted(batch)})")
@@ -411,7 +413,7 @@ def _check_batch(batch: dict, algo: str) -> None:
     for k in need:
         if batch[k].shape[0] != n:
             raise ValueError(f"{algo} train batch: {k} has leading size {batch[k].shape[0]}, advantages {n}")
-    if algo != "flow_grpo":
+    if not trajectory:
         extra = [k for k in ("times", "noise", "logp_old") if k in batch]
         if "logp_old" in extra and not {"times", "noise"} <= set(extra):
             raise ValueError("batch['logp_old'] needs the 'times' and 'noise' it was computed with")
