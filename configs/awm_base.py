@@ -79,7 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
     d.prompts_per_step = 72  # distinct prompts per optimizer step (72 x 24 GenEval/OCR, 24 x 24 PickScore)
 
     c.sample = s = ml_collections.ConfigDict()
-    s.sampler = "sa_solver"  # rollout sampler: "sa_solver" | "euler_maruyama" | "ode" | "sde" | "cps"
+    # rollout sampler: "sa_solver" | "euler_maruyama" | "ode" | "sde" | "cps" | "dpm2" (DiffusionNFT's
+    # deterministic multistep DPM-Solver++(2M) rollouts; docs/samplers.md)
+    s.sampler = "sa_solver"  # rollout sampler (see above)
     s.num_steps = 14  # rollout sampling steps
     s.noise_level = 0.4  # SA-Solver tau / SDE noise level a
     s.noise_t_min = 0.3  # SA-Solver: stochastic only for noise_t_min <= t <= noise_t_max
@@ -226,7 +228,9 @@ def _nft(c: ml_collections.ConfigDict) -> None:
 
 def _nft_sd35(c: ml_collections.ConfigDict) -> None:
     """The SD3.5 rollout / training-time settings of DiffusionNFT."""
-    c.sample.sampler = "ode"  # deterministic rollouts (the authors' "dpm2" solver; ours: the ODE sampler)
+    # deterministic DPM2 rollouts, as the authors' config.sample.solver = "dpm2", deterministic = True
+    # (NVlabs/DiffusionNFT config/nft.py:65-66; Euler "ode" before issue 30)
+    c.sample.sampler = "dpm2"
     c.sample.num_steps = 10  # config.sample.num_steps = 10
     c.sample.noise_level = 0.0  # deterministic
     c.sample.guidance_scale = 1.0  # no CFG in rollouts or training
@@ -385,7 +389,8 @@ def toy(algorithm: str = "awm") -> ml_collections.ConfigDict:
         c.data.prompts_per_step = 16  # the toy's AWM batch and one step per epoch (the comparison harness
         c.train.steps_per_epoch = 1  # adds the reference's 2 steps per epoch as its own method)
     elif algorithm == "nft":
-        _nft(c)  # the toy's rollouts (20 ODE steps) and K = 6 times as AWM: same rollouts, other loss
+        _nft(c)  # the toy's 20 rollout steps and K = 6 times as AWM ...
+        c.sample.sampler = "dpm2"  # ... with the authors' DPM2 (config/nft.py:66; "ode" before issue 30)
     elif algorithm in ("elbo_reinforce", "elbo_grpo"):
         _elbo(c, algorithm)
     elif algorithm != "awm":
