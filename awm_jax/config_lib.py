@@ -286,6 +286,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError("config key 'train.scan_times' = True: elbo_grpo's ratio needs all K times at once")
     if cfg.train.scan_times and cfg.awm.loss_type != "per_time":
         raise ConfigError("config key 'train.scan_times' = True needs awm.loss_type = 'per_time'")
+    from awm_jax.rl.selection import config_problems as select_problems  # rollout selection's select.*
+
+    problems = select_problems(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
     if cfg.lora.rank <= 0 and not cfg.lora.full_finetune:
         raise ConfigError(f"config key 'lora.rank' must be > 0, got {cfg.lora.rank}")
 

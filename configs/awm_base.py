@@ -123,6 +123,20 @@ def base_config() -> ml_collections.ConfigDict:
     g.cfg_detach_uncond = True  # CFG in training: no gradient through the unconditional branch (as the
     # reference's noise_pred_uncond.detach()); False differentiates both branches (awm-jax before issue 13)
 
+    c.select = sl = ml_collections.ConfigDict()
+    # rollout selection (Sol-RL, arXiv 2604.06916; docs/selection.md), for any algorithm: per prompt preview
+    # num_seeds seeds with a cheap deterministic sampler, keep the seeds of the top_k best and bottom_k worst
+    # previews (top_k + bottom_k = data.group_size) and regenerate those with the normal rollout
+    sl.enabled = False  # preview, select, regenerate (False: every rollout is trained on, as the baselines)
+    sl.num_seeds = 96  # candidate seeds previewed per prompt (Sol-RL: 96 per prompt, 24 kept)
+    sl.top_k = 12  # seeds of the highest-reward previews kept per prompt (Sol-RL: 12)
+    sl.bottom_k = 12  # seeds of the lowest-reward previews kept per prompt (Sol-RL: 12)
+    sl.preview_steps = 6  # sampling steps of a preview (Sol-RL: preview_step = 6; rollouts 10)
+    sl.preview_sampler = "dpm2"  # deterministic preview sampler: "dpm2" | "ode"
+    # weights of the previews: "float32" (the policy's own), or rounded to "bfloat16" / "float16" (one cached
+    # low-precision copy of the base; Sol-RL previews with an NVFP4 copy, which JAX has no counterpart of)
+    sl.preview_dtype = "float32"  # preview weight dtype: "float32" | "bfloat16" | "float16"
+
     c.ema = e = ml_collections.ConfigDict()
     # the kl-EMA adapter is also the old (sampling) policy of nft / elbo_grpo (and of AWM off-policy)
     e.kl_decay_rate = 0.001  # kl-EMA decay d = min(kl_decay_max, kl_decay_rate * step)
