@@ -224,7 +224,7 @@ def parse_args(argv: Sequence[str]) -> tuple[str, str, list[tuple[str, str]]]:
 _CHOICES = {
     "algorithm": None,  # validate(): awm_jax.rl.registry.all_names() (deprecated aliases included)
     "model.remat_policy": ("none", "full", "dots_saveable", "nothing_saveable"),
-    "sample.sampler": ("sa_solver", "euler_maruyama", "ode", "sde", "cps"),
+    "sample.sampler": ("sa_solver", "euler_maruyama", "ode", "sde", "cps", "dpm2"),
     "awm.timestep_sampler": ("discrete", "discrete_wo_init", "uniform", "logit_normal", "permutation"),
     "advantages.mode": ("standard", "exact"),
     "elbo.likelihood": ("adaptive", "exact", "uniform", "t"),
@@ -291,6 +291,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                           "at once")
     if cfg.train.scan_times and cfg.awm.loss_type != "per_time":
         raise ConfigError("config key 'train.scan_times' = True needs awm.loss_type = 'per_time'")
+    from awm_jax.rl.selection import config_problems as select_problems  # rollout selection's select.*
+
+    problems = select_problems(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
     if cfg.lora.rank <= 0 and not cfg.lora.full_finetune:
         raise ConfigError(f"config key 'lora.rank' must be > 0, got {cfg.lora.rank}")
 

@@ -1,5 +1,6 @@
 """Per-phase wall time of the training loop: rollout, decode, text encode, score, train, eval, checkpoint,
-and idle (the rest: data, logging, advantages, host work between the phases).
+preview (rollout selection's previews: sampling, decoding and scoring them), and idle (the rest: data,
+logging, advantages, host work between the phases).
 
 ``tl = Timeline()``; ``with tl.phase("rollout"): ...`` adds the block's wall time to the phase;
 ``tl.lap()`` returns ``{"time/<phase>": s, ..., "time/idle": s, "time/total": s}`` for the wall time since the
@@ -16,7 +17,7 @@ import time
 
 __all__ = ["PHASES", "Timeline", "format_summary"]
 
-PHASES = ("rollout", "decode", "text_encode", "score", "train", "eval", "checkpoint")
+PHASES = ("rollout", "decode", "text_encode", "score", "train", "eval", "checkpoint", "preview")
 
 
 class Timeline:

@@ -52,10 +52,12 @@ from awm_jax.data import GroupedSampler, PromptFileError
 from awm_jax.logging_lib import TrainLogger, run_summary
 from awm_jax.models.family import get_family
 from awm_jax.rewards.bridge import RewardBridge
+from awm_jax.rl import selection
 from awm_jax.rl.advantages import reward_stats, step_advantages
 from awm_jax.rl.collect import local_advantages, prepare, rollout_epoch
 from awm_jax.rl.epoch import drift_stats, epoch_parts, merge_part_metrics
 from awm_jax.rl.policy import rolls_out_with_old
+from awm_jax.rl.rollout import make_preview_rollout_fn
 from awm_jax.text.base import CachedTextEncoder
 from awm_jax.timeline import Timeline, format_summary
 
@@ -94,6 +96,8 @@ class Components:
     # the sampling policy's weights (None: trainable_of); off-policy AWM samples with the kl-EMA adapter
     rollout_params_of: Callable[[Any], Any] | None = None
     eval_params_of: Callable[[Any], Any] | None = None  # eval-EMA weights (None: trainable_of)
+    # rollout selection's previews (select.enabled): the rollout signature plus x_init (awm_jax.rl.selection)
+    preview_rollout: Callable | None = None
 
 
 # ----------------------------------------------------------------------------- components
@@ -123,6 +127,9 @@ def default_components(config: ml_collections.ConfigDict) -> Components:
     eval_rollout = ts.make_rollout_fn(graphdef, eval_cfg, mesh, latent_shape=shape,
                                       negative=negative if config.eval.guidance_scale != 1.0 else None)
     scorer = rewards.from_config(config)
+    preview = None
+    if selection.enabled(config):  # cheap deterministic previews of select.num_seeds seeds per prompt
+        preview = make_preview_rollout_fn(graphdef, config, mesh, latent_shape=shape, negative=negative)
 
     def eval_params(s):
         ema = getattr(s, "eval_ema", None)
@@ -135,7 +142,7 @@ def default_components(config: ml_collections.ConfigDict) -> Components:
             return s.trainable if ema is None else ema
 
     return Components(pipeline, state, base_state, step, rollout, eval_rollout, scorer,
-                      rollout_params_of=rollout_params, eval_params_of=eval_params)
+                      rollout_params_of=rollout_params, eval_params_of=eval_params, preview_rollout=preview)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -401,8 +408,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 key = jax.random.fold_in(rng, step)
                 k_roll, k_train = jax.random.split(key)
                 params = (comp.rollout_params_of or comp.trainable_of)(state)
+                select_stats: dict = {}  # rollout selection's select/* metrics (select.enabled)
                 batch, rewards_local, pos = rollout_epoch(
-                    comp, config, mesh, params, embed, sampler, dataset, bridge, step, k_roll, tl, prepared)
+                    comp, config, mesh, params, embed, sampler, dataset, bridge, step, k_roll, tl, prepared,
+                    stats=select_stats)
                 prepared = None
                 _, groups = sampler.global_indices(step)
                 rewards = distributed.gather_rows(rewards_local, pos, len(groups))  # once per step
@@ -443,7 +452,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        "loss": loss, "policy_loss": _scalar(metrics.get("policy_loss", np.nan)),
                        "kl": _scalar(metrics.get("kl", np.nan)), "skipped": not finite,
                        "samples_per_s": len(rewards) / dt, "wall_s": wall_prev + time.time() - t_run,
-                       "opt_steps": int(np.asarray(state.step)), **drift_stats(state, adv)}
+                       "opt_steps": int(np.asarray(state.step)), **drift_stats(state, adv), **select_stats}
                 for k, v in metrics.items():
                     if k not in rec and k != "finite" and np.asarray(v).size == 1:
                         rec[k] = _scalar(v)

@@ -100,14 +100,15 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def settings_lines(curves: dict[str, list[dict]], configs: dict[str, dict]) -> list[str]:
     """Markdown lines: FPE per step and the config keys that differ between the algorithms."""
-    lines = ["| algorithm | seeds | steps | batch | FPE/step rollout | train | total |", "|---" * 7 + "|"]
+    lines = ["| algorithm | seeds | steps | batch | FPE/step rollout | previews | train | total |",
+             "|---" * 8 + "|"]
     for a in curves:
         c0 = curves[a][0]
         f = c0["fpe_per_step"]
         seeds = ", ".join(str(c["seed"]) for c in curves[a])
         lines.append(
             f"| {label(a)} | {seeds} | {configs[a]['max_steps']} | {c0['batch']} | "
-            f"{f['rollout']} | {f['train']} | {f['total']} |"
+            f"{f['rollout']} | {f.get('preview', 0)} | {f['train']} | {f['total']} |"
         )
     keys = list(configs)
     fa, fg = _flat(configs[keys[0]]), _flat(configs[keys[-1]])

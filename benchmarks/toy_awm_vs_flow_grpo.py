@@ -6,14 +6,24 @@ prompts) for several seeds, one workdir per run (``<root>/<algo>_s<seed>``, its 
 
     python benchmarks/toy_awm_vs_flow_grpo.py --seeds 0 1 2 --jobs 2
     python benchmarks/toy_awm_vs_flow_grpo.py --seeds 0 1 2 --analyze-only   # re-read existing workdirs
+    python benchmarks/toy_awm_vs_flow_grpo.py --methods awm pepg awm_select --dry-run   # the commands only
+
+The methods (``--methods``) are the rows of ``_toy_compare_methods.METHODS``: AWM, Flow-GRPO (1 and 2
+optimizer steps per epoch), DiffusionNFT with DPM2 rollouts (``nft``; ``nft_ode``: the Euler stand-in used
+before issue 30), seed 004's PEPG and EPG, RAM, the exact-(1-t)/t-weight ELBO objectives ``elbo_reinforce`` /
+``elbo_grpo`` (shipped before issue 30 as "ELBO policy gradients"), and ``<method>_select``: a method with
+rollout selection (Sol-RL, ``docs/selection.md``).  A method whose config file is missing stops the run
+before anything trains.
 
 **Compute: transformer forward-pass equivalents (FPE) per optimizer step**, from each run's saved
 ``config.json`` (machine independent; :func:`forward_pass_equivalents`).  One FPE = one transformer call on
 one sample; a forward + backward pass counts 3; classifier-free guidance (``guidance_scale != 1``) doubles
 every call it wraps (the model runs on ``[uncond; cond]``).  ``batch = prompts_per_step x group_size``.
 
-- rollout (both): ``batch x sample.num_steps x (2 if sample.guidance_scale != 1 else 1)`` (ODE / SDE / CPS /
-  SA-Solver all call the model once per sampling step).
+- rollout (every method): ``batch x sample.num_steps x (2 if sample.guidance_scale != 1 else 1)`` (ODE / SDE /
+  CPS / SA-Solver / DPM2 all call the model once per sampling step).
+- previews (``*_select``, rollout selection): ``prompts_per_step x select.num_seeds x select.preview_steps``
+  (x2 with CFG), counted in the total.
 - AWM training (``awm_jax.rl.losses.awm_loss_fn`` + ``awm_jax.rl.awm.awm_loss``): per sample and
   training time, the policy pass with gradient (3), the reference pass (LoRA B = 0) only if
   ``awm.beta != 0`` (+1), the kl-EMA pass only if ``awm.ema_beta != 0`` (+1), and off-policy
@@ -23,7 +33,11 @@ every call it wraps (the model runs on ``[uncond; cond]``).  ``batch = prompts_p
   sample and trained sampling step (``int(sample.num_steps x flow_grpo.timestep_fraction)``) the policy
   pass (3) and the reference pass only if ``flow_grpo.beta != 0`` (+1), both with ``sample.guidance_scale``'s
   CFG (x2).
-- Evaluation (40-step ODE on the held-out prompts) is NOT counted: it is the same for both algorithms.
+- the other clean-sample objectives (nft, elbo_*, the seed-004 ELBO policy gradients, RAM): per sample and
+  training time the policy pass (3) plus the forward-only passes the loss reads: the old policy (nft,
+  elbo_grpo, epg / pepg / par, ram), the reference (``awm.beta != 0``; always for RAM), the kl-EMA adapter
+  (``awm.ema_beta != 0``, served by the old policy's pass where there is one); ``_toy_compare_methods``.
+- Evaluation (40-step ODE on the held-out prompts) is NOT counted: it is the same for every method.
 
 **Wall-clock**: the x-axis is the *training* wall time: the sum over steps of ``batch / samples_per_s``
 from ``metrics.jsonl`` (the trainer's per-step time: rollout + reward + train step; evaluation,
@@ -70,6 +84,14 @@ from _toy_compare_analysis import (  # noqa: E402, F401 (re-exported: the analys
     stability,
     sweep_summary,
 )
+from _toy_compare_methods import (  # noqa: E402, F401 (re-exported: the method table and FPE accounting)
+    METHODS,
+    SELECT,
+    SELECT_OVERRIDES,
+    _get,
+    check_config_file,
+    forward_pass_equivalents,
+)
 from _toy_compare_report import (  # noqa: E402
     ALGOS,
     LABELS,
@@ -80,63 +102,11 @@ from _toy_compare_report import (  # noqa: E402
     write_report,
 )
 
-# THE method table: name -> (label, config file, config overrides). Add a method (e.g. another objective's
-# configs/toy_<objective>.py) with one line here; workdirs are cached per (method, lr, seed).
-METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "awm": ("AWM", "configs/toy.py", ()),
-    "flow_grpo": ("Flow-GRPO", "configs/toy_flow_grpo.py", ()),
-    "flow_grpo_2step": ("Flow-GRPO, 2 steps/epoch", "configs/toy_flow_grpo.py", ("train.steps_per_epoch=2",)),
-    "nft": ("DiffusionNFT", "configs/toy_nft.py", ()),
-    "elbo_reinforce": ("ELBO REINFORCE", "configs/toy_elbo_reinforce.py", ()),
-    "elbo_grpo": ("ELBO GRPO", "configs/toy_elbo_grpo.py", ()),
-}
 CONFIGS = {m: v[1] for m, v in METHODS.items()}
 LABELS.update({m: v[0] for m, v in METHODS.items()})
 PINNED_ENV = {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
 PINNED_ENV.update(dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"), "1"))
 FINE = "_fine"  # <workdir>_fine: the run's first steps again with eval.every = 1 (--fine-start)
-
-
-# ----------------------------------------------------------------------------- compute accounting
-
-
-def _get(cfg: dict, dotted: str):
-    for k in dotted.split("."):
-        cfg = cfg[k]
-    return cfg
-
-
-def forward_pass_equivalents(config: dict) -> dict[str, int]:
-    """Transformer forward-pass equivalents of ONE optimizer step of the run configured by ``config`` (the
-    nested dict of a workdir's ``config.json``): ``{"rollout", "train", "total"}`` (module docstring)."""
-    batch = int(_get(config, "data.prompts_per_step")) * int(_get(config, "data.group_size"))
-    num_steps = int(_get(config, "sample.num_steps"))
-    rollout = batch * num_steps * (2 if float(_get(config, "sample.guidance_scale")) != 1.0 else 1)
-    algo = str(config["algorithm"])
-    if algo in ("awm", "nft", "elbo_reinforce", "elbo_grpo"):  # K clean-sample times (docs/objectives.md)
-        ref = int(float(_get(config, "awm.beta")) != 0)
-        ema = int(float(_get(config, "awm.ema_beta")) != 0)
-        if algo == "awm":
-            per = 3 + ref + ema + int(not bool(_get(config, "awm.on_policy")))
-        elif algo == "nft":
-            per = 3 + 1 + ref + ema  # + the old policy's velocity
-        elif algo == "elbo_reinforce":
-            per = 3 + ref + ema
-        else:  # elbo_grpo: the old policy's pass also serves the kl-EMA term
-            per = 3 + 1 + ref
-        train = batch * int(_get(config, "awm.train_timesteps")) * per
-    elif algo == "flow_grpo":
-        s_train = int(num_steps * float(_get(config, "flow_grpo.timestep_fraction")))
-        ref = int(float(_get(config, "flow_grpo.beta")) != 0)
-        if float(_get(config, "sample.guidance_scale")) == 1.0:
-            per = 3 + ref
-        else:  # [uncond; cond] in one call: a detached uncond half is forward only (1), else fwd + bwd (3)
-            detach = bool(_get(config, "flow_grpo").get("cfg_detach_uncond", False))
-            per = 3 + (1 if detach else 3) + 2 * ref
-        train = batch * s_train * per
-    else:
-        raise ValueError(f"config algorithm {algo!r}: expected one of {ALGOS}")
-    return {"rollout": rollout, "train": train, "total": rollout + train}
 
 
 # ----------------------------------------------------------------------------- running
@@ -169,8 +139,7 @@ def train_command(method: str, workdir: str, seed: int, max_steps: int | None, s
                   lr: str | None = None) -> list[str]:
     """The ``python -m awm_jax.train`` command of one run (the method's config and overrides, then ``lr``,
     then ``sets``: ``KEY=VALUE`` config overrides)."""
-    if method not in METHODS:
-        raise ValueError(f"method {method!r} unknown; expected one of {sorted(METHODS)}")
+    check_config_file(method)  # unknown method or missing config file: a clear error before any run
     _, config, over = METHODS[method]
     cmd = [sys.executable, "-m", "awm_jax.train", "--config", config, "--workdir", workdir]
     cmd.append(f"--config.seed={seed}")
@@ -297,8 +266,9 @@ def run_curves(run: dict) -> dict[str, Any]:
     train_wall = np.cumsum(step_s).tolist()
     wall_at = {0: 0.0, **dict(zip(steps, train_wall))}
     evals = [e for e in run["evals"] if int(e["step"]) in wall_at]
+    selected = bool((cfg.get("select") or {}).get("enabled", False))
     return {
-        "algorithm": str(cfg["algorithm"]),
+        "algorithm": str(cfg["algorithm"]) + ("+select" if selected else ""),  # headline: plain AWM only
         "seed": int(cfg["seed"]),
         "workdir": os.path.relpath(run["workdir"]),  # relative: no machine paths in results
         "fpe_per_step": fpe,
@@ -401,6 +371,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--fine-methods", nargs="+", default=["awm"], choices=sorted(METHODS),
                     help="methods that get --fine-start twins (default: awm)")
     ap.add_argument("--analyze-only", action="store_true", help="skip training, read existing workdirs")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="check every method's config file, print the sweep's train commands and exit")
     ap.add_argument("--out", default=None,
                     help="report folder (default <root>/report; the committed results are written only when "
                          "--out names benchmarks/results)")
@@ -443,6 +415,15 @@ def _train(a, methods, lrs, seeds) -> None:
     run_all(runs, a.jobs)
 
 
+def dry_run(a, lrs) -> list[list[str]]:
+    """The train commands of the sweep (``--seeds`` x methods x lrs), printed, without running them."""
+    cmds = [train_command(m, workdir_of(a.root, m, s, lr), s, a.max_steps, a.set, lr)
+            for s in a.seeds for m in a.methods for lr in _lrs_of(lrs, m)]
+    for c in cmds:
+        print(shlex.join(c), flush=True)
+    return cmds
+
+
 def _train_fine(a, method: str, lr, seeds) -> None:
     """The ``--fine-start`` twins ``<workdir>_fine`` of (method, lr, seeds): max_steps N, eval.every 1."""
     runs = []
@@ -471,6 +452,13 @@ def main(argv=None) -> dict[str, Any]:
     check_plotting()
     command = shlex.join(["python", f"benchmarks/{NAME}.py", *argv])
     lrs = lr_grids(a)
+    for m in a.methods:  # every method's config file exists before hours of training are spent
+        try:
+            check_config_file(m)
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: {e}") from None
+    if a.dry_run:
+        return {"commands": dry_run(a, lrs)}
     if not a.analyze_only:
         _train(a, a.methods, lrs, a.seeds)
     curves = load_curves(a.root, a.seeds, a.methods, lrs)

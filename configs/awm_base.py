@@ -82,7 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
     d.prompts_per_step = 72  # distinct prompts per optimizer step (72 x 24 GenEval/OCR, 24 x 24 PickScore)
 
     c.sample = s = ml_collections.ConfigDict()
-    s.sampler = "sa_solver"  # rollout sampler: "sa_solver" | "euler_maruyama" | "ode" | "sde" | "cps"
+    # rollout sampler: "sa_solver" | "euler_maruyama" | "ode" | "sde" | "cps" | "dpm2" (DiffusionNFT's
+    # deterministic multistep DPM-Solver++(2M) rollouts; docs/samplers.md)
+    s.sampler = "sa_solver"  # rollout sampler (see above)
     s.num_steps = 14  # rollout sampling steps
     s.noise_level = 0.4  # SA-Solver tau / SDE noise level a
     s.noise_t_min = 0.3  # SA-Solver: stochastic only for noise_t_min <= t <= noise_t_max
@@ -136,6 +138,20 @@ def base_config() -> ml_collections.ConfigDict:
     g.timestep_fraction = 0.99  # train the first int(num_steps * fraction) sampling steps
     g.cfg_detach_uncond = True  # CFG in training: no gradient through the unconditional branch (as the
     # reference's noise_pred_uncond.detach()); False differentiates both branches (awm-jax before issue 13)
+
+    c.select = sl = ml_collections.ConfigDict()
+    # rollout selection (Sol-RL, arXiv 2604.06916; docs/selection.md), for any algorithm: per prompt preview
+    # num_seeds seeds with a cheap deterministic sampler, keep the seeds of the top_k best and bottom_k worst
+    # previews (top_k + bottom_k = data.group_size) and regenerate those with the normal rollout
+    sl.enabled = False  # preview, select, regenerate (False: every rollout is trained on, as the baselines)
+    sl.num_seeds = 96  # candidate seeds previewed per prompt (Sol-RL: 96 per prompt, 24 kept)
+    sl.top_k = 12  # seeds of the highest-reward previews kept per prompt (Sol-RL: 12)
+    sl.bottom_k = 12  # seeds of the lowest-reward previews kept per prompt (Sol-RL: 12)
+    sl.preview_steps = 6  # sampling steps of a preview (Sol-RL: preview_step = 6; rollouts 10)
+    sl.preview_sampler = "dpm2"  # deterministic preview sampler: "dpm2" | "ode"
+    # weights of the previews: "float32" (the policy's own), or rounded to "bfloat16" / "float16" (one cached
+    # low-precision copy of the base; Sol-RL previews with an NVFP4 copy, which JAX has no counterpart of)
+    sl.preview_dtype = "float32"  # preview weight dtype: "float32" | "bfloat16" | "float16"
 
     c.ema = e = ml_collections.ConfigDict()
     # the kl-EMA adapter is also the old (sampling) policy of nft, elbo_exact_grpo, the seed-004 objectives
@@ -243,7 +259,9 @@ def _nft(c: ml_collections.ConfigDict) -> None:
 
 def _nft_sd35(c: ml_collections.ConfigDict) -> None:
     """The SD3.5 rollout / training-time settings of DiffusionNFT."""
-    c.sample.sampler = "ode"  # deterministic rollouts (the authors' "dpm2" solver; ours: the ODE sampler)
+    # deterministic DPM2 rollouts, as the authors' config.sample.solver = "dpm2", deterministic = True
+    # (NVlabs/DiffusionNFT config/nft.py:65-66; Euler "ode" before issue 30)
+    c.sample.sampler = "dpm2"
     c.sample.num_steps = 10  # config.sample.num_steps = 10
     c.sample.noise_level = 0.0  # deterministic
     c.sample.guidance_scale = 1.0  # no CFG in rollouts or training
@@ -296,8 +314,7 @@ def _seed004(c: ml_collections.ConfigDict, method: str) -> None:
 
 def _seed004_rollouts(c: ml_collections.ConfigDict) -> None:
     """config/sd3.py _sd3_ode_base_config: deterministic 10-step rollouts, 9 training times per sample."""
-    # TODO(h30b dpm2): "dpm2" (config/sd3.py: sample.solver = "dpm2", deterministic) once the sampler lands
-    c.sample.sampler = "ode"  # deterministic rollouts (stand-in for the authors' DPM2 solver)
+    c.sample.sampler = "dpm2"  # config/sd3.py:52-53: sample.deterministic = True, sample.solver = "dpm2"
     c.sample.noise_level = 0.0  # sample.deterministic = True
     c.sample.num_steps = 10  # sample.num_steps = 10 (eval_num_steps = 40 = our eval.num_steps)
     c.awm.train_timesteps = 9  # int(10 * 0.99)
@@ -474,7 +491,8 @@ def toy(algorithm: str = "awm") -> ml_collections.ConfigDict:
         c.data.prompts_per_step = 16  # the toy's AWM batch and one step per epoch (the comparison harness
         c.train.steps_per_epoch = 1  # adds the reference's 2 steps per epoch as its own method)
     elif algorithm == "nft":
-        _nft(c)  # the toy's rollouts (20 ODE steps) and K = 6 times as AWM: same rollouts, other loss
+        _nft(c)  # the toy's 20 rollout steps and K = 6 times as AWM ...
+        c.sample.sampler = "dpm2"  # ... with the authors' DPM2 (config/nft.py:66; "ode" before issue 30)
     elif algorithm in ("elbo_reinforce", "elbo_grpo", "elbo_exact_reinforce", "elbo_exact_grpo"):
         _elbo(c, algorithm)
     elif algorithm in SEED004:

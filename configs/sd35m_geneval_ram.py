@@ -11,7 +11,7 @@ Keys that differ from the AWM config (set in configs/awm_base.py ``_ram``, every
 - ema.kl_decay_rate = 0.001, ema.kl_decay_max = 0.5 (old policy, samples the rollouts, moved per epoch)
 - optim.max_grad_norm = 5.0; no CFG; ema.eval_decay_max = 0.9
 - awm.timestep_sampler = "permutation", awm.timestep_fraction = 0.99, awm.train_timesteps = 9
-- sample.sampler = "ode" (TODO: "dpm2"), sample.num_steps = 10, sample.noise_level = 0
+- sample.sampler = "dpm2", sample.num_steps = 10, sample.noise_level = 0
 - data.prompts_per_step = 48
 """
 

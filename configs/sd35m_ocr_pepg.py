@@ -15,7 +15,7 @@ script line; docs/objectives.md has the file:line of every value and the deviati
 - ema.kl_decay_rate = 0.001, ema.kl_decay_max = 0.5 (DECAY_TYPE=1 :38): the old policy samples the rollouts
 - optim.max_grad_norm = 5.0 (:39); train.steps_per_epoch = 1 (:40); no CFG (:41-43); lr 3e-4 (:44, default)
 - awm.timestep_sampler = "permutation", awm.timestep_fraction = 0.99, awm.train_timesteps = 9
-- sample.sampler = "ode" (TODO: "dpm2"), sample.num_steps = 10, sample.noise_level = 0 (config/sd3.py)
+- sample.sampler = "dpm2", sample.num_steps = 10, sample.noise_level = 0 (config/sd3.py)
 - data.prompts_per_step = 48 (x 24 images, config/sd3.py); max_steps = 360 (MAX_EPOCHS, :29)
 - ema.eval_decay_max = 0.9 (src/train.py EMAModuleWrapper(decay=0.9))
 """

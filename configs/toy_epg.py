@@ -8,7 +8,7 @@ Keys that differ from the AWM config (set in configs/awm_base.py _seed004, every
 - ema.kl_decay_max = 0.5: the old policy (kl-EMA adapter, samples the rollouts) d = min(0.001 step, 0.5)
 - ema.eval_decay_max = 0.9
 - the authors' rollout geometry instead of the toy's 20 steps / K = 6: sample.num_steps = 10 deterministic
-  steps (sample.sampler = "ode", TODO: "dpm2"), awm.timestep_sampler = "permutation", awm.timestep_fraction =
+  steps (sample.sampler = "dpm2"), awm.timestep_sampler = "permutation", awm.timestep_fraction =
   0.99, awm.train_timesteps = 9 (a random 9 of the 10 grid times per sample)
 """
 

@@ -1,4 +1,4 @@
-"""The toy shapes world with DiffusionNFT (same base and rollouts as configs/toy.py).
+"""The toy shapes world with DiffusionNFT (same base model and rollout steps as configs/toy.py, DPM2 solver).
 
 Keys that differ from the AWM config (set in configs/awm_base.py, every key documented there):
 
@@ -8,6 +8,8 @@ Keys that differ from the AWM config (set in configs/awm_base.py, every key docu
 - awm.ema_beta = 0: no kl-EMA term; the kl-EMA adapter is the old policy, which also samples the rollouts
 - ema.kl_decay_max = 0.5: old-policy decay min(0.001 step, 0.5) (decay_type 1)
 - ema.eval_decay_max = 0.9: the authors' evaluation EMA decay
+- sample.sampler = "dpm2": the authors' deterministic DPM2 rollouts (NVlabs/DiffusionNFT config/nft.py:66;
+  the Euler "ode" before issue 30), at the toy's 20 steps
 """
 
 from awm_base import toy

@@ -8,7 +8,7 @@ Keys that differ from the AWM config (set in configs/awm_base.py ``_ram``, every
 - awm.beta = 0, awm.ema_beta = 0; optim.max_grad_norm = 5.0
 - ema.kl_decay_max = 0.5: the old policy (kl-EMA adapter, samples the rollouts) d = min(0.001 step, 0.5)
 - ema.eval_decay_max = 0.9
-- sample.num_steps = 10 deterministic steps (sample.sampler = "ode", TODO: "dpm2"), awm.timestep_sampler =
+- sample.num_steps = 10 deterministic steps (sample.sampler = "dpm2"), awm.timestep_sampler =
   "permutation", awm.timestep_fraction = 0.99, awm.train_timesteps = 9 (the seed-004 port's times)
 """
 

@@ -250,6 +250,7 @@ def test_shipped_configs():
     assert (g.awm.beta, g.awm.ema_beta, g.optim.max_grad_norm, g.optim.lr) == (1e-4, 0.0, 5.0, 3e-4)
     assert (g.ema.kl_decay_rate, g.ema.kl_decay_max, g.train.steps_per_epoch) == (0.001, 0.5, 1)
     assert (g.sample.num_steps, g.awm.train_timesteps, g.awm.timestep_sampler) == (10, 9, "permutation")
+    assert (g.sample.sampler, g.sample.noise_level) == ("dpm2", 0.0)
     assert (g.data.prompts_per_step, g.data.group_size, g.max_steps) == (48, 24, 360)
     assert g.sample.guidance_scale == 1.0 and g.eval.num_steps == 40
     assert (g.lora.rank, g.lora.alpha) == (32, 64.0)

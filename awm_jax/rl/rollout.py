@@ -44,6 +44,8 @@ def make_rollout_fn(graphdef, config, mesh: Mesh | None = None, *, latent_shape=
     40-step evaluation sampler).  AWM returns ``{"x0"}``; Flow-GRPO (``sde``/``cps``) also returns the
     trajectory ``latents (B,S+1,...), log_probs, timesteps, next_timesteps (B,S)``.  CFG when
     ``sample.guidance_scale != 1`` (needs ``negative``).  ``latent_shape`` defaults to the family's.
+    ``x_init`` (optional, ``(B, *latent_shape)``): the initial latents instead of noise drawn from ``key``
+    (rollout selection regenerates chosen seeds; the key still drives a stochastic sampler's step noise).
     """
     algo = policy.algorithm(config)
     s = config.sample
@@ -62,18 +64,24 @@ def make_rollout_fn(graphdef, config, mesh: Mesh | None = None, *, latent_shape=
         params, base, cond, neg = ctx
         return policy.guided(model_fn, params, base, cond, neg, scale)(x, t)
 
-    def core(params, base, emb, pooled, key, neg, m):
+    def core(params, base, emb, pooled, key, neg, x_init, m):
         emb, pooled = parallel.constrain_batch(emb, m), parallel.constrain_batch(pooled, m)
         k0, k1 = jax.random.split(key)
-        x = parallel.constrain_batch(init_latents(k0, emb.shape[0], shape), m)
+        x = init_latents(k0, emb.shape[0], shape) if x_init is None else x_init.astype(jnp.float32)
+        x = parallel.constrain_batch(x, m)
         ctx = (params, base, (emb, pooled), neg)
         return samplers.sample(sampler, velocity_fn, k1, x, grid, noise_level=level, t_window=window,
                                context=ctx, trajectory=algo == "flow_grpo")
 
     cache: dict = {}
 
-    def rollout(trainable, base_state, prompt_embeds, pooled, key):
+    def rollout(trainable, base_state, prompt_embeds, pooled, key, x_init=None):
         emb, pooled = jnp.asarray(prompt_embeds), jnp.asarray(pooled)
+        if x_init is not None:
+            x_init = jnp.asarray(x_init)
+            want = (emb.shape[0], *shape)
+            if x_init.shape != want:
+                raise ValueError(f"rollout: x_init of shape {x_init.shape}, expected {want}")
         shard_batch = mesh is not None and emb.shape[0] % parallel.num_batch_shards(mesh) == 0
         m = mesh if shard_batch else None
         if "sh" not in cache:
@@ -87,8 +95,10 @@ def make_rollout_fn(graphdef, config, mesh: Mesh | None = None, *, latent_shape=
         if m is not None:
             emb = parallel.place(emb, parallel.batch_sharding(m, emb.ndim))
             pooled = parallel.place(pooled, parallel.batch_sharding(m, pooled.ndim))
+            if x_init is not None:
+                x_init = parallel.place(x_init, parallel.batch_sharding(m, x_init.ndim))
         neg = None if negative is None else tuple(jnp.asarray(x) for x in negative)
-        return cache[m](params, base, emb, pooled, key, neg)
+        return cache[m](params, base, emb, pooled, key, neg, x_init)
 
     def trace(trainable, base_state, prompt_embeds, pooled, key):
         """``jax.jit(...).trace`` of the rollout on abstract inputs (``jax.ShapeDtypeStruct``), batch sharded
@@ -107,7 +117,31 @@ def make_rollout_fn(graphdef, config, mesh: Mesh | None = None, *, latent_shape=
                 spec(prompt_embeds, bsh(prompt_embeds)), spec(pooled, bsh(pooled)), spec(key, rep))
         neg = None if negative is None else tuple(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
                                                   for x in negative)
-        return jax.jit(lambda *a: core(*a, mesh)).trace(*args, neg)
+        return jax.jit(lambda *a: core(*a, None, mesh)).trace(*args, neg)
 
     rollout.trace = trace
     return rollout
+
+
+def make_preview_rollout_fn(graphdef, config, mesh: Mesh | None = None, *, latent_shape=None,
+                            negative=None) -> Callable:
+    """The previews of rollout selection (``select.*``, :mod:`awm_jax.rl.selection`): the rollout of
+    :func:`make_rollout_fn` on :func:`awm_jax.rl.selection.preview_config` (deterministic preview sampler,
+    ``select.preview_steps`` steps, ``x0`` only), with the weights rounded to ``select.preview_dtype``
+    (the frozen base cast once per base-state object and kept: one extra low-precision copy)."""
+    from awm_jax.rl import selection
+
+    fn = make_rollout_fn(graphdef, selection.preview_config(config), mesh, latent_shape=latent_shape,
+                         negative=negative)
+    dtype = str(config.select.preview_dtype)
+    if dtype == "float32":
+        return fn
+    cast: dict = {}
+
+    def preview(trainable, base_state, prompt_embeds, pooled, key, x_init=None):
+        if cast.get("src") is not base_state:
+            cast["src"], cast["base"] = base_state, selection.cast_floating(base_state, dtype)
+        return fn(selection.cast_floating(trainable, dtype), cast["base"], prompt_embeds, pooled, key,
+                  x_init=x_init)
+
+    return preview

@@ -185,7 +185,32 @@ def sample_sa_solver(velocity_fn: Callable, key, x_init, grid, noise_level: floa
     return _sa_core(velocity_fn, key, x_init, jnp.float32(g[0]), coeffs, context)
 
 
-SAMPLERS = ("sa_solver", "euler_maruyama", "sde", "ode", "cps")
+# --------------------------------------------------------------------------------------------------- DPM2
+
+
+@functools.partial(jax.jit, static_argnames=("velocity_fn",))
+def _dpm2_core(velocity_fn, x, coeffs, context):
+    def body(carry, row):
+        x, d_prev = carry
+        d = S.data_prediction(x, _velocity(velocity_fn, x, row["t"], context), row["t"])
+        return (S.dpm2_step(x, d, d_prev, row), d), None
+
+    x = x.astype(jnp.float32)
+    (x, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), coeffs)
+    return x
+
+
+def sample_dpm2(velocity_fn: Callable, x_init, grid, context: Any = None):
+    """DiffusionNFT's deterministic DPM2 rollout solver (multistep DPM-Solver++(2M), data prediction) from
+    ``grid[0]`` to ``grid[-1]``: N model calls, returns the final latents (float32; with ``grid[-1] = 0`` the
+    last data prediction).  Coefficients from :func:`awm_jax.sampling.steps.dpm2_coefficients` (float64 on
+    the host), sample in float32; docs/samplers.md."""
+    g = check_grid(grid)
+    coeffs = {k: jnp.asarray(v) for k, v in S.dpm2_coefficients(g).items()}
+    return _dpm2_core(velocity_fn, x_init, coeffs, context)
+
+
+SAMPLERS = ("sa_solver", "euler_maruyama", "sde", "ode", "cps", "dpm2")
 
 
 def sample(sampler: str, velocity_fn: Callable, key, x_init, grid, *, noise_level: float = 0.0,
@@ -196,7 +221,8 @@ def sample(sampler: str, velocity_fn: Callable, key, x_init, grid, *, noise_leve
     training times index the *untweaked* grid); ``euler_maruyama`` / ``sde``: the Flow-GRPO SDE
     (:func:`sample_sde`); ``cps``: :func:`sample_cps`; ``ode`` (or any sampler with ``noise_level == 0``
     except SA-Solver): :func:`sample_ode`.  Returns ``{"x0": final latents}`` and, with ``trajectory`` for
-    ``sde`` / ``cps``, the trajectory fields ``latents, log_probs, timesteps, next_timesteps``.
+    ``sde`` / ``cps``, the trajectory fields ``latents, log_probs, timesteps, next_timesteps``.  ``dpm2``:
+    :func:`sample_dpm2` (deterministic; ``noise_level`` and ``key`` are not used).
     """
     from awm_jax.sampling.schedules import awm_sa_solver_grid
 
@@ -205,6 +231,8 @@ def sample(sampler: str, velocity_fn: Callable, key, x_init, grid, *, noise_leve
     if sampler == "sa_solver":
         g = awm_sa_solver_grid(grid)
         return {"x0": sample_sa_solver(velocity_fn, key, x_init, g, noise_level, t_window, context)}
+    if sampler == "dpm2":
+        return {"x0": sample_dpm2(velocity_fn, x_init, grid, context)}
     if sampler == "ode" or (noise_level == 0.0 and not trajectory):
         return {"x0": sample_ode(velocity_fn, x_init, grid, context)}
     fn = sample_cps if sampler == "cps" else sample_sde

@@ -1,4 +1,4 @@
-"""Single sampler steps: Euler ODE, Flow-GRPO SDE (with log-prob), CPS, and SA-Solver coefficients.
+"""Single sampler steps: Euler ODE, Flow-GRPO SDE (with log-prob), CPS, SA-Solver and DPM2 coefficients.
 
 Conventions: ``x`` (B, C, H, W), ``v`` the velocity at ``(x, t)``, times ``t`` scalars or shape (B,) in
 [0, 1] with ``t = 1`` noise.  All arithmetic is float32 (inputs are cast up), log-probs are means over
@@ -221,3 +221,54 @@ def sa_solver_step(x, d_prev, d_prev2, coeffs, noise, d_fn):
     d_new = d_fn(x_p)
     x_c = base + coeffs["c0"] * d_new + coeffs["c1"] * d_prev
     return jnp.where(coeffs["use_corrector"] > 0, x_c, x_p), d_new
+
+
+# ----------------------------------------------------------------------------------------------
+# DPM2: the deterministic multistep DPM-Solver++(2M) rollout solver of DiffusionNFT (NVlabs/DiffusionNFT
+# flow_grpo/diffusers_patch/solver.py at 24af5554, dpm_step lines 207-260; docs/samplers.md).  With
+# alpha = 1 - sigma, lambda = log(alpha / sigma) and the data prediction D_i = x_i - sigma_i v(x_i, sigma_i):
+#   step 0 and the last step: the DDIM (eta = 0) update  x' = (s'/s) x + ((1 - s') - s' (1 - s) / s) D
+#     (solver.py:229-237, ddim_update 275-295; at s' = 0 it is x' = D, at s = 1 x' = (1 - s') D + s' x);
+#   steps 1 .. N - 2: x' = (s'/s) x - alpha' (e^{-h} - 1) [D_i + (D_i - D_{i-1}) / (2 r0)],
+#     h = lambda' - lambda_i, r0 = (lambda_i - lambda_{i-1}) / h (multistep_dpm_solver_second_order_update,
+#     317-350); lambda_{i-1} = -inf (sigma = 1) makes r0 infinite and the correction 0.
+# ----------------------------------------------------------------------------------------------
+
+
+def dpm2_coefficients(grid) -> dict[str, np.ndarray]:
+    """Per-step coefficients of the DPM2 solver on ``grid`` (N + 1 points, ``grid[0] <= 1``), computed in
+    float64 from the grid rounded to float32 (the authors' sigmas are the scheduler's float32 sigmas upcast
+    to float64, solver.py:233, pipeline_with_logprob.py:207) and returned as float32 arrays of length N:
+    ``x_scale``, ``d_scale``, ``diff_scale`` with ``x_{i+1} = x_scale x_i + d_scale D_i + diff_scale
+    (D_i - D_{i-1})``, and ``t`` (the time of step i's model call)."""
+    g = np.asarray(grid, np.float64).astype(np.float32).astype(np.float64)
+    n = g.shape[0] - 1
+    if g.ndim != 1 or n < 1 or not np.all(np.diff(g) < 0) or g[0] > 1.0 or g[-1] < 0.0:
+        raise ValueError(f"DPM2 grid must be strictly decreasing within [0, 1], got {g}")
+
+    def lam(s):
+        return -math.inf if s >= 1.0 else (math.inf if s <= 0.0 else math.log((1.0 - s) / s))
+
+    rows = {k: [] for k in ("t", "x_scale", "d_scale", "diff_scale")}
+    for i in range(n):
+        s, s_next = g[i], g[i + 1]
+        if i == 0 or i == n - 1:  # DDIM, eta = 0 (first step: no history; last: lower_order_final)
+            a, b, c = s_next / s, (1.0 - s_next) - s_next * (1.0 - s) / s, 0.0
+        else:
+            h = lam(s_next) - lam(s)
+            a = s_next / s
+            b = -(1.0 - s_next) * math.expm1(-h)
+            h0 = lam(s) - lam(g[i - 1])
+            c = 0.0 if math.isinf(h0) else 0.5 * b * h / h0  # (D_i - D_{i-1}) / (2 r0), r0 = h0 / h
+        rows["t"].append(s)
+        rows["x_scale"].append(a)
+        rows["d_scale"].append(b)
+        rows["diff_scale"].append(c)
+    return {k: np.asarray(v, np.float32) for k, v in rows.items()}
+
+
+def dpm2_step(x, d, d_prev, coeffs):
+    """One DPM2 step ``x_scale x + d_scale d + diff_scale (d - d_prev)`` (``coeffs``: one row of
+    :func:`dpm2_coefficients`), float32."""
+    x, d, d_prev = x.astype(jnp.float32), d.astype(jnp.float32), d_prev.astype(jnp.float32)
+    return coeffs["x_scale"] * x + coeffs["d_scale"] * d + coeffs["diff_scale"] * (d - d_prev)
