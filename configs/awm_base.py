@@ -287,25 +287,25 @@ SEED004 = ("epg", "pepg", "par", "epg_noratio", "pepg_noratio", "par_noratio", "
 def _seed004(c: ml_collections.ConfigDict, method: str) -> None:
     """Seed 004's ELBO policy gradients as scripts/sd3/sd3_geneval_pepg.sh runs them (the 5 sd3_geneval_*
     scripts differ only in METHOD; docs/objectives.md has the file:line of every value)."""
-    c.algorithm = method  # METHOD (sd3_geneval_pepg.sh:31; epg.sh / par.sh the same line)
-    c.elbo.likelihood = "adaptive"  # ELBO="adaptive" (sd3_geneval_pepg.sh:37)
-    # ADV="exact" (:32): A = BETA (R - mean_prompt) / ALPHA, BETA 1e-4 (:34), ALPHA 1e-3 (:35); grpo asserts
+    c.algorithm = method  # METHOD (sd3_geneval_pepg.sh:35; epg.sh / par.sh the same line)
+    c.elbo.likelihood = "adaptive"  # ELBO="adaptive" (sd3_geneval_pepg.sh:41)
+    # ADV="exact" (:36): A = BETA (R - mean_prompt) / ALPHA, BETA 1e-4 (:38), ALPHA 1e-3 (:39); grpo asserts
     # ADV="standard" (src/utils/base.py compute_policy_loss), std over all rewards (config/base.py global_std)
     c.advantages.mode = "standard" if method == "epg_grpo" else "exact"
     c.advantages.exact_scale = 0.1  # BETA / ALPHA = 1e-4 / 1e-3
-    c.awm.beta = 1e-4  # KL_METHOD="girsanov" (:33) with weight BETA = 1e-4 (:34): 1e-4 mean (v - v_ref)^2
+    c.awm.beta = 1e-4  # KL_METHOD="girsanov" (:37) with weight BETA = 1e-4 (:38): 1e-4 mean (v - v_ref)^2
     c.awm.ema_beta = 0.0  # no kl-EMA term: the adapter is the old policy only
     c.awm.kl_elbo = False  # girsanov = plain velocity MSE
-    c.ema.kl_decay_rate = 0.001  # DECAY_TYPE=1 (:38): old <- d old + (1 - d) theta, d = min(0.001 step, 0.5)
+    c.ema.kl_decay_rate = 0.001  # DECAY_TYPE=1 (:42): old <- d old + (1 - d) theta, d = min(0.001 step, 0.5)
     c.ema.kl_decay_max = 0.5  # (src/utils/__init__.py return_decay; after every epoch in src/train.py)
     c.ema.eval_decay_max = 0.9  # EMAModuleWrapper(decay=0.9, update_step_interval=1) (src/train.py)
     c.ema.eval_every = 1
-    c.optim.max_grad_norm = 5.0  # MAX_GRAD_NORM=5.0 (:39)
-    c.train.steps_per_epoch = 1  # GRADIENT_STEP_PER_EPOCH=1 (:40)
-    c.sample.guidance_scale = 1.0  # GUIDANCE_SCALE / TRAIN_ / REF_GUIDANCE_SCALE = 1.0 (:41-43): no CFG
+    c.optim.max_grad_norm = 5.0  # MAX_GRAD_NORM=5.0 (:43)
+    c.train.steps_per_epoch = 1  # GRADIENT_STEP_PER_EPOCH=1 (:44)
+    c.sample.guidance_scale = 1.0  # GUIDANCE_SCALE / TRAIN_ / REF_GUIDANCE_SCALE = 1.0 (:45-47): no CFG
     c.eval.guidance_scale = 1.0
     # the sampler's own grid times: per sample a random permutation of the num_steps grid points, the first
-    # int(num_steps * timestep_fraction) (config/base.py timestep_fraction = 0.99; src/train.py)
+    # int(num_steps * timestep_fraction) (config/base.py:132 timestep_fraction = 0.99; src/train.py)
     c.awm.timestep_sampler = "permutation"
     c.awm.timestep_fraction = 0.99
     c.awm.timestep_draw = "sample"
@@ -313,10 +313,10 @@ def _seed004(c: ml_collections.ConfigDict, method: str) -> None:
 
 
 def _seed004_rollouts(c: ml_collections.ConfigDict) -> None:
-    """config/sd3.py _sd3_ode_base_config: deterministic 10-step rollouts, 9 training times per sample."""
+    """config/sd3.py:14-56 (_sd3_ode_base_config): deterministic 10-step rollouts, 9 training times."""
     c.sample.sampler = "dpm2"  # config/sd3.py:52-53: sample.deterministic = True, sample.solver = "dpm2"
     c.sample.noise_level = 0.0  # sample.deterministic = True
-    c.sample.num_steps = 10  # sample.num_steps = 10 (eval_num_steps = 40 = our eval.num_steps)
+    c.sample.num_steps = 10  # config/sd3.py:26-27: num_steps = 10 (eval_num_steps = 40 = our eval.num_steps)
     c.awm.train_timesteps = 9  # int(10 * 0.99)
 
 
@@ -399,8 +399,8 @@ def sd35m(task: str, algorithm: str = "awm", paper: bool = False) -> ml_collecti
         _elbo(c, algorithm)
     elif algorithm in SEED004:
         _seed004(c, algorithm)
-        c.data.prompts_per_step = 48  # config/sd3.py: num_groups = 48 prompts x 24 images per epoch
-        c.max_steps = 360  # MAX_EPOCHS=360 (sd3_geneval_pepg.sh:29)
+        c.data.prompts_per_step = 48  # config/sd3.py:31 num_groups = 48 prompts x 24 images (:14) per epoch
+        c.max_steps = 360  # MAX_EPOCHS=360 (sd3_geneval_pepg.sh:34)
     elif algorithm == "ram":
         _ram(c, task)
         c.data.prompts_per_step = 48  # the seed-004 recipe (config/sd3.py num_groups)
