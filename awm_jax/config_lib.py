@@ -231,6 +231,7 @@ _CHOICES = {
     "advantages.std_mode": ("global", "group"),
     "data.train_format": ("text", "geneval", "ocr"),
     "data.eval_format": ("text", "geneval", "ocr"),
+    "eval.on_error": ("raise", "continue"),
 }
 _POSITIVE = (
     "data.group_size", "data.prompts_per_step", "max_steps", "sample.num_steps", "eval.num_steps",

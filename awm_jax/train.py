@@ -44,20 +44,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from awm_jax import compile_cache, config_lib, distributed, parallel
+from awm_jax import compile_cache, config_lib, distributed, parallel, run_faults
 from awm_jax.check import CheckError, check_run, resolve_factory
 from awm_jax.check import report as check_report
 from awm_jax.checkpoint import Checkpointer, CheckpointFormatError, NoUsableCheckpointError
 from awm_jax.data import GroupedSampler, PromptFileError
 from awm_jax.logging_lib import TrainLogger, run_summary
 from awm_jax.models.family import get_family
-from awm_jax.rewards.bridge import RewardBridge
+from awm_jax.rewards.bridge import RewardBridge, RewardError
 from awm_jax.rl.advantages import reward_stats, step_advantages
 from awm_jax.rl.collect import local_advantages, prepare, rollout_epoch
 from awm_jax.rl.epoch import drift_stats, epoch_parts, merge_part_metrics
 from awm_jax.rl.policy import rolls_out_with_old
 from awm_jax.text.base import CachedTextEncoder
 from awm_jax.timeline import Timeline, format_summary
+from awm_jax.workdir_lock import WorkdirLock, WorkdirLockedError
 
 __all__ = ["Components", "default_components", "run", "main", "NonFiniteError", "TrainError", "epoch_parts"]
 
@@ -153,11 +154,13 @@ def _scalar(x) -> float:
 
 
 class _Stop:
-    """SIGTERM/SIGINT -> finish the current step, checkpoint, exit 0."""
+    """SIGTERM/SIGINT -> finish the current step, checkpoint, exit 0; ``on_signal()`` ends a wait for the
+    scorer at once (the reward bridge's ``interrupt``)."""
 
-    def __init__(self):
+    def __init__(self, on_signal: Callable[[], None] | None = None):
         self.requested = False
         self._old = {}
+        self._on_signal = on_signal
 
     def __enter__(self):
         if threading_main():
@@ -167,6 +170,8 @@ class _Stop:
 
     def _handle(self, signum, frame):
         self.requested = True
+        if self._on_signal is not None:
+            self._on_signal()
 
     def __exit__(self, *exc):
         for sig, h in self._old.items():
@@ -183,9 +188,11 @@ def threading_main() -> bool:
 # ----------------------------------------------------------------------------- the loop
 
 
-def evaluate(comp, config, state, embed, eval_set, step: int, mesh=None):
+def evaluate(comp, config, state, embed, eval_set, step: int, mesh=None, bridge=None):
     """40-step ODE samples on held-out prompts (each host: its slice of every block, padded on several
-    hosts to whole blocks); returns (record, images, captions) on every host."""
+    hosts to whole blocks), scored through the reward ``bridge`` (retries, ``reward.timeout_s``, finiteness;
+    every host stops with the same error when one host's scorer fails); returns (record, images, captions)
+    on every host."""
     n = config.eval.num_prompts or len(eval_set)
     idx = np.repeat(np.arange(min(n, len(eval_set))), config.eval.samples_per_prompt)
     n_eval = len(idx)
@@ -205,13 +212,14 @@ def evaluate(comp, config, state, embed, eval_set, step: int, mesh=None):
         out = comp.eval_rollout(params, comp.base_state, jnp.asarray(e), jnp.asarray(p), k)
         images.append(np.asarray(comp.pipeline.decode(distributed.local_rows(out["x0"]))))
     images = np.concatenate(images)
-    local_rewards = np.asarray(comp.scorer(images, prompts, metadata), np.float32)
+    bridge = bridge or RewardBridge(comp.scorer, retries=config.reward.retries, gather=False,
+                                    timeout_s=config.reward.timeout_s)
+    local_rewards, res = run_faults.agreed(_eval_scores, bridge, images, prompts, metadata)
     rewards = distributed.gather_rows(local_rewards, pos, len(idx))[:n_eval]
     all_prompts, _ = eval_set.take(idx[:n_eval])
     rec: dict = {"step": step, "num_images": n_eval}
     rec["reward_mean"] = float(rewards.mean())
     captions = [f"{p} [{r:.2f}]" for p, r in zip(all_prompts, rewards)]
-    res = comp.scorer.evaluate(images, prompts, metadata) if hasattr(comp.scorer, "evaluate") else None
     if res is not None:
         acc = distributed.gather_rows(np.asarray(res["accuracy"], np.float32), pos, len(idx))[:n_eval]
         captions = [("OK " if a else "x ") + c for a, c in zip(acc, captions)]
@@ -232,6 +240,16 @@ def evaluate(comp, config, state, embed, eval_set, step: int, mesh=None):
         if int(g) in where:
             grid[j] = images[where[int(g)]]
     return rec, distributed.gather_padded(grid), [captions[i] for i in pick]
+
+
+def _eval_scores(bridge, images, prompts, metadata):
+    """This host's evaluation rewards and ``scorer.evaluate`` result (None: none), through the bridge."""
+    res = bridge.evaluate(images, prompts, metadata) if hasattr(bridge.scorer, "evaluate") else None
+    return bridge.score(images, prompts, metadata), res
+
+
+def _evaluate_and_log(logger, *args) -> None:
+    logger.log_eval(*evaluate(*args))
 
 
 def _eval_logged(workdir: str, step: int) -> bool:
@@ -334,14 +352,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train per ``config`` in ``workdir`` (resuming if it holds checkpoints); return the final record.
 
     Bad input raises :class:`TrainError` / ``ConfigError`` before anything is written; checkpoints that all
-    fail to restore raise :class:`NoUsableCheckpointError` before any log or config file is touched.
+    fail to restore raise :class:`NoUsableCheckpointError` before any log or config file is touched; a
+    workdir another trainer holds raises :class:`WorkdirLockedError` (:mod:`awm_jax.workdir_lock`).
     """
-    dataset, eval_set = preflight(config, workdir)
+    inputs = preflight(config, workdir)
+    with WorkdirLock(workdir, primary=jax.process_index() == 0, agree=distributed.broadcast_flag) as lock:
+        return _run_locked(config, workdir, inputs, lock.messages)
+
+
+def _run_locked(config: ml_collections.ConfigDict, workdir: str, inputs, lock_notes: list[str]) -> dict:
+    """:func:`run` once the workdir is held."""
+    dataset, eval_set = inputs
     compile_cache.enable(config.compile.cache_dir)
     comp = resolve_factory(config.components)(config)
     sampler = GroupedSampler(len(dataset), config.data.prompts_per_step, config.data.group_size, config.seed)
     embed = _embedding_cache(comp.pipeline.text_encoder, config)
-    bridge = RewardBridge(comp.scorer, retries=config.reward.retries, gather=False)  # gathered below
+    bridge = RewardBridge(comp.scorer, retries=config.reward.retries, gather=False,  # gathered below
+                          timeout_s=config.reward.timeout_s)
     rng = jax.random.key(config.seed)
     mesh = parallel.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor)
     block = config.sample.batch_size * jax.device_count()  # samples per rollout call, all hosts together
@@ -357,7 +384,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     except BaseException:
         ckpt.close()
         raise
-    notes = [f"removed the partial checkpoint save {p}" for p in ckpt.removed_partial]
+    notes = lock_notes + [f"removed the partial checkpoint save {p}" for p in ckpt.removed_partial]
     if restored is not None:
         start, state, rng, meta = restored
         wall_prev, nonfinite = float(meta.get("wall_s", 0.0)), int(meta.get("nonfinite_in_a_row", 0))
@@ -386,23 +413,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t_run = time.time()
     tl = Timeline()  # per-phase wall time: logged with each step (time/*), summarised at the end
     if eval_set is not None and start == 0 and not distributed.broadcast_flag(_eval_logged(workdir, 0)):
-        with tl.phase("eval"):
-            rec_e, imgs, caps = evaluate(comp, config, state, embed, eval_set, 0, mesh)  # the base model
-        logger.log_eval(rec_e, imgs, caps)
+        with tl.phase("eval"):  # the base model
+            run_faults.guarded_eval(config.eval.on_error, logger, 0, None, _evaluate_and_log, logger,
+                                    comp, config, state, embed, eval_set, 0, mesh, bridge)
     guarded: bool | None = None  # does the train step report metrics["finite"]?
     last: dict = {}
     step = start
     prepared = pending = None  # the next step's prompts and embeddings, made while the devices train
     prefetch = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="awm-prefetch")
     try:
-        with _Stop() as stop:
+        with _Stop(bridge.interrupt) as stop:
             for step in range(start + 1, config.max_steps + 1):
                 t0 = time.time()
                 key = jax.random.fold_in(rng, step)
                 k_roll, k_train = jax.random.split(key)
                 params = (comp.rollout_params_of or comp.trainable_of)(state)
-                batch, rewards_local, pos = rollout_epoch(
-                    comp, config, mesh, params, embed, sampler, dataset, bridge, step, k_roll, tl, prepared)
+                try:  # every host learns whether every host's scorer answered (run_faults.agreed)
+                    batch, rewards_local, pos = run_faults.agreed(
+                        rollout_epoch, comp, config, mesh, params, embed, sampler, dataset, bridge, step,
+                        k_roll, tl, prepared)
+                except (RewardError, run_faults.ScorerFailedError) as e:  # save the last finished step
+                    if run_faults.stop_after_scoring(e, save, step - 1, logger):
+                        break
                 prepared = None
                 _, groups = sampler.global_indices(step)
                 rewards = distributed.gather_rows(rewards_local, pos, len(groups))  # once per step
@@ -458,13 +490,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         raise NonFiniteError(
                             f"{nonfinite} non-finite updates in a row (train.max_nonfinite="
                             f"{config.train.max_nonfinite}); stopped at step {step}")
+                if step % config.checkpoint.every == 0 or step == config.max_steps:
+                    with tl.phase("checkpoint"):  # before the evaluation: a failing one loses no step
+                        save(step)
                 if eval_set is not None and (step % config.eval.every == 0 or step == config.max_steps):
                     with tl.phase("eval"):
-                        rec_e, imgs, caps = evaluate(comp, config, state, embed, eval_set, step, mesh)
-                        logger.log_eval(rec_e, imgs, caps)
-                if step % config.checkpoint.every == 0 or step == config.max_steps:
-                    with tl.phase("checkpoint"):
-                        save(step)
+                        args = (logger, comp, config, state, embed, eval_set, step, mesh, bridge)
+                        if run_faults.guarded_eval(config.eval.on_error, logger, step, save,
+                                                   _evaluate_and_log, *args):
+                            break
                 if stop.requested:
                     save(step, force=True)
                     logger.message(f"signal received: checkpoint at step {step} saved, exiting")
@@ -510,16 +544,23 @@ def main(argv=None) -> int:
     try:
         last = run(config, workdir)
     except (config_lib.ConfigError, TrainError, PromptFileError, CheckpointFormatError,
-            NoUsableCheckpointError, CheckError) as e:
+            NoUsableCheckpointError, CheckError, WorkdirLockedError) as e:
         _print_error(e)
         code = 2
     except NonFiniteError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
-        code = 3
-    except BaseException:
-        if not existed:
-            _remove_empty_tree(workdir)
-        raise
+        code = run_faults.EXIT_NONFINITE
+    except run_faults.ScorerFailedError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        code = run_faults.EXIT_SCORER
+    except BaseException as e:
+        full = run_faults.disk_full_message(e, workdir)
+        if full is None:
+            if not existed:
+                _remove_empty_tree(workdir)
+            raise
+        print(f"error: {full}", file=sys.stderr)
+        code = run_faults.EXIT_DISK_FULL
     if code and not existed:
         _remove_empty_tree(workdir)
     if code == 0 and jax.process_index() == 0:

@@ -152,6 +152,7 @@ def base_config() -> ml_collections.ConfigDict:
     rp.device = "cpu"  # torch device
     r.kwargs = ml_collections.ConfigDict()  # extra keywords to awm_jax.rewards.get(name, ...): other rewards
     r.retries = 2  # reward bridge retries per batch
+    r.timeout_s = 600.0  # give up one scorer attempt after this many seconds (retried; 0 = no limit)
 
     c.eval = v = ml_collections.ConfigDict()
     v.every = 50  # evaluate every N epochs (loop steps; 0 = never; also at the last step)
@@ -161,6 +162,7 @@ def base_config() -> ml_collections.ConfigDict:
     v.use_ema = True  # evaluate with the eval-EMA adapter when it exists
     v.guidance_scale = 1.0  # CFG of the evaluation ODE (1.0 = none, as AWM; Flow-GRPO's reference: 4.5)
     v.grid_images = 16  # images in the PNG grid per evaluation, spread over the eval set (0 = none)
+    v.on_error = "raise"  # a failing evaluation: "raise" (the step is saved first, exit 4) | "continue"
 
     c.train = t = ml_collections.ConfigDict()
     t.micro_batch_size = 8  # training micro-batch per device (gradient accumulation inside one step)

@@ -119,6 +119,10 @@ def test_kill9_mid_step_then_resume_equals_uninterrupted(ref, tmp_path, capsys):
 def test_sigterm_saves_then_resume_equals_uninterrupted(ref, tmp_path, capsys):
     wd = tmp_path / "wd"
     proc, marker = _start_hanging(wd, tmp_path, hang_at=4)
+    assert _main(wd) == 2  # a second trainer on the same workdir: stopped, naming the first
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and err[0].startswith(f"error: workdir {wd} is in use by another trainer: pid "
+                                               f"{proc.pid} on host "), err
     proc.send_signal(signal.SIGTERM)
     open(marker + ".release", "w").close()  # step 4 finishes, then the signal is honoured
     out = proc.communicate(timeout=120)[0].decode()
