@@ -167,6 +167,9 @@ USAGE = """usage: python -m awm_jax.train --config configs/NAME.py --workdir DIR
   --fresh               = --config.checkpoint.allow_fresh_start=true: when every checkpoint in the workdir is
                         unusable, start again from step 0 (bad checkpoints kept as <step>.corrupt, old logs as
                         *.jsonl.before-fresh) instead of stopping with an error
+  --allow-config-change = --config.checkpoint.allow_config_change=true: resume with config changes that
+                        keep the saved state's meaning (learning rate, prompts per step, ...), recorded in
+                        config_history.jsonl; changes of the algorithm, model or LoRA shape are always refused
   --coordinator_address HOST:PORT --num_processes N --process_id I
                         a manual multi-host launch (jax.distributed.initialize; docs/multihost.md); on a TPU
                         pod or under SLURM the cluster is detected and these are not needed
@@ -174,6 +177,8 @@ USAGE = """usage: python -m awm_jax.train --config configs/NAME.py --workdir DIR
 
 FRESH_FLAG = "--fresh"
 FRESH_KEY = "checkpoint.allow_fresh_start"
+ALLOW_CHANGE_FLAG = "--allow-config-change"
+ALLOW_CHANGE_KEY = "checkpoint.allow_config_change"
 
 
 def parse_args(argv: Sequence[str]) -> tuple[str, str, list[tuple[str, str]]]:
@@ -195,6 +200,10 @@ def parse_args(argv: Sequence[str]) -> tuple[str, str, list[tuple[str, str]]]:
             overrides.append((FRESH_KEY, "true"))
             i += 1
             continue
+        if arg == ALLOW_CHANGE_FLAG:
+            overrides.append((ALLOW_CHANGE_KEY, "true"))
+            i += 1
+            continue
         if "=" in arg:
             name, value = arg.split("=", 1)
             consumed = 1
@@ -212,7 +221,7 @@ def parse_args(argv: Sequence[str]) -> tuple[str, str, list[tuple[str, str]]]:
             overrides.append((name[len("--config."):], value))
         else:
             raise ConfigError(f"unknown argument '{arg}' (expected --config, --workdir, --fresh, "
-                              "--config.KEY=VALUE)")
+                              "--allow-config-change, --config.KEY=VALUE)")
         i += consumed
     if config_path is None:
         raise ConfigError("missing --config PATH")

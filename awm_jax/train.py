@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from awm_jax import compile_cache, config_lib, distributed, parallel, run_faults
+from awm_jax import compile_cache, config_lib, distributed, parallel, resume_check, run_faults
 from awm_jax.check import CheckError, check_run, resolve_factory
 from awm_jax.check import report as check_report
 from awm_jax.checkpoint import Checkpointer, CheckpointFormatError, NoUsableCheckpointError
@@ -357,11 +357,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """
     inputs = preflight(config, workdir)
     with WorkdirLock(workdir, primary=jax.process_index() == 0, agree=distributed.broadcast_flag) as lock:
-        return _run_locked(config, workdir, inputs, lock.messages)
+        changes = resume_check.check_workdir(workdir, config)  # the checkpoint's own config, before loading
+        return _run_locked(config, workdir, inputs, lock.messages, changes)
 
 
-def _run_locked(config: ml_collections.ConfigDict, workdir: str, inputs, lock_notes: list[str]) -> dict:
-    """:func:`run` once the workdir is held."""
+def _run_locked(config: ml_collections.ConfigDict, workdir: str, inputs, lock_notes: list[str],
+                changes: dict) -> dict:
+    """:func:`run` once the workdir is held and its checkpoint's config checked against ``config``."""
     dataset, eval_set = inputs
     compile_cache.enable(config.compile.cache_dir)
     comp = resolve_factory(config.components)(config)
@@ -395,11 +397,13 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str, inputs, lock_no
                      "(checkpoint.allow_fresh_start)")
         if jax.process_index() == 0:
             _set_aside_logs(workdir, notes)
-    if jax.process_index() == 0:
-        config_lib.save_config(config, workdir)
+    if jax.process_index() == 0:  # config.json: the run's first config; allowed changes: config_history.jsonl
+        notes += [] if restored is None else [resume_check.record_changes(workdir, start, changes) or ""]
+        if restored is None:
+            config_lib.save_config(config, workdir)
     logger = TrainLogger(workdir, start, config.max_steps, tensorboard=config.log.tensorboard,
                          progress=config.log.progress, is_main=jax.process_index() == 0)
-    for note in notes:
+    for note in filter(None, notes):
         logger.message(note)
     if restored is not None:
         logger.message(f"resumed from step {start} in {workdir}")
@@ -544,7 +548,7 @@ def main(argv=None) -> int:
     try:
         last = run(config, workdir)
     except (config_lib.ConfigError, TrainError, PromptFileError, CheckpointFormatError,
-            NoUsableCheckpointError, CheckError, WorkdirLockedError) as e:
+            NoUsableCheckpointError, CheckError, WorkdirLockedError, resume_check.ConfigChangeError) as e:
         _print_error(e)
         code = 2
     except NonFiniteError as e:

@@ -180,6 +180,10 @@ def base_config() -> ml_collections.ConfigDict:
     # when the workdir holds checkpoints and none can be restored: False = stop with an error naming them;
     # True = start again from step 0, bad ones kept as <step>.corrupt, old logs as *.jsonl.before-fresh
     k.allow_fresh_start = False  # start from step 0 when every checkpoint is unusable (CLI: --fresh)
+    # resume with changed keys that keep the saved state's meaning (lr, prompts, ...): False = stop, listing
+    # them; True = go on, recorded in config_history.jsonl (keys that change the state's meaning: always
+    # refused)
+    k.allow_config_change = False  # (CLI: --allow-config-change)
 
     c.mesh = ms = ml_collections.ConfigDict()
     ms.data = -1  # data-parallel axis size (-1 = all remaining devices)
