@@ -291,7 +291,18 @@ BAD_INPUTS = {
     "not_positive": (lambda t: ["--config.checkpoint.keep=0"], ["checkpoint.keep"]),
     "unknown_key": (lambda t: ["--config.optim.learning_rat=1"], ["optim.learning_rat", "optim.lr"]),
     "bad_factory": (lambda t: ["--config.components=nope"], ["components"]),
+    # issue 26: what used to pass the pre-flight and crash after the model loaded, or train nothing
+    "group_size_1": (lambda t: ["--config.data.group_size=1"], ["data.group_size", "advantage 0"]),
+    "checkpoint_every_0": (lambda t: ["--config.checkpoint.every=0"], ["checkpoint.every"]),
+    "steps_per_epoch_0": (lambda t: ["--config.train.steps_per_epoch=0"], ["train.steps_per_epoch"]),
+    "num_steps_vs_strata": (lambda t: ["--config.sample.num_steps=2"],
+                            ["sample.num_steps", "awm.timestep_fraction", "empty"]),
+    "part_vs_batch_shards": (lambda t: ["--config.train.steps_per_epoch=4"],
+                             ["train.steps_per_epoch", "= 4 rollouts per optimizer step", "8 batch shards"]),
+    "config_syntax_error": (lambda t: ["--config=" + _prompt_file(t, "bad_cfg.py", BAD_CONFIG)],
+                            ["bad_cfg.py, line 3 does not import: SyntaxError"]),
 }
+BAD_CONFIG = "def get_config():\n    c = 1\n    return c = 1\n"
 BAD_JSONL = '{"prompt": "a red circle", "tag": "color"}\n{"prompt": oops}\n'
 
 
@@ -308,6 +319,17 @@ def test_bad_input_one_line_exit2_nothing_written(tmp_path, capsys, case):
     wd = tmp_path / "wd"
     assert _main(wd, *extra(tmp_path)) == 2
     _one_error_line(capsys.readouterr().err, must)
+    assert not wd.exists()
+
+
+def test_every_config_problem_at_once(tmp_path, capsys):
+    wd = tmp_path / "wd"
+    assert _main(wd, "--config.checkpoint.every=0", "--config.data.group_size=1",
+                 "--config.train.steps_per_epoch=0", "--config.eval.on_error=ignore") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 4 problems found before loading anything:"), err
+    for key in ("checkpoint.every", "data.group_size", "train.steps_per_epoch", "eval.on_error"):
+        assert f"'{key}'" in err, key
     assert not wd.exists()
 
 
