@@ -28,7 +28,8 @@ from awm_jax import distributed
 from awm_jax.rewards.bridge import RewardError, RewardInterrupted
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_DISK_FULL", "EXIT_NONFINITE", "EXIT_SCORER", "EvalFailedError",
-           "ScorerFailedError", "agreed", "disk_full_message", "guarded_eval", "stop_after_scoring"]
+           "ScorerFailedError", "agreed", "disk_full_message", "eval_scores", "guarded_eval",
+           "stop_after_scoring"]
 
 EXIT_BAD_INPUT = 2  # bad input, unusable workdir or checkpoints, a workdir another trainer holds
 EXIT_NONFINITE = 3  # train.max_nonfinite non-finite updates in a row (checkpoint saved)
@@ -72,6 +73,13 @@ def agreed(fn: Callable[..., Any], *args) -> Any:
         raise RewardInterrupted(where(i) + m[len(_INTERRUPTED):])
     i, m = failed[0]
     raise ScorerFailedError(where(i) + m) from err
+
+
+def eval_scores(bridge, images, prompts, metadata):
+    """This host's evaluation rewards and ``scorer.evaluate`` result (None without one), through the reward
+    ``bridge`` (retries, ``reward.timeout_s``, finiteness): run it under :func:`agreed`."""
+    res = bridge.evaluate(images, prompts, metadata) if hasattr(bridge.scorer, "evaluate") else None
+    return bridge.score(images, prompts, metadata), res
 
 
 def stop_after_scoring(e: RewardError | ScorerFailedError, save: Callable[..., Any], last_step: int,

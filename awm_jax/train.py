@@ -17,7 +17,11 @@ the workdir; :mod:`awm_jax.check`, alone with ``--check``) is checked before any
 written and stops with ``error: ...`` listing every problem, exit 2 (a failed start leaves no empty
 workdir); so does a workdir whose checkpoints are all unusable (``--fresh`` /
 ``checkpoint.allow_fresh_start`` starts again from step 0 on purpose);
-``train.max_nonfinite`` non-finite updates in a row save a checkpoint and exit 3.
+``train.max_nonfinite`` non-finite updates in a row save a checkpoint and exit 3; a scorer that keeps failing
+or timing out (``reward.timeout_s``), in training or evaluation, saves the last finished step and exits 4
+(:mod:`awm_jax.run_faults`); a full disk is one line, exit 5; a second trainer on the workdir exits 2
+(:mod:`awm_jax.workdir_lock`); so does a resume the checkpoint's config cannot honour
+(:mod:`awm_jax.resume_check`). The README's "Failure behaviour" table lists every case.
 
 The model, train step and reward come from a *components factory* (``config.components``,
 "module:function", default :func:`default_components`, which asks the model family of ``config.model.kind``
@@ -214,7 +218,7 @@ def evaluate(comp, config, state, embed, eval_set, step: int, mesh=None, bridge=
     images = np.concatenate(images)
     bridge = bridge or RewardBridge(comp.scorer, retries=config.reward.retries, gather=False,
                                     timeout_s=config.reward.timeout_s)
-    local_rewards, res = run_faults.agreed(_eval_scores, bridge, images, prompts, metadata)
+    local_rewards, res = run_faults.agreed(run_faults.eval_scores, bridge, images, prompts, metadata)
     rewards = distributed.gather_rows(local_rewards, pos, len(idx))[:n_eval]
     all_prompts, _ = eval_set.take(idx[:n_eval])
     rec: dict = {"step": step, "num_images": n_eval}
@@ -240,12 +244,6 @@ def evaluate(comp, config, state, embed, eval_set, step: int, mesh=None, bridge=
         if int(g) in where:
             grid[j] = images[where[int(g)]]
     return rec, distributed.gather_padded(grid), [captions[i] for i in pick]
-
-
-def _eval_scores(bridge, images, prompts, metadata):
-    """This host's evaluation rewards and ``scorer.evaluate`` result (None: none), through the bridge."""
-    res = bridge.evaluate(images, prompts, metadata) if hasattr(bridge.scorer, "evaluate") else None
-    return bridge.score(images, prompts, metadata), res
 
 
 def _evaluate_and_log(logger, *args) -> None:
@@ -550,12 +548,9 @@ def main(argv=None) -> int:
             NoUsableCheckpointError, CheckError, WorkdirLockedError, resume_check.ConfigChangeError) as e:
         _print_error(e)
         code = 2
-    except NonFiniteError as e:
+    except (NonFiniteError, run_faults.ScorerFailedError) as e:  # a checkpoint was saved first
         print(f"error: {_one_line(e)}", file=sys.stderr)
-        code = run_faults.EXIT_NONFINITE
-    except run_faults.ScorerFailedError as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        code = run_faults.EXIT_SCORER
+        code = run_faults.EXIT_NONFINITE if isinstance(e, NonFiniteError) else run_faults.EXIT_SCORER
     except BaseException as e:
         full = run_faults.disk_full_message(e, workdir)
         if full is None:

@@ -113,6 +113,7 @@ def test_kill9_mid_step_then_resume_equals_uninterrupted(ref, tmp_path, capsys):
     assert _main(wd) == 0
     out = capsys.readouterr().out
     assert "resumed from step" in out
+    assert f"took over the stale workdir lock {wd / '.lock'} of pid {proc.pid}" in out  # the killed trainer's
     _assert_same_metrics(ref, wd)
     assert not glob.glob(str(wd / "checkpoints" / f"*{checkpoint.TMP_MARKER}*"))
 
