@@ -514,6 +514,7 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str, inputs, lock_no
                     json.dump(summary, f, indent=1)
     finally:
         prefetch.shutdown(wait=True, cancel_futures=True)
+        bridge.close()
         ckpt.close()
         logger.close()
     return last

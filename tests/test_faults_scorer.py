@@ -123,6 +123,10 @@ def test_bridge_interrupt_ends_a_wait_at_once():
         _release.wait(20)
         return np.zeros(len(prompts), np.float32)
 
+    def workers():
+        return {t for t in threading.enumerate() if t.name.startswith("reward-bridge") and t.is_alive()}
+
+    before = workers()
     bridge = RewardBridge(hang, retries=0, gather=False, timeout_s=0.0)
     pending = bridge.submit(_imgs(), ["a", "b"])
     threading.Timer(0.3, bridge.interrupt).start()
@@ -131,6 +135,11 @@ def test_bridge_interrupt_ends_a_wait_at_once():
         pending.result()
     assert time.monotonic() - t0 < 3
     bridge.close()
+    # the bridge's (non-daemon) worker is free too: a hung scorer must not block the interpreter's exit
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and workers() - before:
+        time.sleep(0.05)
+    assert not workers() - before
 
 
 def test_bridge_evaluate_retries_and_checks_finite():

@@ -233,11 +233,10 @@ class RewardBridge:
         self._stop.set()
 
     def _call(self, fn: Callable, *args):
-        """``fn(*args)``, on its own daemon thread when waits are bounded or interruptible."""
+        """``fn(*args)`` on its own daemon thread, waited for with ``timeout_s`` and the interrupt flag (a
+        hung scorer never blocks the bridge's worker, nor the interpreter's exit)."""
         if self._stop.is_set():
             raise RewardInterrupted("the wait for the reward scorer was interrupted (signal received)")
-        if self.timeout_s <= 0 and threading.current_thread() is not threading.main_thread():
-            return fn(*args)  # the bridge's worker: the caller's wait is interruptible already
         fut: Future = Future()
 
         def target():
