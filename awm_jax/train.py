@@ -501,7 +501,7 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str, inputs, lock_no
                         if run_faults.guarded_eval(config.eval.on_error, logger, step, save,
                                                    _evaluate_and_log, *args):
                             break
-                if stop.requested:
+                if distributed.gather_status(not stop.requested, "signal") or stop.requested:  # any host's
                     save(step, force=True)
                     logger.message(f"signal received: checkpoint at step {step} saved, exiting")
                     break
