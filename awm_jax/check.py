@@ -8,7 +8,7 @@ Checked, each problem reported with its config key and path, ALL problems at onc
 
 - the config values (``config_lib.validate``) and the components factory (``components``);
 - the workdir (a directory, or one that can be created, writable);
-- the mesh shape against the devices;
+- the mesh shape against the devices; the rollouts per step against the batch shards and processes;
 - the model files: the model family's ``input_problems`` (for SD3 / FLUX: the diffusers pipeline folder of
   ``model.path`` with its ``transformer/``, ``vae/`` (or ``model.vae_path``), ``text_encoder*/`` and
   ``tokenizer*/``);
@@ -32,7 +32,7 @@ import ml_collections
 from awm_jax import config_lib, parallel
 from awm_jax.data import PromptFileError, load_dataset
 
-__all__ = ["CheckError", "Inputs", "check_run", "main", "report", "resolve_factory"]
+__all__ = ["CheckError", "Inputs", "batch_problems", "check_run", "main", "report", "resolve_factory"]
 
 
 class CheckError(RuntimeError):
@@ -100,6 +100,31 @@ def mesh_problem(config) -> str | None:
     return None
 
 
+def batch_problems(config) -> list[str]:
+    """The step's rollouts against the batch shards (mesh data x fsdp) and the processes: every optimizer
+    step's part over the batch shards, and (several processes) every rollout block over both (else the
+    rollout or the train step fails after the model loads)."""
+    mesh = parallel.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor)
+    shards, procs = parallel.num_batch_shards(mesh), jax.process_count()
+    n = config.data.prompts_per_step * config.data.group_size
+    block = config.sample.batch_size * jax.device_count()
+    out = []
+    sizes = sorted({min(block, n)} | ({n % block} if n % block else set()))
+    for size in sizes:
+        need = (("batch shards, mesh data x fsdp", shards if procs > 1 else 1), ("processes", procs))
+        bad = [f"the {what} ({k})" for what, k in need if size % k]  # one process: rolled out unsharded
+        if bad:
+            out.append(f"config keys 'data.prompts_per_step' x 'data.group_size' = {n} rollouts per step in "
+                       f"blocks of 'sample.batch_size' x {jax.device_count()} devices = {block}: a block of "
+                       f"{size} does not split over {' and '.join(bad)}")
+    part = n // max(1, config.train.steps_per_epoch)
+    if n % max(1, config.train.steps_per_epoch) == 0 and part % shards:
+        out.append(f"config keys 'data.prompts_per_step' x 'data.group_size' / 'train.steps_per_epoch' = "
+                   f"{part} rollouts per optimizer step do not split over the {shards} batch shards (mesh "
+                   "data x fsdp)")
+    return out
+
+
 def _prompts(which: str, spec: str, fmt: str, problems: list[str]):
     try:
         return load_dataset(spec, fmt)
@@ -119,17 +144,20 @@ def check_run(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
     try:
         config_lib.validate(config)
     except config_lib.ConfigError as e:
-        problems.append(str(e))
+        problems.extend(e.problems)
         valid = False
     try:
         resolve_factory(config.components)
     except config_lib.ConfigError as e:
         problems.append(str(e))
-    for p in (workdir_problem(workdir), mesh_problem(config)):
+    mesh_bad = mesh_problem(config)
+    for p in (workdir_problem(workdir), mesh_bad):
         if p:
             problems.append(p)
     if valid:
         problems.extend(get_family(config.model.kind).input_problems(config))
+        if mesh_bad is None:
+            problems.extend(batch_problems(config))
     train_set = _prompts("train", config.data.train_prompts, config.data.train_format, problems)
     eval_set = None
     if config.eval.every > 0 and config.data.eval_prompts:

@@ -19,10 +19,10 @@ with a :class:`CheckpointRestoreWarning` naming its directory and the failing fi
 ``<step>.corrupt`` once an older step restored. When *no* saved step restores,
 :meth:`Checkpointer.restore_latest` raises :class:`NoUsableCheckpointError` naming every checkpoint and
 changes nothing, unless the caller allows a fresh start (``allow_fresh=True``: the bad steps are moved
-aside and ``None`` is returned). Partial saves
-(``*.orbax-checkpoint-tmp-*`` directories of a writer killed mid-save) are never valid and are removed when a
-writable :class:`Checkpointer` opens the directory. A directory written in the old positional layout (one
-``state`` item of numbered leaves) raises :class:`CheckpointFormatError` naming that format.
+aside and ``None`` is returned). Partial saves (``<step>.orbax-checkpoint-tmp[-<timestamp>]`` directories of
+a writer killed mid-save) are never valid and are removed when a writable :class:`Checkpointer` opens the
+directory. A directory written in the old positional layout (one ``state`` item of numbered leaves) raises
+:class:`CheckpointFormatError` naming that format.
 """
 
 from __future__ import annotations
@@ -70,7 +70,11 @@ class NoUsableCheckpointError(RuntimeError):
         self.failures = failures  # (step, step directory, reason)
 
 
-TMP_MARKER = ".orbax-checkpoint-tmp-"  # orbax's suffix of a step directory that is still being written
+# orbax's mark of a step directory still being written: orbax 0.12.8 names it ``<step>.orbax-checkpoint-tmp``
+# (orbax/checkpoint/_src/path/atomicity.py, _get_tmp_directory: final name + TMP_DIR_SUFFIX), older versions
+# ``<step>.orbax-checkpoint-tmp-<timestamp>`` (the pattern in orbax/checkpoint/_src/path/step.py): both hold
+# it
+TMP_MARKER = ".orbax-checkpoint-tmp"
 
 
 class Checkpointer:
@@ -90,8 +94,8 @@ class Checkpointer:
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEM_NAMES)
 
     def _remove_partial_saves(self) -> list[str]:
-        """Delete the ``*.orbax-checkpoint-tmp-*`` leftovers of saves that never finished (primary process
-        only, before this process saves anything); returns their paths."""
+        """Delete the ``<step>.orbax-checkpoint-tmp[-<timestamp>]`` leftovers of saves that never finished
+        (primary process only, before this process saves anything); returns their paths."""
         if jax.process_index() != 0 or not os.path.isdir(self.directory):
             return []
         removed = []

@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = ["initialize", "detected_cluster", "local_positions", "to_global", "local_rows", "gather_rows",
-           "broadcast_flag", "replicate", "gather_padded", "gather_strings", "block_slices",
+           "broadcast_flag", "gather_status", "replicate", "gather_padded", "gather_strings", "block_slices",
            "DISTRIBUTED_FLAGS", "pop_distributed_flags"]
 
 log = logging.getLogger(__name__)
@@ -202,6 +202,22 @@ def broadcast_flag(flag: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.int32))))
+
+
+def gather_status(ok: bool, message: str = "", width: int = 1024) -> list[tuple[int, str]]:
+    """``[(process index, message)]`` of every process whose ``ok`` is False, on every process (one
+    all-gather): how a host whose scorer failed tells the others, who then stop with the same error instead of
+    waiting for it in the next collective. One process: its own status."""
+    if jax.process_count() == 1:
+        return [] if ok else [(0, message)]
+    from jax.experimental import multihost_utils
+
+    buf = np.zeros((width + 1,), np.uint8)
+    buf[0] = 0 if ok else 1
+    b = str(message).encode()[:width]
+    buf[1:1 + len(b)] = np.frombuffer(b, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(buf, tiled=False))
+    return [(i, bytes(r[1:]).rstrip(b"\0").decode(errors="replace")) for i, r in enumerate(rows) if r[0]]
 
 
 def replicate(x, mesh: Mesh | None):

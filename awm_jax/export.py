@@ -21,6 +21,7 @@ from awm_jax.convert import ConversionError
 from awm_jax.convert.lora_export import load_flax_lora, write_peft_lora
 from awm_jax.models.family import ModelFamily, get_family
 from awm_jax.models.stacking import unstack_state
+from awm_jax.resume_check import saved_config
 
 __all__ = ["WHICH", "export_peft_lora", "is_workdir", "load_lora", "lora_from_workdir", "workdir_model"]
 
@@ -68,7 +69,10 @@ def lora_from_workdir(workdir: str | os.PathLike, which: str = "policy", step: i
         raise ConversionError(f"workdir {d}: unknown which={which!r}, expected one of {WHICH}")
     if not is_workdir(d):
         raise ConversionError(f"workdir {d}: not a trainer workdir (needs config.json and checkpoints/)")
-    config = _run_config(d)
+    try:  # the restored checkpoint's own config (a resumed run's config.json is its first one)
+        config = saved_config(str(d), step) or _run_config(d)
+    except CheckpointFormatError as e:
+        raise ConversionError(f"workdir {d}: {e}") from None
     lora = config.get("lora") or {}
     if lora.get("full_finetune"):
         raise ConversionError(f"workdir {d}: lora.full_finetune run has no LoRA to export")
@@ -111,6 +115,6 @@ def export_peft_lora(src: str | os.PathLike, dst: str | os.PathLike,
     if model_config is None:
         if not is_workdir(src):
             raise ConversionError(f"{src} is not a trainer workdir: give the base model's config")
-        model_config = workdir_model(_run_config(pathlib.Path(src)), src)[1]
+        model_config = workdir_model(saved_config(str(src), step) or _run_config(pathlib.Path(src)), src)[1]
     name = model or str(info.get("model") or get_family("sd35").converter)
     return write_peft_lora(params, info, dst, model_config, name)

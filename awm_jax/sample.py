@@ -94,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.lora:
             p.error("--lora folds an exported LoRA into --model; --run already restores the run's adapter")
         try:
-            args.run_config = run_config(args.run, args.model)
+            args.run_config = run_config(args.run, args.model, args.step)
         except SampleError as e:
             p.error(str(e))
     model = args.model if args.run is None else args.run_config.model.path
@@ -146,19 +146,26 @@ def pipeline_folder_problem(path: str, flag: str) -> str:
 # ------------------------------------------------------------------------------------------- trained runs
 
 
-def run_config(workdir: str, model: str | None = None):
-    """The run's ``config.json`` as a ConfigDict; ``model`` replaces ``model.path`` (and the VAE /
+def run_config(workdir: str, model: str | None = None, step: int | None = None):
+    """The run's config as a ConfigDict: the ``config`` item of checkpoint ``step`` (default: the newest;
+    ``config.json`` when the checkpoint keeps none); ``model`` replaces ``model.path`` (and the VAE /
     text-encoder paths that pointed inside the old pipeline folder)."""
     import ml_collections
+
+    from awm_jax.checkpoint import CheckpointFormatError
+    from awm_jax.resume_check import saved_config
 
     d = pathlib.Path(workdir)
     path = d / "config.json"
     if not path.is_file() or not (d / "checkpoints").is_dir():
         raise SampleError(f"--run {workdir}: not a trainer workdir (needs config.json and checkpoints/)")
     try:
-        cfg = ml_collections.ConfigDict(json.loads(path.read_text()))
+        saved = saved_config(str(d), step)
+        cfg = ml_collections.ConfigDict(saved if saved is not None else json.loads(path.read_text()))
     except ValueError as e:
         raise SampleError(f"--run {workdir}: cannot read {path} ({e})") from None
+    except CheckpointFormatError as e:
+        raise SampleError(f"--run {workdir}: {e}") from None
     for key in ("model", "lora"):
         if key not in cfg:
             raise SampleError(f"--run {workdir}: {path} has no {key!r} section")

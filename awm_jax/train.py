@@ -17,7 +17,11 @@ the workdir; :mod:`awm_jax.check`, alone with ``--check``) is checked before any
 written and stops with ``error: ...`` listing every problem, exit 2 (a failed start leaves no empty
 workdir); so does a workdir whose checkpoints are all unusable (``--fresh`` /
 ``checkpoint.allow_fresh_start`` starts again from step 0 on purpose);
-``train.max_nonfinite`` non-finite updates in a row save a checkpoint and exit 3.
+``train.max_nonfinite`` non-finite updates in a row save a checkpoint and exit 3; a scorer that keeps failing
+or timing out (``reward.timeout_s``), in training or evaluation, saves the last finished step and exits 4
+(:mod:`awm_jax.run_faults`); a full disk is one line, exit 5; a second trainer on the workdir exits 2
+(:mod:`awm_jax.workdir_lock`); so does a resume the checkpoint's config cannot honour
+(:mod:`awm_jax.resume_check`). The README's "Failure behaviour" table lists every case.
 
 The model, train step and reward come from a *components factory* (``config.components``,
 "module:function", default :func:`default_components`, which asks the model family of ``config.model.kind``
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -44,14 +49,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from awm_jax import compile_cache, config_lib, distributed, parallel
+from awm_jax import compile_cache, config_lib, distributed, parallel, resume_check, run_faults
 from awm_jax.check import CheckError, check_run, resolve_factory
 from awm_jax.check import report as check_report
 from awm_jax.checkpoint import Checkpointer, CheckpointFormatError, NoUsableCheckpointError
 from awm_jax.data import GroupedSampler, PromptFileError
 from awm_jax.logging_lib import TrainLogger, run_summary
 from awm_jax.models.family import get_family
-from awm_jax.rewards.bridge import RewardBridge
+from awm_jax.rewards.bridge import RewardBridge, RewardError
 from awm_jax.rl import selection
 from awm_jax.rl.advantages import reward_stats, step_advantages
 from awm_jax.rl.collect import local_advantages, prepare, rollout_epoch
@@ -60,6 +65,7 @@ from awm_jax.rl.policy import rolls_out_with_old
 from awm_jax.rl.rollout import make_preview_rollout_fn
 from awm_jax.text.base import CachedTextEncoder
 from awm_jax.timeline import Timeline, format_summary
+from awm_jax.workdir_lock import WorkdirLock, WorkdirLockedError
 
 __all__ = ["Components", "default_components", "run", "main", "NonFiniteError", "TrainError", "epoch_parts"]
 
@@ -160,11 +166,13 @@ def _scalar(x) -> float:
 
 
 class _Stop:
-    """SIGTERM/SIGINT -> finish the current step, checkpoint, exit 0."""
+    """SIGTERM/SIGINT -> finish the current step, checkpoint, exit 0; ``on_signal()`` ends a wait for the
+    scorer at once (the reward bridge's ``interrupt``)."""
 
-    def __init__(self):
+    def __init__(self, on_signal: Callable[[], None] | None = None):
         self.requested = False
         self._old = {}
+        self._on_signal = on_signal
 
     def __enter__(self):
         if threading_main():
@@ -174,6 +182,8 @@ class _Stop:
 
     def _handle(self, signum, frame):
         self.requested = True
+        if self._on_signal is not None:
+            self._on_signal()
 
     def __exit__(self, *exc):
         for sig, h in self._old.items():
@@ -190,9 +200,11 @@ def threading_main() -> bool:
 # ----------------------------------------------------------------------------- the loop
 
 
-def evaluate(comp, config, state, embed, eval_set, step: int, mesh=None):
+def evaluate(comp, config, state, embed, eval_set, step: int, mesh=None, bridge=None):
     """40-step ODE samples on held-out prompts (each host: its slice of every block, padded on several
-    hosts to whole blocks); returns (record, images, captions) on every host."""
+    hosts to whole blocks), scored through the reward ``bridge`` (retries, ``reward.timeout_s``, finiteness;
+    every host stops with the same error when one host's scorer fails); returns (record, images, captions)
+    on every host."""
     n = config.eval.num_prompts or len(eval_set)
     idx = np.repeat(np.arange(min(n, len(eval_set))), config.eval.samples_per_prompt)
     n_eval = len(idx)
@@ -212,13 +224,14 @@ def evaluate(comp, config, state, embed, eval_set, step: int, mesh=None):
         out = comp.eval_rollout(params, comp.base_state, jnp.asarray(e), jnp.asarray(p), k)
         images.append(np.asarray(comp.pipeline.decode(distributed.local_rows(out["x0"]))))
     images = np.concatenate(images)
-    local_rewards = np.asarray(comp.scorer(images, prompts, metadata), np.float32)
+    bridge = bridge or RewardBridge(comp.scorer, retries=config.reward.retries, gather=False,
+                                    timeout_s=config.reward.timeout_s)
+    local_rewards, res = run_faults.agreed(run_faults.eval_scores, bridge, images, prompts, metadata)
     rewards = distributed.gather_rows(local_rewards, pos, len(idx))[:n_eval]
     all_prompts, _ = eval_set.take(idx[:n_eval])
     rec: dict = {"step": step, "num_images": n_eval}
     rec["reward_mean"] = float(rewards.mean())
     captions = [f"{p} [{r:.2f}]" for p, r in zip(all_prompts, rewards)]
-    res = comp.scorer.evaluate(images, prompts, metadata) if hasattr(comp.scorer, "evaluate") else None
     if res is not None:
         acc = distributed.gather_rows(np.asarray(res["accuracy"], np.float32), pos, len(idx))[:n_eval]
         captions = [("OK " if a else "x ") + c for a, c in zip(acc, captions)]
@@ -239,6 +252,10 @@ def evaluate(comp, config, state, embed, eval_set, step: int, mesh=None):
         if int(g) in where:
             grid[j] = images[where[int(g)]]
     return rec, distributed.gather_padded(grid), [captions[i] for i in pick]
+
+
+def _evaluate_and_log(logger, *args) -> None:
+    logger.log_eval(*evaluate(*args))
 
 
 def _eval_logged(workdir: str, step: int) -> bool:
@@ -341,14 +358,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train per ``config`` in ``workdir`` (resuming if it holds checkpoints); return the final record.
 
     Bad input raises :class:`TrainError` / ``ConfigError`` before anything is written; checkpoints that all
-    fail to restore raise :class:`NoUsableCheckpointError` before any log or config file is touched.
+    fail to restore raise :class:`NoUsableCheckpointError` before any log or config file is touched; a
+    workdir another trainer holds raises :class:`WorkdirLockedError` (:mod:`awm_jax.workdir_lock`).
     """
-    dataset, eval_set = preflight(config, workdir)
+    inputs = preflight(config, workdir)
+    with WorkdirLock(workdir, primary=jax.process_index() == 0, agree=distributed.broadcast_flag) as lock:
+        changes = resume_check.check_workdir(workdir, config)  # the checkpoint's own config, before loading
+        return _run_locked(config, workdir, inputs, lock.messages, changes)
+
+
+def _run_locked(config: ml_collections.ConfigDict, workdir: str, inputs, lock_notes: list[str],
+                changes: dict) -> dict:
+    """:func:`run` once the workdir is held and its checkpoint's config checked against ``config``."""
+    dataset, eval_set = inputs
     compile_cache.enable(config.compile.cache_dir)
     comp = resolve_factory(config.components)(config)
     sampler = GroupedSampler(len(dataset), config.data.prompts_per_step, config.data.group_size, config.seed)
     embed = _embedding_cache(comp.pipeline.text_encoder, config)
-    bridge = RewardBridge(comp.scorer, retries=config.reward.retries, gather=False)  # gathered below
+    bridge = RewardBridge(comp.scorer, retries=config.reward.retries, gather=False,  # gathered below
+                          timeout_s=config.reward.timeout_s)
     rng = jax.random.key(config.seed)
     mesh = parallel.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor)
     block = config.sample.batch_size * jax.device_count()  # samples per rollout call, all hosts together
@@ -364,7 +392,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     except BaseException:
         ckpt.close()
         raise
-    notes = [f"removed the partial checkpoint save {p}" for p in ckpt.removed_partial]
+    notes = lock_notes + [f"removed the partial checkpoint save {p}" for p in ckpt.removed_partial]
     if restored is not None:
         start, state, rng, meta = restored
         wall_prev, nonfinite = float(meta.get("wall_s", 0.0)), int(meta.get("nonfinite_in_a_row", 0))
@@ -375,11 +403,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      "(checkpoint.allow_fresh_start)")
         if jax.process_index() == 0:
             _set_aside_logs(workdir, notes)
-    if jax.process_index() == 0:
-        config_lib.save_config(config, workdir)
+    if jax.process_index() == 0:  # config.json: the run's first config; allowed changes: config_history.jsonl
+        notes += [] if restored is None else [resume_check.record_changes(workdir, start, changes) or ""]
+        if restored is None:
+            config_lib.save_config(config, workdir)
     logger = TrainLogger(workdir, start, config.max_steps, tensorboard=config.log.tensorboard,
                          progress=config.log.progress, is_main=jax.process_index() == 0)
-    for note in notes:
+    for note in filter(None, notes):
         logger.message(note)
     if restored is not None:
         logger.message(f"resumed from step {start} in {workdir}")
@@ -393,25 +423,29 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t_run = time.time()
     tl = Timeline()  # per-phase wall time: logged with each step (time/*), summarised at the end
     if eval_set is not None and start == 0 and not distributed.broadcast_flag(_eval_logged(workdir, 0)):
-        with tl.phase("eval"):
-            rec_e, imgs, caps = evaluate(comp, config, state, embed, eval_set, 0, mesh)  # the base model
-        logger.log_eval(rec_e, imgs, caps)
+        with tl.phase("eval"):  # the base model
+            run_faults.guarded_eval(config.eval.on_error, logger, 0, None, _evaluate_and_log, logger,
+                                    comp, config, state, embed, eval_set, 0, mesh, bridge)
     guarded: bool | None = None  # does the train step report metrics["finite"]?
     last: dict = {}
     step = start
     prepared = pending = None  # the next step's prompts and embeddings, made while the devices train
     prefetch = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="awm-prefetch")
     try:
-        with _Stop() as stop:
+        with _Stop(bridge.interrupt) as stop:
             for step in range(start + 1, config.max_steps + 1):
                 t0 = time.time()
                 key = jax.random.fold_in(rng, step)
                 k_roll, k_train = jax.random.split(key)
                 params = (comp.rollout_params_of or comp.trainable_of)(state)
                 select_stats: dict = {}  # rollout selection's select/* metrics (select.enabled)
-                batch, rewards_local, pos = rollout_epoch(
-                    comp, config, mesh, params, embed, sampler, dataset, bridge, step, k_roll, tl, prepared,
-                    stats=select_stats)
+                try:  # every host learns whether every host's scorer answered (run_faults.agreed)
+                    batch, rewards_local, pos = run_faults.agreed(
+                        functools.partial(rollout_epoch, stats=select_stats), comp, config, mesh, params,
+                        embed, sampler, dataset, bridge, step, k_roll, tl, prepared)
+                except (RewardError, run_faults.ScorerFailedError) as e:  # save the last finished step
+                    if run_faults.stop_after_scoring(e, save, step - 1, logger):
+                        break
                 prepared = None
                 _, groups = sampler.global_indices(step)
                 rewards = distributed.gather_rows(rewards_local, pos, len(groups))  # once per step
@@ -467,14 +501,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         raise NonFiniteError(
                             f"{nonfinite} non-finite updates in a row (train.max_nonfinite="
                             f"{config.train.max_nonfinite}); stopped at step {step}")
+                if step % config.checkpoint.every == 0 or step == config.max_steps:
+                    with tl.phase("checkpoint"):  # before the evaluation: a failing one loses no step
+                        save(step)
                 if eval_set is not None and (step % config.eval.every == 0 or step == config.max_steps):
                     with tl.phase("eval"):
-                        rec_e, imgs, caps = evaluate(comp, config, state, embed, eval_set, step, mesh)
-                        logger.log_eval(rec_e, imgs, caps)
-                if step % config.checkpoint.every == 0 or step == config.max_steps:
-                    with tl.phase("checkpoint"):
-                        save(step)
-                if stop.requested:
+                        args = (logger, comp, config, state, embed, eval_set, step, mesh, bridge)
+                        if run_faults.guarded_eval(config.eval.on_error, logger, step, save,
+                                                   _evaluate_and_log, *args):
+                            break
+                if distributed.gather_status(not stop.requested, "signal") or stop.requested:  # any host's
                     save(step, force=True)
                     logger.message(f"signal received: checkpoint at step {step} saved, exiting")
                     break
@@ -487,6 +523,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     json.dump(summary, f, indent=1)
     finally:
         prefetch.shutdown(wait=True, cancel_futures=True)
+        bridge.close()
         ckpt.close()
         logger.close()
     return last
@@ -507,8 +544,7 @@ def main(argv=None) -> int:
     try:
         path, workdir, overrides = config_lib.parse_args(argv)
         config = config_lib.load_config(path)
-        config_lib.apply_overrides(config, overrides)
-        config_lib.validate(config)
+        config_lib.apply_overrides(config, overrides)  # values: checked with everything else (check_run)
     except config_lib.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -519,16 +555,20 @@ def main(argv=None) -> int:
     try:
         last = run(config, workdir)
     except (config_lib.ConfigError, TrainError, PromptFileError, CheckpointFormatError,
-            NoUsableCheckpointError, CheckError) as e:
+            NoUsableCheckpointError, CheckError, WorkdirLockedError, resume_check.ConfigChangeError) as e:
         _print_error(e)
         code = 2
-    except NonFiniteError as e:
+    except (NonFiniteError, run_faults.ScorerFailedError) as e:  # a checkpoint was saved first
         print(f"error: {_one_line(e)}", file=sys.stderr)
-        code = 3
-    except BaseException:
-        if not existed:
-            _remove_empty_tree(workdir)
-        raise
+        code = run_faults.EXIT_NONFINITE if isinstance(e, NonFiniteError) else run_faults.EXIT_SCORER
+    except BaseException as e:
+        full = run_faults.disk_full_message(e, workdir)
+        if full is None:
+            if not existed:
+                _remove_empty_tree(workdir)
+            raise
+        print(f"error: {full}", file=sys.stderr)
+        code = run_faults.EXIT_DISK_FULL
     if code and not existed:
         _remove_empty_tree(workdir)
     if code == 0 and jax.process_index() == 0:

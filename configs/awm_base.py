@@ -185,6 +185,7 @@ def base_config() -> ml_collections.ConfigDict:
     rp.device = "cpu"  # torch device
     r.kwargs = ml_collections.ConfigDict()  # extra keywords to awm_jax.rewards.get(name, ...): other rewards
     r.retries = 2  # reward bridge retries per batch
+    r.timeout_s = 600.0  # give up one scorer attempt after this many seconds (retried; 0 = no limit)
 
     c.eval = v = ml_collections.ConfigDict()
     v.every = 50  # evaluate every N epochs (loop steps; 0 = never; also at the last step)
@@ -194,6 +195,7 @@ def base_config() -> ml_collections.ConfigDict:
     v.use_ema = True  # evaluate with the eval-EMA adapter when it exists
     v.guidance_scale = 1.0  # CFG of the evaluation ODE (1.0 = none, as AWM; Flow-GRPO's reference: 4.5)
     v.grid_images = 16  # images in the PNG grid per evaluation, spread over the eval set (0 = none)
+    v.on_error = "raise"  # a failing evaluation: "raise" (the step is saved first, exit 4) | "continue"
 
     c.train = t = ml_collections.ConfigDict()
     t.micro_batch_size = 8  # training micro-batch per device (gradient accumulation inside one step)
@@ -211,6 +213,10 @@ def base_config() -> ml_collections.ConfigDict:
     # when the workdir holds checkpoints and none can be restored: False = stop with an error naming them;
     # True = start again from step 0, bad ones kept as <step>.corrupt, old logs as *.jsonl.before-fresh
     k.allow_fresh_start = False  # start from step 0 when every checkpoint is unusable (CLI: --fresh)
+    # resume with changed keys that keep the saved state's meaning (lr, prompts, ...): False = stop, listing
+    # them; True = go on, recorded in config_history.jsonl (keys that change the state's meaning: always
+    # refused)
+    k.allow_config_change = False  # (CLI: --allow-config-change)
 
     c.mesh = ms = ml_collections.ConfigDict()
     ms.data = -1  # data-parallel axis size (-1 = all remaining devices)

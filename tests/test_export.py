@@ -178,6 +178,25 @@ def test_workdir_merge_and_step(setup, workdir):
     assert not any(".attn2." in k for k in params)  # the reference's targets (PEFT rule) leave attn2 alone
 
 
+def test_workdir_reads_the_checkpoints_own_config(workdir, tmp_path):
+    """A resumed run's config.json is not what step 2 was trained with: export and ``sample --run`` read the
+    checkpoint's ``config`` item (issue 26: a changed lora.alpha in config.json scaled the export x2)."""
+    import shutil
+
+    from awm_jax.sample import run_config
+
+    wd, _ = workdir
+    cp = tmp_path / "run"
+    shutil.copytree(wd, cp)
+    cfg = json.loads((cp / "config.json").read_text())
+    cfg["lora"]["alpha"], cfg["lora"]["rank"] = 16.0, 8
+    (cp / "config.json").write_text(json.dumps(cfg))
+    _, info = ex.lora_from_workdir(cp, step=2)
+    assert info["alpha"] == 8.0 and info["rank"] == 4
+    rc = run_config(str(cp), step=2)
+    assert rc.lora.alpha == 8.0 and rc.lora.rank == 4
+
+
 def test_workdir_errors(workdir, tmp_path):
     wd, _ = workdir
     with pytest.raises(ConversionError, match="unknown which='kl'"):

@@ -19,6 +19,10 @@ vector for the whole (global) batch:
 4. **Failures are loud.** A scorer exception is retried ``retries`` times; then ``RewardError``
    names the scorer, the prompt(s) and the error. Wrong output shape and NaN/inf rewards are
    errors too (retried the same way): never a silent zero.
+5. **Waits are bounded.** With ``timeout_s > 0`` each attempt runs on its own daemon thread and is given up
+   after ``timeout_s`` seconds (retried like any failure; the last one raises :class:`RewardTimeoutError`).
+   ``interrupt()`` (the trainer's SIGTERM / SIGINT handler calls it) ends every wait of the bridge within
+   ~0.1 s with :class:`RewardInterrupted`. A hung scorer thread is abandoned, never joined.
 
 Where ``jax.pure_callback`` / ``io_callback`` would be used instead: only when a reward must be
 consumed *inside* one jitted program (e.g. reward-guided sampling, or fusing rollout + reward +
@@ -50,7 +54,36 @@ import numpy as np
 
 from awm_jax.rewards.base import RewardError
 
-__all__ = ["PendingRewards", "RewardBridge", "RewardError", "gather_rewards", "local_rows", "shard_rows"]
+__all__ = ["PendingRewards", "RewardBridge", "RewardError", "RewardInterrupted", "RewardTimeoutError",
+           "gather_rewards", "local_rows", "shard_rows"]
+
+_POLL_S = 0.1  # how often a wait looks at the interrupt flag
+
+
+class RewardTimeoutError(RewardError):
+    """The scorer gave no answer within ``reward.timeout_s`` on every attempt."""
+
+
+class RewardInterrupted(RewardError):
+    """A wait for the scorer was ended by :meth:`RewardBridge.interrupt` (SIGTERM / SIGINT)."""
+
+
+def _wait(future: Future, stop: threading.Event | None, timeout: float | None):
+    """``future.result(timeout)``, ended early by ``stop`` (raises :class:`RewardInterrupted`)."""
+    if stop is None:
+        return future.result(timeout)
+    end = None if timeout is None else time.monotonic() + timeout
+    while True:
+        if stop.is_set():
+            raise RewardInterrupted("the wait for the reward scorer was interrupted (signal received)")
+        left = _POLL_S if end is None else min(_POLL_S, end - time.monotonic())
+        if left <= 0:
+            raise TimeoutError(f"no result within {timeout} s")
+        try:
+            return future.result(left)
+        except TimeoutError:
+            if future.done():
+                raise
 
 
 def local_rows(images: Any) -> tuple[np.ndarray, np.ndarray, int]:
@@ -135,12 +168,25 @@ def _preview(prompts: Sequence[str], limit: int = 4) -> str:
     return f"[{shown}{f', ... (+{more} more)' if more > 0 else ''}]"
 
 
+def _check_evaluation(res: Any, n: int) -> None:
+    """``scorer.evaluate`` output: a dict whose numeric per-sample arrays are finite."""
+    if not isinstance(res, dict):
+        raise ValueError(f"evaluate() returned {type(res).__name__}, expected a dict")
+    for k, v in res.items():
+        if isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.number):
+            bad = ~np.isfinite(v.astype(np.float64))
+            if bad.any():
+                raise ValueError(f"evaluate() {k!r}: non-finite values {v[bad][:8].tolist()} for "
+                                 f"{int(bad.sum())} of {n} sample(s)")
+
+
 class PendingRewards:
     """Handle on a submitted batch; ``result()`` -> float32 (global B,) rewards."""
 
-    def __init__(self, future: Future, global_b: int, gather: bool, allgather: Callable | None):
+    def __init__(self, future: Future, global_b: int, gather: bool, allgather: Callable | None,
+                 stop: threading.Event | None = None):
         self._future, self._b = future, global_b
-        self._gather, self._allgather = gather, allgather
+        self._gather, self._allgather, self._stop = gather, allgather, stop
 
     def done(self) -> bool:
         """Whether local scoring has finished (the all-gather still happens in ``result``)."""
@@ -148,7 +194,7 @@ class PendingRewards:
 
     def result(self, timeout: float | None = None) -> np.ndarray:
         """Wait for the local scores, all-gather them, return the global reward vector."""
-        rows, rewards = self._future.result(timeout)
+        rows, rewards = _wait(self._future, self._stop, timeout)
         if not self._gather:
             return rewards
         return gather_rewards(rows, rewards, self._b, self._allgather)
@@ -164,17 +210,46 @@ class RewardBridge:
       retry_delay_s: pause between attempts.
       gather: all-gather the local rewards into the global batch (default True).
       allgather: override of the all-gather (tests); see :func:`gather_rewards`.
+      timeout_s: give up an attempt after this many seconds (0: wait without limit).
     """
 
     def __init__(self, scorer: Callable[..., Any], retries: int = 2, name: str | None = None,
-                 retry_delay_s: float = 0.0, gather: bool = True, allgather: Callable | None = None):
+                 retry_delay_s: float = 0.0, gather: bool = True, allgather: Callable | None = None,
+                 timeout_s: float = 0.0):
         if int(retries) < 0:
             raise ValueError(f"reward bridge: retries must be >= 0, got {retries!r}")
+        if float(timeout_s) < 0:
+            raise ValueError(f"reward bridge: timeout_s must be >= 0, got {timeout_s!r}")
         self.scorer, self.retries = scorer, int(retries)
         self.name = name or getattr(scorer, "name", None) or type(scorer).__name__
         self.retry_delay_s, self.gather, self.allgather = float(retry_delay_s), bool(gather), allgather
+        self.timeout_s = float(timeout_s)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def interrupt(self) -> None:
+        """End every current and later wait of this bridge with :class:`RewardInterrupted` (signal-safe)."""
+        self._stop.set()
+
+    def _call(self, fn: Callable, *args):
+        """``fn(*args)`` on its own daemon thread, waited for with ``timeout_s`` and the interrupt flag (a
+        hung scorer never blocks the bridge's worker, nor the interpreter's exit)."""
+        if self._stop.is_set():
+            raise RewardInterrupted("the wait for the reward scorer was interrupted (signal received)")
+        fut: Future = Future()
+
+        def target():
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+                fut.set_exception(e)
+
+        threading.Thread(target=target, name="reward-scorer", daemon=True).start()
+        try:
+            return _wait(fut, self._stop, self.timeout_s or None)
+        except TimeoutError:
+            raise TimeoutError(f"no answer within reward.timeout_s = {self.timeout_s:g} s") from None
 
     # -- scoring -------------------------------------------------------------------------
     def _score_local(self, images: np.ndarray, prompts: list, metadata: list) -> np.ndarray:
@@ -184,7 +259,7 @@ class RewardBridge:
             if attempt and self.retry_delay_s:
                 time.sleep(self.retry_delay_s)
             try:
-                r = np.asarray(self.scorer(images, prompts, metadata), np.float32)
+                r = np.asarray(self._call(self.scorer, images, prompts, metadata), np.float32)
                 if r.shape != (len(prompts),):
                     raise ValueError(f"returned shape {r.shape}, expected ({len(prompts)},)")
                 bad = ~np.isfinite(r)
@@ -193,9 +268,12 @@ class RewardBridge:
                     raise ValueError(f"non-finite rewards {r[bad][:8].tolist()} for "
                                      f"{int(bad.sum())} sample(s)")
                 return r
+            except RewardInterrupted:
+                raise
             except Exception as e:  # noqa: BLE001 - every scorer failure is retried then reported
                 last = e
-        raise RewardError(f"reward scorer {self.name!r} failed after {self.retries + 1} attempt(s) on "
+        kind = RewardTimeoutError if isinstance(last, TimeoutError) else RewardError
+        raise kind(f"reward scorer {self.name!r} failed after {self.retries + 1} attempt(s) on "
                           f"{len(bad_prompts)} prompt(s) {_preview(bad_prompts)}: "
                           f"{type(last).__name__}: {last}") from last
 
@@ -226,7 +304,7 @@ class RewardBridge:
             rows, host, _, p, m = self._prepare(images, prompts, metadata)
             return rows, self._score_local(host, p, m)
 
-        return PendingRewards(self._pool.submit(work), global_b, self.gather, self.allgather)
+        return PendingRewards(self._pool.submit(work), global_b, self.gather, self.allgather, self._stop)
 
     def score(self, images: Any, prompts: Sequence[str],
               metadata: Sequence[dict] | None = None) -> np.ndarray:
@@ -240,11 +318,21 @@ class RewardBridge:
         if not hasattr(self.scorer, "evaluate"):
             raise AttributeError(f"reward scorer {self.name!r} has no evaluate()")
         rows, host, global_b, p, m = self._prepare(images, prompts, metadata)
-        try:
-            res = self.scorer.evaluate(host, p, m)
-        except Exception as e:
-            raise RewardError(f"reward scorer {self.name!r} evaluate() failed on {len(p)} prompt(s) "
-                              f"{_preview(p)}: {type(e).__name__}: {e}") from e
+        last: BaseException | None = None
+        for _attempt in range(self.retries + 1):
+            try:
+                res = self._call(self.scorer.evaluate, host, p, m)
+                _check_evaluation(res, len(rows))
+                break
+            except RewardInterrupted:
+                raise
+            except Exception as e:  # noqa: BLE001 - retried like the scores, then reported
+                last = e
+        else:
+            kind = RewardTimeoutError if isinstance(last, TimeoutError) else RewardError
+            raise kind(f"reward scorer {self.name!r} evaluate() failed after {self.retries + 1} attempt(s) "
+                       f"on "
+                       f"{len(p)} prompt(s) {_preview(p)}: {type(last).__name__}: {last}") from last
         out: dict[str, Any] = {}
         for k, v in res.items():
             if isinstance(v, np.ndarray) and v.shape == (len(rows),) and np.issubdtype(v.dtype, np.number):
@@ -255,10 +343,10 @@ class RewardBridge:
 
     # -- lifecycle -----------------------------------------------------------------------
     def close(self) -> None:
-        """Stop the background thread (waits for running work)."""
+        """Stop the background thread (waits for running work; not for an interrupted bridge's)."""
         with self._lock:
             if self._pool is not None:
-                self._pool.shutdown(wait=True)
+                self._pool.shutdown(wait=not self._stop.is_set(), cancel_futures=self._stop.is_set())
                 self._pool = None
 
     def __enter__(self) -> RewardBridge:
