@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from awm_jax import distributed
+from awm_jax.rewards.base import RewardError
 from awm_jax.timeline import Timeline
 
 __all__ = ["prepare", "rollout_epoch", "local_advantages"]
@@ -38,7 +39,8 @@ def rollout_epoch(comp, config, mesh, params, embed, sampler, dataset, bridge, s
 
     The device pipeline: rollout block i + 1 and its decode are dispatched before the host waits for block
     i's images, so the devices sample block i + 1 while the host copies, scores (the reward bridge's
-    thread) and books block i."""
+    thread) and books block i. A scorer with ``on_device = True`` is instead dispatched on block i's decoded
+    device images (``score_device``), so they never reach the host."""
     tl = tl or Timeline()
     if prepared is None:
         with tl.phase("text_encode"):
@@ -61,9 +63,14 @@ def rollout_epoch(comp, config, mesh, params, embed, sampler, dataset, bridge, s
             nxt = launch(i + 1)  # queued on the devices behind block i's decode
         with tl.phase("rollout"):
             jax.block_until_ready(out)
-        with tl.phase("decode"):
-            images = np.asarray(distributed.local_rows(images))
-        futures.append(bridge.submit(images, prompts[sl], metadata[sl]))  # scored while block i + 1 samples
+        scorer = getattr(bridge, "scorer", None)
+        if getattr(scorer, "on_device", False):  # scored on the devices right after the decode: no host copy
+            futures.append(_OnDevice(scorer.score_device(images, prompts[sl], metadata[sl]), prompts[sl]))
+        else:
+            with tl.phase("decode"):
+                images = np.asarray(distributed.local_rows(images))
+            # scored on the bridge's thread while block i + 1 samples
+            futures.append(bridge.submit(images, prompts[sl], metadata[sl]))
         outs.append(out)
         embs.append(e)
         pools.append(p)
@@ -72,6 +79,25 @@ def rollout_epoch(comp, config, mesh, params, embed, sampler, dataset, bridge, s
     batch = _concat(outs)
     batch["prompt_embeds"], batch["pooled"] = _concat_rows(embs), _concat_rows(pools)
     return batch, rewards, prepared["pos"]
+
+
+class _OnDevice:
+    """Rewards of a scorer that declares ``on_device = True`` (``awm_jax.rewards.device_clip``): its
+    ``score_device(images, prompts, metadata)`` was dispatched on the decoded device images; ``result()``
+    fetches this host's rows of the (B,) rewards, like the bridge's pending result, and rejects non-finite
+    ones."""
+
+    def __init__(self, rewards, prompts):
+        self.rewards, self.prompts = rewards, list(prompts)
+
+    def result(self) -> np.ndarray:
+        r = np.asarray(distributed.local_rows(self.rewards), np.float32)
+        bad = np.nonzero(~np.isfinite(r))[0]
+        if bad.size:
+            shown = [self.prompts[i] for i in bad[:4]]
+            raise RewardError(f"on-device reward: non-finite rewards {r[bad][:8].tolist()} for prompts "
+                              f"{shown}")
+        return r
 
 
 def _concat_rows(xs: list):
