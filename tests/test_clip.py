@@ -159,3 +159,16 @@ def test_transformers_missing_tensor_named(hf, tmp_path):
     save_file(t, str(dst / "model.safetensors"))
     with pytest.raises(ConversionError, match=r"text_projection\.weight"):
         fclip.load(dst)
+
+
+def test_every_parameter_has_logical_axis_names():
+    from awm_jax.parallel import LOGICAL_AXIS_RULES
+
+    known = {n for n, _ in LOGICAL_AXIS_RULES} | {None}
+    cfg = fclip.CLIPConfig(vision_hidden=32, vision_intermediate=64, vision_layers=1, vision_heads=2,
+                           image_size=32, patch_size=8, text_hidden=32, text_intermediate=64, text_layers=1,
+                           text_heads=2, vocab_size=100, max_positions=16, projection_dim=16, fused_qkv=True)
+    for path, var in nnx.to_flat_state(nnx.state(fclip.abstract_clip(cfg), nnx.Param)):
+        names = var.get_metadata().get("out_sharding")
+        assert names is not None and len(names) == len(var.get_value().shape), path
+        assert set(names) <= known, (path, names)
