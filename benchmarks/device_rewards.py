@@ -82,9 +82,11 @@ def main(argv=None) -> None:
         rows.append(row)
         print(row, flush=True)
     dev = jax.devices()[0]
-    head_row = "| reward | architecture | GFLOP / image (matmul, counted) |" + (" s / image |" if args.time else "")
+    head_row = "| reward | architecture | GFLOP / image (matmul, counted) |"
+    head_row += " s / image |" if args.time else ""
     lines = [f"# On-accelerator CLIP rewards: FLOPs per {args.size}x{args.size} image", "",
-             f"Machine: {platform.node()}, JAX {jax.__version__}, backend {dev.platform} ({dev.device_kind}).",
+             f"Machine: {platform.node()}, JAX {jax.__version__}, backend {dev.platform} "
+             f"({dev.device_kind}).",
              "", head_row,
              "|---|---|---|" + ("---|" if args.time else "")]
     for r in rows:
