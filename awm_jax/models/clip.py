@@ -376,6 +376,7 @@ def load(path: str | os.PathLike, *, open_clip_arch: Any = None, dtype=None, par
         fields = clip_convert.model_fields(hf_config)
     else:
         fields, _, tensors = clip_convert.read_open_clip(path, open_clip_arch)
-    return model_from_flax_params(
-        CLIPConfig(**fields), dict(tensors), dtype=dtype, param_dtype=param_dtype, source=str(path)
-    )
+    # each tensor goes to the device as it is read: the host holds one checkpoint tensor at a time
+    params = {k: jnp.asarray(v) for k, v in tensors}
+    return model_from_flax_params(CLIPConfig(**fields), params, dtype=dtype, param_dtype=param_dtype,
+                                  source=str(path))
