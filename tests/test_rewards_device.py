@@ -124,3 +124,55 @@ def test_config_sections_and_errors(assets, tmp_path):
         bad = {**assets["arch"], "vision_cfg": {**assets["arch"]["vision_cfg"], "patch_size": 16}}
         rewards.get("hps", checkpoint_path=assets["hps"], processor_path=assets["clip"], arch=bad,
                     device="accelerator")
+
+
+class _DeviceImages:
+    """Stands for decoded device images: converting it to a host array fails the test."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __array__(self, *a, **k):
+        raise AssertionError("an on-device scorer's images were copied to the host")
+
+
+def test_collect_hook_scores_on_device_without_a_host_copy():
+    import types
+
+    import jax.numpy as jnp
+    import ml_collections
+
+    from awm_jax.rl.collect import prepare, rollout_epoch
+    from awm_jax.timeline import Timeline
+
+    block = jax.device_count()
+    n = 2 * block
+    seen = []
+
+    class Scorer:
+        on_device = True
+
+        def score_device(self, images, prompts, metadata=None):
+            seen.append(list(prompts))
+            return jnp.asarray(images.rows, jnp.float32) * 10
+
+    def submit(*a, **k):
+        raise AssertionError("the host bridge was used for an on-device scorer")
+
+    comp = types.SimpleNamespace(
+        rollout=lambda params, base, emb, pooled, key: {"x0": jnp.asarray(emb)[:, :1, :1]}, base_state=None,
+        pipeline=types.SimpleNamespace(decode=lambda x0: _DeviceImages(np.asarray(x0)[:, 0, 0])))
+    sampler = types.SimpleNamespace(global_indices=lambda step: (np.arange(n), np.arange(n) // 2))
+    dataset = types.SimpleNamespace(take=lambda idx: ([f"p{i}" for i in idx], [{} for _ in idx]))
+    embed = types.SimpleNamespace(encode=lambda prompts: (
+        np.array([[[float(p[1:])]] for p in prompts], np.float32), np.zeros((len(prompts), 2), np.float32)))
+    config = ml_collections.ConfigDict({"sample": {"batch_size": 1}})
+    tl = Timeline()
+    prepared = prepare(config, sampler, dataset, embed, 1)
+    bridge = types.SimpleNamespace(scorer=Scorer(), submit=submit)
+    _, rewards, _ = rollout_epoch(comp, config, None, None, embed, sampler, dataset, bridge, 1,
+                                  jax.random.key(0), tl, prepared)
+    np.testing.assert_array_equal(rewards, 10 * np.arange(n))
+    assert seen == [[f"p{i}" for i in range(block)], [f"p{i}" for i in range(block, n)]]
+    lap = tl.lap()
+    assert lap["time/decode"] == 0 and lap["time/score"] >= 0

@@ -51,7 +51,7 @@ def test_toy_trains_with_an_on_device_reward(tmp_path):
     m = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in m] == [1, 2] and last["step"] == 2
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["reward_mean"]) for r in m)
-    assert all("time/score" in r for r in m)
+    assert all("time/score" in r and r["time/decode"] == 0 for r in m)  # no host copy of the images
     assert len(SEEN) >= 2 and all(img.shape[1:] == (32, 32, 3) for img, _, _ in SEEN)
     host = rewards.get("pickscore", model_path=clip)
     got = np.concatenate([r for _, _, r in SEEN])
