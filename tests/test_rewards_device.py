@@ -100,6 +100,9 @@ def test_device_scorer_equals_host(assets, name):
         assert not np.allclose(cos, cos[0])
     if name != "pickscore":
         return
+    bf16 = rewards.get(name, **_kwargs(name, assets), device="accelerator", dtype="bfloat16")(img, PROMPTS)
+    print(f"pickscore bfloat16 vs float32: max |diff| {np.abs(bf16 - got).max():.2e}")
+    np.testing.assert_allclose(bf16, got, atol=0.05 * np.abs(got).max(), rtol=0)
     # sharded over the batch on a 4-device mesh: the same rewards, returned sharded like the images
     mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
     sharded = jax.device_put(img, NamedSharding(mesh, PartitionSpec("data")))

@@ -172,11 +172,16 @@ def _spec(path: str, who: str) -> PreprocessSpec:
     return PreprocessSpec.from_folder(check_dir(path, f"{who} processor_path"))
 
 
-def _load(path: str, who: str, open_clip_arch=None) -> fclip.CLIPModel:
+def _load(path: str, who: str, dtype: str, open_clip_arch=None) -> fclip.CLIPModel:
+    """The Flax CLIP with float32 parameters computing in ``dtype`` (bfloat16: matmuls in bfloat16; softmax,
+    norm statistics and the final L2 norms stay float32)."""
     from awm_jax.convert import ConversionError
 
+    if dtype not in DTYPES:
+        raise RewardConfigError(f"{who}: dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    compute = None if dtype == "float32" else DTYPES[dtype]
     try:
-        return fclip.load(path, open_clip_arch=open_clip_arch)
+        return fclip.load(path, open_clip_arch=open_clip_arch, dtype=compute)
     except ConversionError as e:
         raise RewardConfigError(f"{who}: cannot load the CLIP weights: {e}") from e
 
@@ -186,7 +191,7 @@ def pickscore(
 ) -> DeviceCLIPScorer:
     proc = processor_path or model_path
     return DeviceCLIPScorer(
-        _load(check_dir(model_path, "pickscore model_path"), "pickscore"),
+        _load(check_dir(model_path, "pickscore model_path"), "pickscore", dtype),
         _spec(proc, "pickscore"),
         load_tokenizer(proc, "pickscore"),
         "pickscore",
@@ -200,7 +205,7 @@ def clipscore(
 ) -> DeviceCLIPScorer:
     proc = processor_path or model_path
     return DeviceCLIPScorer(
-        _load(check_dir(model_path, "clipscore model_path"), "clipscore"),
+        _load(check_dir(model_path, "clipscore model_path"), "clipscore", dtype),
         _spec(proc, "clipscore"),
         load_tokenizer(proc, "clipscore"),
         "clipscore",
@@ -211,7 +216,7 @@ def clipscore(
 
 def hps(checkpoint_path: str, processor_path: str, arch: Any = "ViT-H-14", dtype: str = "float32"):
     return DeviceCLIPScorer(
-        _load(checkpoint_path, "hps", open_clip_arch=arch),
+        _load(checkpoint_path, "hps", dtype, open_clip_arch=arch),
         _spec(processor_path, "hps"),
         load_tokenizer(processor_path, "hps"),
         "hps",
@@ -220,7 +225,7 @@ def hps(checkpoint_path: str, processor_path: str, arch: Any = "ViT-H-14", dtype
 
 
 def aesthetic(clip_path: str, head_path: str, processor_path: str | None = None, dtype: str = "float32"):
-    model = _load(check_dir(clip_path, "aesthetic clip_path"), "aesthetic")
+    model = _load(check_dir(clip_path, "aesthetic clip_path"), "aesthetic", dtype)
     head = head_arrays(head_path, int(model.config.projection_dim))
     return DeviceCLIPScorer(
         model, _spec(processor_path or clip_path, "aesthetic"), None, "aesthetic", head=head, dtype=dtype
