@@ -172,3 +172,27 @@ def test_every_parameter_has_logical_axis_names():
         names = var.get_metadata().get("out_sharding")
         assert names is not None and len(names) == len(var.get_value().shape), path
         assert set(names) <= known, (path, names)
+
+
+def test_transformers_parity_gelu_legacy_eos(tmp_path):
+    """CLIP-H-style transformers configs (PickScore_v1): exact GELU, and the legacy ``eos_token_id == 2`` rule
+    of transformers (pool at the highest token id)."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    text = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=16, hidden_act="gelu", eos_token_id=2,
+                bos_token_id=0, pad_token_id=1)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=16, patch_size=8, hidden_act="gelu")
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(tmp_path)
+    ref = CLIPModel.from_pretrained(tmp_path).eval()
+    model = fclip.load(tmp_path)
+    assert model.config.text_pool == "argmax" and model.config.vision_act == "gelu"
+    rng = np.random.default_rng(2)
+    pix = rng.normal(size=(2, 3, 16, 16)).astype(np.float32)
+    ids = _ids(rng, 2, 10, 100, 99, 1)  # the highest id ends the text
+    img_ref, txt_ref = _hf_feats(ref, pix, ids)
+    img, txt = _feats(model, pix, ids)
+    assert np.abs(img - img_ref).max() <= TOL and np.abs(txt - txt_ref).max() <= TOL
