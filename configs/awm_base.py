@@ -182,7 +182,23 @@ def base_config() -> ml_collections.ConfigDict:
     r.pickscore = rp = ml_collections.ConfigDict()  # reward "pickscore" (CLIP-H with PickScore_v1 weights)
     rp.model_path = "weights/rewards/pickscore_v1"  # CLIPModel folder
     rp.processor_path = "weights/rewards/clip-vit-h-14"  # its processor folder ("" = model_path)
-    rp.device = "cpu"  # torch device
+    rp.device = "cpu"  # torch device, or "accelerator": scored in JAX after the decode (rewards/device_clip)
+    # The CLIP-family rewards (pickscore, aesthetic, hps, clipscore) all take device = "accelerator": a Flax
+    # CLIP scores inside a jitted program on the decoded images (sharded over the batch, no image leaves
+    # the device; preprocessing bit-exact with the PIL CLIPImageProcessor on square images); else on host.
+    r.aesthetic = ra = ml_collections.ConfigDict()  # reward "aesthetic" (LAION predictor: CLIP-L + MLP head)
+    ra.clip_path = "weights/rewards/clip-vit-large-patch14"  # CLIPModel folder (+ its processor)
+    ra.head_path = "weights/rewards/sac+logos+ava1-l14-linearMSE.pth"  # MLP head (.pth / .safetensors)
+    ra.device = "cpu"  # torch device or "accelerator"
+    r.hps = rh = ml_collections.ConfigDict()  # reward "hps" (HPSv2.1: open_clip ViT-H-14 state dict)
+    rh.checkpoint_path = "weights/rewards/HPS_v2.1_compressed.pt"  # open_clip state dict (.pt / .safetensors)
+    rh.processor_path = "weights/rewards/clip-vit-h-14"  # CLIP processor + tokenizer folder (laion ViT-H-14)
+    rh.arch = "ViT-H-14"  # open_clip architecture (name, or an open_clip model-config .json)
+    rh.device = "cpu"  # torch device (host scorer needs open_clip) or "accelerator"
+    r.clipscore = rc = ml_collections.ConfigDict()  # reward "clipscore": weight * max(cos(image, text), 0)
+    rc.model_path = "weights/rewards/clip-vit-large-patch14"  # CLIPModel folder (+ its processor)
+    rc.weight = 2.5  # w of CLIPScore (Hessel et al. 2021); torchmetrics' CLIPScore uses 100
+    rc.device = "cpu"  # torch device or "accelerator"
     r.kwargs = ml_collections.ConfigDict()  # extra keywords to awm_jax.rewards.get(name, ...): other rewards
     r.retries = 2  # reward bridge retries per batch
     r.timeout_s = 600.0  # give up one scorer attempt after this many seconds (retried; 0 = no limit)

@@ -53,6 +53,7 @@ CONVERTERS: dict[str, str] = {
     "sd3": "awm_jax.convert.sd3",
     "flux": "awm_jax.convert.flux",
     "vae": "awm_jax.convert.vae",
+    "clip": "awm_jax.convert.clip",  # transformers CLIPModel (rewards); open_clip: clip.read_open_clip
 }
 FLAX_WEIGHTS = "model"
 FORMAT_KEY = "awm_jax"

@@ -5,9 +5,11 @@ Built-in scorers are imported lazily (first ``get``), so importing this package 
 torch nor transformers:
 
     ocr                     awm_jax.rewards.ocr:OCRScorer
-    pickscore               awm_jax.rewards.pickscore:PickScoreScorer
+    pickscore               awm_jax.rewards.clip_rewards:pickscore (host or accelerator)
     geneval                 awm_jax.rewards.geneval:GenEvalScorer
-    aesthetic               awm_jax.rewards.aesthetic:AestheticScorer
+    aesthetic               awm_jax.rewards.clip_rewards:aesthetic (host or accelerator)
+    hps                     awm_jax.rewards.clip_rewards:hps (HPSv2.1; host or accelerator)
+    clipscore               awm_jax.rewards.clip_rewards:clipscore (2.5 * max(cos, 0); host or accelerator)
     jpeg_compressibility    awm_jax.rewards.jpeg:JpegCompressibility
     jpeg_incompressibility  awm_jax.rewards.jpeg:JpegIncompressibility
     multi                   awm_jax.rewards.multi:MultiScorer
@@ -32,9 +34,11 @@ __all__ = ["RewardConfigError", "RewardError", "available", "config_kwargs", "co
 
 _LAZY: dict[str, str] = {
     "ocr": "awm_jax.rewards.ocr:OCRScorer",
-    "pickscore": "awm_jax.rewards.pickscore:PickScoreScorer",
+    "pickscore": "awm_jax.rewards.clip_rewards:pickscore",
     "geneval": "awm_jax.rewards.geneval:GenEvalScorer",
-    "aesthetic": "awm_jax.rewards.aesthetic:AestheticScorer",
+    "aesthetic": "awm_jax.rewards.clip_rewards:aesthetic",
+    "hps": "awm_jax.rewards.clip_rewards:hps",
+    "clipscore": "awm_jax.rewards.clip_rewards:clipscore",
     "jpeg_compressibility": "awm_jax.rewards.jpeg:JpegCompressibility",
     "jpeg_incompressibility": "awm_jax.rewards.jpeg:JpegIncompressibility",
     "multi": "awm_jax.rewards.multi:MultiScorer",
@@ -89,7 +93,8 @@ def get(name: str, **config: Any) -> Any:
 def _sections(config) -> dict:
     """The declared per-reward config sections (configs/awm_base.py), by reward name."""
     r = config.reward
-    return {"geneval": r.geneval, "ocr": r.ocr, "pickscore": r.pickscore}
+    return {"geneval": r.geneval, "ocr": r.ocr, "pickscore": r.pickscore, "aesthetic": r.aesthetic,
+            "hps": r.hps, "clipscore": r.clipscore}
 
 
 def config_kwargs(config) -> dict[str, tuple[str, Any]]:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from awm_jax import distributed
+from awm_jax.rewards.base import RewardError
 from awm_jax.rl import selection
 from awm_jax.timeline import Timeline
 
@@ -40,7 +41,8 @@ def rollout_epoch(comp, config, mesh, params, embed, sampler, dataset, bridge, s
 
     The device pipeline: rollout block i + 1 and its decode are dispatched before the host waits for block
     i's images, so the devices sample block i + 1 while the host copies, scores (the reward bridge's
-    thread) and books block i.
+    thread) and books block i. A scorer with ``on_device = True`` is instead dispatched on block i's decoded
+    device images (``score_device``), so they never reach the host.
 
     With rollout selection (``select.enabled``, :mod:`awm_jax.rl.selection`) the step's prompts are first
     previewed with ``select.num_seeds`` seeds each (``comp.preview_rollout``, timed as ``preview``), and the
@@ -91,9 +93,14 @@ def _rollout_blocks(rollout, comp, mesh, params, prepared, bridge, key, tl, phas
             nxt = launch(i + 1)  # queued on the devices behind block i's decode
         with tl.phase(ph_roll):
             jax.block_until_ready(out)
-        with tl.phase(ph_dec):
-            images = np.asarray(distributed.local_rows(images))
-        futures.append(bridge.submit(images, prompts[sl], metadata[sl]))  # scored while block i + 1 samples
+        scorer = getattr(bridge, "scorer", None)
+        if getattr(scorer, "on_device", False):  # scored on the devices right after the decode: no host copy
+            futures.append(_OnDevice(scorer.score_device(images, prompts[sl], metadata[sl]), prompts[sl]))
+        else:
+            with tl.phase(ph_dec):
+                images = np.asarray(distributed.local_rows(images))
+            # scored on the bridge's thread while block i + 1 samples
+            futures.append(bridge.submit(images, prompts[sl], metadata[sl]))
         if keep:
             outs.append(out)
             embs.append(e)
@@ -148,6 +155,25 @@ def _preview_and_select(comp, config, mesh, params, embed, sampler, dataset, bri
                       "select/preview_samples": int(len(idx)),
                       "select/preview_fpe": selection.preview_fpe(config)})
     return x_init_from(kept, prepared["pos"]), preview_kept
+
+
+class _OnDevice:
+    """Rewards of a scorer that declares ``on_device = True`` (``awm_jax.rewards.device_clip``): its
+    ``score_device(images, prompts, metadata)`` was dispatched on the decoded device images; ``result()``
+    fetches this host's rows of the (B,) rewards, like the bridge's pending result, and rejects non-finite
+    ones."""
+
+    def __init__(self, rewards, prompts):
+        self.rewards, self.prompts = rewards, list(prompts)
+
+    def result(self) -> np.ndarray:
+        r = np.asarray(distributed.local_rows(self.rewards), np.float32)
+        bad = np.nonzero(~np.isfinite(r))[0]
+        if bad.size:
+            shown = [self.prompts[i] for i in bad[:4]]
+            raise RewardError(f"on-device reward: non-finite rewards {r[bad][:8].tolist()} for prompts "
+                              f"{shown}")
+        return r
 
 
 def _concat_rows(xs: list):
