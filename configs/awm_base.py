@@ -152,6 +152,9 @@ def base_config() -> ml_collections.ConfigDict:
     rp.device = "cpu"  # torch device
     r.kwargs = ml_collections.ConfigDict()  # extra keywords to awm_jax.rewards.get(name, ...): other rewards
     r.retries = 2  # reward bridge retries per batch
+    # host scoring in worker processes (awm_jax/rewards/pool.py): each its own scorer copy and torch threads
+    r.workers = -1  # -1: one worker per 4 host cores (1 on <= 7 cores); 0 or 1: in-process; N: N workers
+    r.worker_threads = 0  # torch threads per worker (0: host cores // workers)
 
     c.eval = v = ml_collections.ConfigDict()
     v.every = 50  # evaluate every N epochs (loop steps; 0 = never; also at the last step)

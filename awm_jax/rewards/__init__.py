@@ -63,12 +63,15 @@ def available() -> list[str]:
 
 
 def resolve(name: str) -> Callable[..., Any]:
-    """The factory for ``name``, importing its module on first use."""
+    """The factory for ``name``, importing its module on first use; ``"package.module:attr"`` names a
+    factory outside the registry (a scorer of your own, e.g. in pool workers or behind a reward server)."""
     if name in _REGISTRY:
         return _REGISTRY[name]
-    if name not in _LAZY:
-        raise KeyError(f"unknown reward {name!r}; valid names: {', '.join(available())}")
-    module_name, attr = _LAZY[name].split(":")
+    spec = _LAZY.get(name) or (name if ":" in name else None)
+    if spec is None:
+        raise KeyError(f"unknown reward {name!r}; valid names: {', '.join(available())} "
+                       "(or 'package.module:factory')")
+    module_name, attr = spec.split(":", 1)
     module = importlib.import_module(module_name)
     try:
         factory = getattr(module, attr)
@@ -108,8 +111,16 @@ def config_kwargs(config) -> dict[str, tuple[str, Any]]:
 
 
 def from_config(config) -> Any:
-    """The scorer ``config.reward`` names, built with :func:`config_kwargs`."""
-    return get(config.reward.name, **{k: v for k, (_, v) in config_kwargs(config).items()})
+    """The scorer ``config.reward`` names, built with :func:`config_kwargs`: in this process, or in
+    ``reward.workers`` worker processes (``awm_jax.rewards.pool``)."""
+    from awm_jax.rewards import pool
+
+    kwargs = {k: v for k, (_, v) in config_kwargs(config).items()}
+    workers = pool.resolve_workers(config.reward.workers)
+    if workers > 1:
+        return pool.ScorerPool(config.reward.name, workers=workers, threads=config.reward.worker_threads,
+                               **kwargs)
+    return get(config.reward.name, **kwargs)
 
 
 def config_problems(config) -> list[str]:

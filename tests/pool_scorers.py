@@ -1,0 +1,35 @@
+"""Scorers for the worker-pool and reward-server tests, importable by name (``pool_scorers:RowScorer``) in
+the spawned worker / server processes (tests/ is on their ``sys.path``)."""
+
+import os
+
+import numpy as np
+
+
+class RowScorer:
+    """``r = mean pixel + len(prompt) * scale``; a sample whose metadata has ``die`` ends the process with
+    exit code 3 (a crashed worker); ``fail`` raises. ``evaluate`` reports the process and its threads."""
+
+    def __init__(self, scale: float = 1.0):
+        if scale <= 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        self.scale = float(scale)
+
+    def __call__(self, images, prompts, metadata=None):
+        metadata = metadata or [{} for _ in prompts]
+        if any(m.get("die") for m in metadata):
+            os._exit(3)
+        if any(m.get("fail") for m in metadata):
+            raise RuntimeError("asked to fail")
+        return expected(images, prompts, self.scale)
+
+    def evaluate(self, images, prompts, metadata=None):
+        n = len(prompts)
+        return {"score": self(images, prompts, metadata), "pid": np.full(n, os.getpid()),
+                "omp": [os.environ.get("OMP_NUM_THREADS")] * n}
+
+
+def expected(images, prompts, scale=1.0):
+    images = np.asarray(images)
+    return (images.reshape(len(images), -1).mean(-1) + scale * np.array([len(p) for p in prompts])).astype(
+        np.float32)
