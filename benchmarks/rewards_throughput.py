@@ -1,6 +1,7 @@
 """Reward scorer throughput on this machine, the bridge's overhead, and pure_callback vs host step.
 
     python benchmarks/rewards_throughput.py [--quick] [--no-clip-l] [--out benchmarks/results/rewards.md]
+    python benchmarks/rewards_throughput.py --workers 2 [--out benchmarks/results/rewards_pool.md]
 
 Measures images/s per scorer (OCR for real on 512x512 rendered text; JPEG; PickScore, aesthetic
 and GenEval with tiny random models and, unless --no-clip-l, PickScore/aesthetic with a random
@@ -8,6 +9,11 @@ CLIP-L-shaped model), the RewardBridge overhead against calling the scorer direc
 rollout+reward loop done three ways (jax.pure_callback inside the jitted rollout, serial host
 step, host step overlapped with the next rollout via RewardBridge.submit). Offline: every model is
 random and built locally.
+
+``--workers W`` measures only the worker pool (``awm_jax.rewards.pool``): images/s of the LAION aesthetic
+scorer with a random CLIP-L/14 vision tower (224 px, 24 layers, width 1024; a 2-layer text tower it does not
+use) in one process (1 thread: the core-seconds per image; all cores as threads) against ``W`` worker
+processes splitting each batch (cores // W threads each).
 """
 
 from __future__ import annotations
@@ -242,6 +248,76 @@ def bench_callback(quick: bool) -> list[tuple[str, str, float | None]]:
     return out
 
 
+def save_clip_l_vision(path: str) -> str:
+    """A random CLIP-L/14 vision tower (+ projection 768; a tiny text tower) and a 224 px processor."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    from awm_jax.rewards.tiny import _byte_vocab, save_tiny_clip
+
+    save_tiny_clip(path, image_size=224, patch=14)  # the processor files (and a model overwritten below)
+    vocab = _byte_vocab()
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77,
+                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                         pad_token_id=vocab["<|endoftext|>"]),
+        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                           num_attention_heads=16, image_size=224, patch_size=14),
+        projection_dim=768)
+    torch.manual_seed(0)
+    CLIPModel(cfg).eval().save_pretrained(path)
+    return path
+
+
+def bench_pool(tmp: str, workers: int, quick: bool) -> list[tuple[str, int, int, float, float]]:
+    """``(setup, processes, threads each, images/s, core-seconds per image)`` for the CLIP-L aesthetic."""
+    import torch
+
+    from awm_jax.rewards import get
+    from awm_jax.rewards.pool import ScorerPool
+    from awm_jax.rewards.tiny import save_tiny_aesthetic
+
+    cores = os.cpu_count() or 1
+    kw = {"clip_path": save_clip_l_vision(os.path.join(tmp, "clip-l")),
+          "head_path": save_tiny_aesthetic(os.path.join(tmp, "head768.safetensors"), dim=768),
+          "batch_size": 8}
+    b = max(workers, 4 if quick else 8)
+    imgs = np.random.default_rng(0).integers(0, 256, (b, 512, 512, 3), dtype=np.uint8)
+    prompts = ["a photo"] * b
+    reps = 1 if quick else 2
+    rows = []
+    s = get("aesthetic", **kw)
+    want = s(imgs, prompts)
+    for threads in sorted({1, cores}):
+        torch.set_num_threads(threads)
+        ips = b / timeit(lambda s=s: s(imgs, prompts), reps, warmup=0)
+        rows.append(("in-process", 1, threads, ips, threads / ips))
+    del s
+    threads = max(1, cores // workers)
+    with ScorerPool("aesthetic", workers=workers, threads=threads, **kw) as pool:
+        got = pool(imgs, prompts)  # warm-up, and the pool's rewards equal the in-process ones
+        assert np.allclose(got, want, rtol=1e-4, atol=1e-5), (got, want)
+        ips = b / timeit(lambda: pool(imgs, prompts), reps, warmup=0)
+    rows.append(("pool (awm_jax.rewards.pool)", workers, threads, ips, workers * threads / ips))
+    return rows
+
+
+def pool_report(rows, workers: int, quick: bool) -> str:
+    base = rows[-2][3]  # in-process with every core as threads
+    lines = ["# Reward worker pool: images/s, one process vs worker processes", "",
+             f"Machine: {machine()}.", "",
+             f"Command: `python benchmarks/rewards_throughput.py --workers {workers}"
+             f"{' --quick' if quick else ''}` "
+             f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). Scorer: LAION aesthetic, random "
+             "CLIP-L/14 vision tower at 224 px + a 768-wide head, 512x512 inputs, one batch per call.", "",
+             "| setup | processes | torch threads each | images/s | core-seconds / image "
+             "| vs in-process, all cores |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {p} | {t} | {ips:.3f} | {cs:.2f} | {ips / base:.2f}x |" for n, p, t, ips, cs in rows]
+    return "\n".join(lines) + "\n"
+
+
 NOTES = """
 ## Notes
 
@@ -269,11 +345,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer images / repetitions")
     ap.add_argument("--no-clip-l", action="store_true", help="skip the random CLIP-L-shaped model")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="only the worker pool: one process vs this many worker processes")
     here = os.path.dirname(os.path.abspath(__file__))
-    ap.add_argument("--out", default=os.path.join(here, "results", "rewards.md"))
+    ap.add_argument("--out", default="")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
+
+    if args.workers:
+        with tempfile.TemporaryDirectory() as tmp:
+            text = pool_report(bench_pool(tmp, args.workers, args.quick), args.workers, args.quick)
+        out = args.out or os.path.join(here, "results", "rewards_pool.md")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(text)
+        print(text)
+        return
+    args.out = args.out or os.path.join(here, "results", "rewards.md")
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:

@@ -155,6 +155,9 @@ def base_config() -> ml_collections.ConfigDict:
     # host scoring in worker processes (awm_jax/rewards/pool.py): each its own scorer copy and torch threads
     r.workers = -1  # -1: one worker per 4 host cores (1 on <= 7 cores); 0 or 1: in-process; N: N workers
     r.worker_threads = 0  # torch threads per worker (0: host cores // workers)
+    # reward servers (python -m awm_jax.rewards.serve; awm_jax/rewards/remote.py): () = score on this host
+    r.remote = ()  # endpoints ("http://10.0.0.2:8100", "http://10.0.0.3:8100"): batches spread over them
+    r.remote_timeout_s = 600.0  # per request; a timed-out / unreachable endpoint's chunk goes to a live one
 
     c.eval = v = ml_collections.ConfigDict()
     v.every = 50  # evaluate every N epochs (loop steps; 0 = never; also at the last step)

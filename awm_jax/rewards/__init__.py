@@ -111,10 +111,17 @@ def config_kwargs(config) -> dict[str, tuple[str, Any]]:
 
 
 def from_config(config) -> Any:
-    """The scorer ``config.reward`` names, built with :func:`config_kwargs`: in this process, or in
-    ``reward.workers`` worker processes (``awm_jax.rewards.pool``)."""
+    """The scorer ``config.reward`` names, built with :func:`config_kwargs`: in this process, in
+    ``reward.workers`` worker processes (``awm_jax.rewards.pool``), or on the reward servers listed in
+    ``reward.remote`` (``awm_jax.rewards.remote``; the scorer is built there, not here)."""
     from awm_jax.rewards import pool
 
+    if config.reward.remote:
+        from awm_jax.rewards.remote import RemoteScorer
+
+        return RemoteScorer(config.reward.remote, name=config.reward.name,
+                            timeout_s=config.reward.remote_timeout_s,
+                            retries=0)  # a failed batch is retried by the bridge (reward.retries)
     kwargs = {k: v for k, (_, v) in config_kwargs(config).items()}
     workers = pool.resolve_workers(config.reward.workers)
     if workers > 1:
@@ -130,6 +137,8 @@ def config_problems(config) -> list[str]:
     import os
 
     name = config.reward.name
+    if config.reward.remote:  # built on the reward servers: their paths are not this host's
+        return []
     try:
         factory = resolve(name)
     except KeyError as e:
