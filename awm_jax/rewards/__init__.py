@@ -8,6 +8,7 @@ torch nor transformers:
     pickscore               awm_jax.rewards.pickscore:PickScoreScorer
     geneval                 awm_jax.rewards.geneval:GenEvalScorer
     aesthetic               awm_jax.rewards.aesthetic:AestheticScorer
+    imagereward             awm_jax.rewards.imagereward:ImageRewardScorer
     jpeg_compressibility    awm_jax.rewards.jpeg:JpegCompressibility
     jpeg_incompressibility  awm_jax.rewards.jpeg:JpegIncompressibility
     multi                   awm_jax.rewards.multi:MultiScorer
@@ -35,6 +36,7 @@ _LAZY: dict[str, str] = {
     "pickscore": "awm_jax.rewards.pickscore:PickScoreScorer",
     "geneval": "awm_jax.rewards.geneval:GenEvalScorer",
     "aesthetic": "awm_jax.rewards.aesthetic:AestheticScorer",
+    "imagereward": "awm_jax.rewards.imagereward:ImageRewardScorer",
     "jpeg_compressibility": "awm_jax.rewards.jpeg:JpegCompressibility",
     "jpeg_incompressibility": "awm_jax.rewards.jpeg:JpegIncompressibility",
     "multi": "awm_jax.rewards.multi:MultiScorer",
