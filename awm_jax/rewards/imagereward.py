@@ -4,8 +4,9 @@ cross-attends to them, an MLP on the text [CLS] state, normalised by the trainin
 Why not the ``image-reward`` package: its ``load`` always fetches ``med_config.json`` through
 ``hf_hub_download`` and its BLIP builds the tokenizer with
 ``BertTokenizer.from_pretrained("bert-base-uncased")`` (THUDM/ImageReward ImageReward/utils.py ``load``;
-train/src/models/blip.py ``init_tokenizer``), so it does not load from a local folder offline, and it pins timm / fairscale. This module builds the same
-network from ``transformers`` BLIP components and reads the published checkpoint directly.
+train/src/models/blip.py ``init_tokenizer``), so it does not load from a local folder offline, and it pins
+timm / fairscale. This module builds the same network from ``transformers`` BLIP components and reads the
+published checkpoint directly.
 
 Folder layout (``model_path``), the files of the hub repo THUDM/ImageReward plus a BERT tokenizer:
 
