@@ -2,14 +2,15 @@
 the spawned worker / server processes (tests/ is on their ``sys.path``)."""
 
 import os
+import time
 
 import numpy as np
 
 
 class RowScorer:
     """``r = mean pixel + len(prompt) * scale``; a sample whose metadata has ``die`` ends the process with
-    exit code 3 (a crashed worker; not where ``POOL_SCORERS_MORTAL=0``); ``fail`` raises. ``evaluate``
-    reports the process and its threads."""
+    exit code 3 (a crashed worker; not where ``POOL_SCORERS_MORTAL=0``); ``fail`` raises, ``sleep`` hangs.
+    ``evaluate`` reports the process and its threads."""
 
     def __init__(self, scale: float = 1.0):
         if scale <= 0:
@@ -20,6 +21,7 @@ class RowScorer:
         metadata = metadata or [{} for _ in prompts]
         if any(m.get("die") for m in metadata) and os.environ.get("POOL_SCORERS_MORTAL", "1") == "1":
             os._exit(3)
+        time.sleep(max([float(m.get("sleep", 0)) for m in metadata] + [0.0]))  # a hung scorer
         if any(m.get("fail") for m in metadata):
             raise RuntimeError("asked to fail")
         return expected(images, prompts, self.scale)

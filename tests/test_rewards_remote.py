@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 
 import numpy as np
@@ -78,6 +79,11 @@ def test_spread_death_mid_step_and_all_down(servers):
         assert json.loads(resp.read())["scored"] == 9
     ev = scorer.evaluate(imgs, prompts)  # only the survivor now: every row once, from one process
     assert ev["pid"].tolist() == [other.pid] * 6
+    slow = RemoteScorer(urls, timeout_s=0.5)  # the survivor hangs past the timeout: named, then re-probed
+    with pytest.raises(RewardError, match=r"all 2 reward endpoints are down: .*timed out"):
+        slow(imgs[:1], prompts[:1], [{"sleep": 1.5}])
+    time.sleep(1.5)
+    np.testing.assert_array_equal(slow(imgs, prompts), want)  # back after a health check
     named = r"endpoint http://127\.0\.0\.1:\d+ failed 3 time\(s\).*asked to fail"  # retries=2 by default
     with pytest.raises(RewardError, match=named):
         scorer(imgs, prompts, [{"fail": True}] * 6)  # a scorer error is named, not an endpoint death
