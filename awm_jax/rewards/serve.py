@@ -197,7 +197,8 @@ def main(argv=None) -> int:
         config = _config(path or None, overrides, args.reward)
         scorer = build_scorer(config, bool(path))
     except (config_lib.ConfigError, RewardConfigError, KeyError, ImportError, ValueError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {' '.join(str(msg).split())}", file=sys.stderr)
         return 2
     from aiohttp import web
 
