@@ -12,10 +12,10 @@ class RowScorer:
     exit code 3 (a crashed worker; not where ``POOL_SCORERS_MORTAL=0``); ``fail`` raises, ``sleep`` hangs.
     ``evaluate`` reports the process and its threads."""
 
-    def __init__(self, scale: float = 1.0):
+    def __init__(self, scale: float = 1.0, intra_op_num_threads: int = -1):
         if scale <= 0:
             raise ValueError(f"scale must be > 0, got {scale}")
-        self.scale = float(scale)
+        self.scale, self.ort_threads = float(scale), intra_op_num_threads
 
     def __call__(self, images, prompts, metadata=None):
         metadata = metadata or [{} for _ in prompts]
@@ -29,7 +29,7 @@ class RowScorer:
     def evaluate(self, images, prompts, metadata=None):
         n = len(prompts)
         return {"score": self(images, prompts, metadata), "pid": np.full(n, os.getpid()),
-                "omp": [os.environ.get("OMP_NUM_THREADS")] * n}
+                "omp": [os.environ.get("OMP_NUM_THREADS")] * n, "ort": [self.ort_threads] * n}
 
 
 def expected(images, prompts, scale=1.0):

@@ -9,6 +9,7 @@ from pool_scorers import expected
 
 from awm_jax import config_lib, rewards
 from awm_jax.rewards.base import RewardConfigError, RewardError
+from awm_jax.rewards.bridge import RewardBridge
 from awm_jax.rewards.pool import ScorerPool, default_workers, resolve_workers
 
 NAME = "pool_scorers:RowScorer"
@@ -39,7 +40,10 @@ def test_pool_scores_in_row_order_across_two_processes(pool):
     ev = pool.evaluate(imgs, prompts, None)
     np.testing.assert_array_equal(ev["score"], expected(imgs, prompts, 2.0))
     assert len(set(ev["pid"].tolist())) == 2 and os.getpid() not in ev["pid"].tolist()
-    assert ev["omp"] == ["1"] * 5  # each worker's own thread count
+    assert ev["omp"] == ["1"] * 5 and ev["ort"] == [1] * 5  # each worker's threads (torch, onnxruntime)
+    bridge = RewardBridge(pool, gather=False)  # behind the reward bridge like any scorer
+    np.testing.assert_array_equal(bridge.submit(imgs, prompts).result(), expected(imgs, prompts, 2.0))
+    assert bridge.evaluate(imgs, prompts)["pid"].tolist() == ev["pid"].tolist()
     one = pool(imgs[:1], prompts[:1])  # fewer rows than workers
     np.testing.assert_array_equal(one, expected(imgs[:1], prompts[:1], 2.0))
 

@@ -3,7 +3,8 @@
 ``ScorerPool(name, workers=W, threads=k, **scorer_kwargs)`` starts ``W`` worker processes (``spawn``
 context: a fresh interpreter each, no fork of the trainer's JAX / torch state); each builds its own copy of
 the scorer (``awm_jax.rewards.get(name, **scorer_kwargs)``) with ``torch.set_num_threads(k)`` (and
-``OMP_NUM_THREADS=k``, ``JAX_PLATFORMS=cpu``: a worker never claims the accelerator). A call splits the
+``OMP_NUM_THREADS=k``, and ``intra_op_num_threads=k`` for a scorer that takes it, e.g. the onnxruntime OCR;
+``JAX_PLATFORMS=cpu``: a worker never claims the accelerator). A call splits the
 batch into ``min(W, B)`` contiguous chunks, one per worker, and re-assembles the results in row order, so
 the pool is an ordinary scorer ``(images uint8 (B,H,W,3), prompts, metadata) -> float32 (B,)`` behind the
 reward bridge (with ``evaluate`` where the wrapped scorer has one: per-sample entries are concatenated).
@@ -75,9 +76,18 @@ def _worker_main(conn, name: str, kwargs: dict, threads: int) -> None:
             torch.set_num_threads(threads)
         except ImportError:  # a scorer without torch (ONNX, numpy)
             pass
+        import inspect
+
         from awm_jax import rewards
 
-        scorer = rewards.get(name, **kwargs)
+        factory = rewards.resolve(name)
+        try:
+            params = inspect.signature(factory).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if "intra_op_num_threads" in params and int(kwargs.get("intra_op_num_threads", -1)) == -1:
+            kwargs = {**kwargs, "intra_op_num_threads": threads}  # onnxruntime (OCR): not set by torch / OMP
+        scorer = factory(**kwargs)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it named
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
