@@ -270,8 +270,9 @@ def save_clip_l_vision(path: str) -> str:
     return path
 
 
-def bench_pool(tmp: str, workers: int, quick: bool) -> list[tuple[str, int, int, float, float]]:
-    """``(setup, processes, threads each, images/s, core-seconds per image)`` for the CLIP-L aesthetic."""
+def bench_pool(tmp: str, workers: int, quick: bool, scorer: str = "aesthetic"):
+    """``(setup, processes, threads each, images/s, core-seconds per image)`` of ``scorer``: the random
+    CLIP-L aesthetic, or the real RapidOCR on rendered text (``ocr``)."""
     import torch
 
     from awm_jax.rewards import get
@@ -279,23 +280,30 @@ def bench_pool(tmp: str, workers: int, quick: bool) -> list[tuple[str, int, int,
     from awm_jax.rewards.tiny import save_tiny_aesthetic
 
     cores = os.cpu_count() or 1
-    kw = {"clip_path": save_clip_l_vision(os.path.join(tmp, "clip-l")),
-          "head_path": save_tiny_aesthetic(os.path.join(tmp, "head768.safetensors"), dim=768),
-          "batch_size": 8}
     b = max(workers, 4 if quick else 8)
-    imgs = np.random.default_rng(0).integers(0, 256, (b, 512, 512, 3), dtype=np.uint8)
-    prompts = ["a photo"] * b
+    if scorer == "ocr":
+        texts = (TEXTS * 2)[:b]
+        imgs = np.stack([render(t) for t in texts])
+        prompts = [f'a sign that says "{t}"' for t in texts]
+        kw: dict = {}
+    else:
+        kw = {"clip_path": save_clip_l_vision(os.path.join(tmp, "clip-l")),
+              "head_path": save_tiny_aesthetic(os.path.join(tmp, "head768.safetensors"), dim=768),
+              "batch_size": 8}
+        imgs = np.random.default_rng(0).integers(0, 256, (b, 512, 512, 3), dtype=np.uint8)
+        prompts = ["a photo"] * b
     reps = 1 if quick else 2
     rows = []
-    s = get("aesthetic", **kw)
-    want = s(imgs, prompts)
+    want = None
     for threads in sorted({1, cores}):
         torch.set_num_threads(threads)
+        s = get(scorer, **kw, **({"intra_op_num_threads": threads} if scorer == "ocr" else {}))
+        want = s(imgs, prompts)  # warm-up
         ips = b / timeit(lambda s=s: s(imgs, prompts), reps, warmup=0)
         rows.append(("in-process", 1, threads, ips, threads / ips))
-    del s
+        del s
     threads = max(1, cores // workers)
-    with ScorerPool("aesthetic", workers=workers, threads=threads, **kw) as pool:
+    with ScorerPool(scorer, workers=workers, threads=threads, **kw) as pool:
         got = pool(imgs, prompts)  # warm-up, and the pool's rewards equal the in-process ones
         assert np.allclose(got, want, rtol=1e-4, atol=1e-5), (got, want)
         ips = b / timeit(lambda: pool(imgs, prompts), reps, warmup=0)
@@ -303,14 +311,16 @@ def bench_pool(tmp: str, workers: int, quick: bool) -> list[tuple[str, int, int,
     return rows
 
 
-def pool_report(rows, workers: int, quick: bool) -> str:
+def pool_report(rows, workers: int, quick: bool, scorer: str = "aesthetic") -> str:
     base = rows[-2][3]  # in-process with every core as threads
     lines = ["# Reward worker pool: images/s, one process vs worker processes", "",
              f"Machine: {machine()}.", "",
              f"Command: `python benchmarks/rewards_throughput.py --workers {workers}"
-             f"{' --quick' if quick else ''}` "
-             f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). Scorer: LAION aesthetic, random "
-             "CLIP-L/14 vision tower at 224 px + a 768-wide head, 512x512 inputs, one batch per call.", "",
+             f"{' --quick' if quick else ''} --pool-scorer {scorer}` "
+             f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). Scorer: "
+             + ("RapidOCR (real ONNX models, onnxruntime intra-op threads) on 512x512 rendered text"
+                if scorer == "ocr" else "LAION aesthetic, random CLIP-L/14 vision tower at 224 px + a "
+                "768-wide head, 512x512 inputs") + ", one batch per call.", "",
              "| setup | processes | torch threads each | images/s | core-seconds / image "
              "| vs in-process, all cores |",
              "|---|---|---|---|---|---|"]
@@ -347,6 +357,8 @@ def main() -> None:
     ap.add_argument("--no-clip-l", action="store_true", help="skip the random CLIP-L-shaped model")
     ap.add_argument("--workers", type=int, default=0,
                     help="only the worker pool: one process vs this many worker processes")
+    ap.add_argument("--pool-scorer", default="aesthetic", choices=("aesthetic", "ocr"),
+                    help="the scorer of --workers")
     here = os.path.dirname(os.path.abspath(__file__))
     ap.add_argument("--out", default="")
     args = ap.parse_args()
@@ -355,7 +367,8 @@ def main() -> None:
 
     if args.workers:
         with tempfile.TemporaryDirectory() as tmp:
-            text = pool_report(bench_pool(tmp, args.workers, args.quick), args.workers, args.quick)
+            rows = bench_pool(tmp, args.workers, args.quick, args.pool_scorer)
+            text = pool_report(rows, args.workers, args.quick, args.pool_scorer)
         out = args.out or os.path.join(here, "results", "rewards_pool.md")
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out, "w") as f:

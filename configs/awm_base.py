@@ -153,7 +153,7 @@ def base_config() -> ml_collections.ConfigDict:
     r.kwargs = ml_collections.ConfigDict()  # extra keywords to awm_jax.rewards.get(name, ...): other rewards
     r.retries = 2  # reward bridge retries per batch
     # host scoring in worker processes (awm_jax/rewards/pool.py): each its own scorer copy and torch threads
-    r.workers = -1  # -1: one worker per 4 host cores (1 on <= 7 cores); 0 or 1: in-process; N: N workers
+    r.workers = -1  # scorer processes: -1 = one per 4 host cores (heavy scorers only); 0 / 1 = in-process
     r.worker_threads = 0  # torch threads per worker (0: host cores // workers)
     # reward servers (python -m awm_jax.rewards.serve; awm_jax/rewards/remote.py): () = score on this host
     r.remote = ()  # endpoints ("http://10.0.0.2:8100", "http://10.0.0.3:8100"): batches spread over them

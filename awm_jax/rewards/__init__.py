@@ -125,7 +125,7 @@ def from_config(config) -> Any:
                             timeout_s=config.reward.remote_timeout_s,
                             retries=0)  # a failed batch is retried by the bridge (reward.retries)
     kwargs = {k: v for k, (_, v) in config_kwargs(config).items()}
-    workers = pool.resolve_workers(config.reward.workers)
+    workers = pool.resolve_workers(config.reward.workers, name=config.reward.name)
     if workers > 1:
         return pool.ScorerPool(config.reward.name, workers=workers, threads=config.reward.worker_threads,
                                **kwargs)

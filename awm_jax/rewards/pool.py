@@ -16,7 +16,9 @@ next call (the bridge's retry re-scores the batch on the fresh worker). A scorer
 (bad path, bad keyword) raises ``RewardConfigError`` at construction with the worker's message.
 
 ``reward.workers`` (configs/awm_base.py) sizes it: ``-1`` = :func:`default_workers` (one worker per
-``CORES_PER_WORKER`` = 4 host cores), ``0`` / ``1`` = the scorer in-process (no pool). Why 4: the host
+``CORES_PER_WORKER`` = 4 host cores) for the heavy scorers (>= 1 vCPU-s per image in
+``awm_jax.reward_budget.COST``: GenEval, OCR, PickScore, ...; cheap or unknown ones stay in-process), ``0`` /
+``1`` = the scorer in-process (no pool). Why 4: the host
 scorers are a few transformer / CNN forwards per image at small batch, whose intra-op (threads) scaling
 flattens after a few threads while separate processes scale with the cores; 4 threads per copy keeps the
 model copies few (memory: a CLIP-H copy is ~4 GB in fp32, 45 copies on a 180-vCPU v6e-8 host ~180 GB of
@@ -40,6 +42,7 @@ from awm_jax.rewards.base import RewardConfigError, RewardError
 __all__ = ["CORES_PER_WORKER", "ScorerPool", "default_workers", "resolve_workers"]
 
 CORES_PER_WORKER = 4  # host cores per scorer worker of the default pool size (see the module docstring)
+HEAVY_VCPU_S = 1.0  # the default pool only for scorers costing at least this many vCPU-seconds per image
 
 
 def default_workers(cpu_count: int | None = None) -> int:
@@ -48,8 +51,10 @@ def default_workers(cpu_count: int | None = None) -> int:
     return max(1, n // CORES_PER_WORKER)
 
 
-def resolve_workers(value: Any, cpu_count: int | None = None) -> int:
-    """``reward.workers`` as a count: ``-1`` -> :func:`default_workers`, ``0`` -> 1 (in-process)."""
+def resolve_workers(value: Any, cpu_count: int | None = None, name: str | None = None) -> int:
+    """``reward.workers`` as a count: ``0`` -> 1 (in-process); ``-1`` -> :func:`default_workers` for a heavy
+    scorer (``name`` costs >= ``HEAVY_VCPU_S`` per image in ``awm_jax.reward_budget.COST``, or ``name`` is
+    None), else 1: a cheap or unknown scorer (JPEG, the toy's) is not worth a process per 4 cores."""
     try:
         v = int(value)
     except (TypeError, ValueError):
@@ -57,7 +62,12 @@ def resolve_workers(value: Any, cpu_count: int | None = None) -> int:
                                 "(-1 = one per 4 cores, 0 or 1 = in-process, N = N workers)") from None
     if v < -1:
         raise RewardConfigError(f"config key 'reward.workers' = {v}: expected -1, 0, 1 or a worker count")
-    return default_workers(cpu_count) if v == -1 else max(1, v)
+    if v == -1:
+        from awm_jax.reward_budget import COST
+
+        heavy = name is None or COST.get(str(name), (0.0, ""))[0] >= HEAVY_VCPU_S
+        return default_workers(cpu_count) if heavy else 1
+    return max(1, v)
 
 
 def _preview(prompts: Sequence[str], limit: int = 4) -> str:

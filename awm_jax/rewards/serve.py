@@ -172,7 +172,7 @@ def build_scorer(config, full: bool) -> Any:
         config.reward.remote = ()
         return rewards.from_config(config)
     kwargs = config.reward.kwargs.to_dict()
-    workers = pool.resolve_workers(config.reward.workers)
+    workers = pool.resolve_workers(config.reward.workers, name=config.reward.name)
     if workers > 1:
         return pool.ScorerPool(config.reward.name, workers=workers, threads=config.reward.worker_threads,
                                **kwargs)
