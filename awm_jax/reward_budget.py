@@ -1,7 +1,7 @@
 """The reward budget of a step: host seconds of scoring beside the device estimate (`python -m awm_jax.plan`).
 
-Host scoring costs ``images per step x vCPU-seconds per image`` (:data:`COST`, one thread, measured on the
-project's 2-vCPU VM with the real architectures and random weights) spread over the slice's host vCPUs
+Host scoring costs ``images per step x vCPU-seconds per image`` (:data:`COST`, one thread, CPU time measured
+on the project's 2-vCPU VM with the real architectures and random weights) spread over the slice's host vCPUs
 (``--host-cores-per-chip``, else :data:`HOST_VCPUS_PER_CHIP`), assuming it scales over every vCPU (the
 worker pool, ``awm_jax.rewards.pool``; the measured scaling on this VM is in BENCHMARKS.md "Reward worker
 pool"). The trainer overlaps scoring with the next rollout block (``awm_jax.rl.collect``), never with the
@@ -18,21 +18,21 @@ from typing import Any
 __all__ = ["COST", "HOST_VCPUS_PER_CHIP", "budget", "fmt"]
 
 # vCPU-seconds per image, one thread (torch / onnxruntime on CPU), 512x512 inputs: (figure, how it was made).
-# "issue 27" = the single-thread measurements quoted there (PickScore CLIP-H/14 image 3.74 + text 0.52,
-# CLIP-L/14 image 1.70, Mask2Former Swin-S 3.37 at 512 px / 9.15 at 800 px, OCR ~7.7); BENCHMARKS.md "Reward
-# scorer cost" lists them with this table. "modeled" = scaled from a measured architecture by its FLOPs.
+# "measured" = `python benchmarks/rewards_throughput.py --cost` (benchmarks/results/rewards_cost.md): CPU
+# time of the process at one thread, real architectures with random weights (OCR: its real ONNX models), so
+# not inflated by the shared VM's load. "modeled" = scaled from a measured architecture by tokens / FLOPs.
 COST: dict[str, tuple[float, str]] = {
-    "pickscore": (4.26, "CLIP-H/14 image 3.74 + text 0.52 (issue 27, measured)"),
-    "hpsv2": (4.26, "open_clip ViT-H-14 towers = PickScore's (modeled)"),
-    "aesthetic": (1.70, "CLIP-L/14 image tower (issue 27, measured; the pool benchmark measures it again)"),
-    "clipscore": (1.85, "CLIP-L/14 image 1.70 + text ~0.15 (text modeled from CLIP-H's by FLOPs)"),
-    "imagereward": (1.50, "BLIP ViT-L/16 at 224 px (197 tokens: ~0.77 of CLIP-L/14's 1.70) + BERT-base "
-                          "text with cross-attention ~0.2 (modeled)"),
-    "geneval": (12.55, "Mask2Former Swin-S at 800 px 9.15 + 2 detected objects x CLIP-L/14 1.70 (issue "
-                       "27, measured parts; 2 objects per image assumed)"),
-    "ocr": (7.7, "RapidOCR det + rec (issue 27, measured: 0.26 images/s on 2 vCPUs)"),
-    "jpeg_compressibility": (0.07, "PIL JPEG encode (BENCHMARKS.md: 29.5 images/s on 2 vCPUs)"),
-    "jpeg_incompressibility": (0.07, "PIL JPEG encode (BENCHMARKS.md: 29.5 images/s on 2 vCPUs)"),
+    "pickscore": (4.23, "CLIP-H/14 image + text (measured)"),
+    "hpsv2": (4.23, "open_clip ViT-H-14 towers = PickScore's (modeled)"),
+    "aesthetic": (2.36, "CLIP-L/14 image tower incl. the CLIP processor (measured)"),
+    "clipscore": (2.51, "CLIP-L/14 image 2.36 (measured) + text ~0.15 (modeled from CLIP-H's by FLOPs)"),
+    "imagereward": (2.0, "BLIP ViT-L/16 at 224 px (197 tokens: ~0.77 of CLIP-L/14's 2.36) + BERT-base text "
+                         "with cross-attention ~0.2 (modeled)"),
+    "geneval": (13.89, "Mask2Former Swin-S at 800 px 9.17 + 2 detected objects x CLIP-L/14 2.36 (measured "
+                       "parts; 2 objects per image assumed)"),
+    "ocr": (0.24, "RapidOCR det 736/min + rec (measured)"),
+    "jpeg_compressibility": (0.002, "PIL JPEG encode (measured)"),
+    "jpeg_incompressibility": (0.002, "PIL JPEG encode (measured)"),
 }
 
 # Host vCPUs per TPU chip (Google Cloud TPU VM machine types; an assumption: check your VM's `nproc` and pass

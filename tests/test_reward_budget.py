@@ -27,7 +27,7 @@ def test_geneval_on_a_v6e_8_host_is_host_bound():
     b = reward_budget.budget(config, _res())
     n = config.data.prompts_per_step * config.data.group_size
     assert b["images"] == n == 1728 and b["vcpus_assumed"] and b["vcpus_per_chip"] == 22.5
-    assert b["host_s"] == pytest.approx(n * 12.55 / (8 * 22.5))  # ~120 s against 50 s of rollouts
+    assert b["host_s"] == pytest.approx(n * reward_budget.COST["geneval"][0] / (8 * 22.5))  # ~133 s vs 50 s
     assert b["host_bound"] and b["step_s"] == pytest.approx(108.0 + b["host_s"])
     assert "HOST-BOUND" in reward_budget.fmt(b)
     b = reward_budget.budget(config, _res(), cores_per_chip=100)  # a bigger host hides it behind the rollouts
@@ -53,4 +53,4 @@ def test_plan_prints_the_budget(monkeypatch, capsys):
     rc = plan_mod.main(["--config", path, "--topology", "v6e:2x4", "--host-cores-per-chip", "45"])
     out = capsys.readouterr().out
     assert rc == 0 and out.startswith("PLAN\nreward budget ('geneval', 1728 images per step)")
-    assert "8 chips x 45 host vCPUs (given" in out and "HOST-BOUND" in out  # 60 s of scoring > 50 s
+    assert "8 chips x 45 host vCPUs (given" in out and "HOST-BOUND" in out  # 67 s of scoring > 50 s

@@ -77,6 +77,7 @@ def test_workers_config_value():
     assert not isinstance(rewards.from_config(config), ScorerPool)  # 0 / 1: in-process
     assert default_workers(2) == 1 and default_workers(180) == 45
     assert resolve_workers(-1, 16) == 4 and resolve_workers(0) == 1 and resolve_workers(3) == 3
-    assert resolve_workers(-1, 16, "geneval") == 4 and resolve_workers(-1, 16, "toy_geneval") == 1  # cheap
+    assert resolve_workers(-1, 16, "geneval") == 4 and resolve_workers(-1, 16, "ocr") == 4
+    assert resolve_workers(-1, 16, "toy_geneval") == resolve_workers(-1, 16, "jpeg_compressibility") == 1
     with pytest.raises(RewardConfigError, match="reward.workers"):
         resolve_workers("many")

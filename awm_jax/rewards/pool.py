@@ -16,7 +16,7 @@ next call (the bridge's retry re-scores the batch on the fresh worker). A scorer
 (bad path, bad keyword) raises ``RewardConfigError`` at construction with the worker's message.
 
 ``reward.workers`` (configs/awm_base.py) sizes it: ``-1`` = :func:`default_workers` (one worker per
-``CORES_PER_WORKER`` = 4 host cores) for the heavy scorers (>= 1 vCPU-s per image in
+``CORES_PER_WORKER`` = 4 host cores) for the heavy scorers (>= 0.1 vCPU-s per image in
 ``awm_jax.reward_budget.COST``: GenEval, OCR, PickScore, ...; cheap or unknown ones stay in-process), ``0`` /
 ``1`` = the scorer in-process (no pool). Why 4: the host
 scorers are a few transformer / CNN forwards per image at small batch, whose intra-op (threads) scaling
@@ -42,7 +42,7 @@ from awm_jax.rewards.base import RewardConfigError, RewardError
 __all__ = ["CORES_PER_WORKER", "ScorerPool", "default_workers", "resolve_workers"]
 
 CORES_PER_WORKER = 4  # host cores per scorer worker of the default pool size (see the module docstring)
-HEAVY_VCPU_S = 1.0  # the default pool only for scorers costing at least this many vCPU-seconds per image
+HEAVY_VCPU_S = 0.1  # the default pool only for scorers costing at least this many vCPU-seconds per image
 
 
 def default_workers(cpu_count: int | None = None) -> int:
@@ -53,8 +53,8 @@ def default_workers(cpu_count: int | None = None) -> int:
 
 def resolve_workers(value: Any, cpu_count: int | None = None, name: str | None = None) -> int:
     """``reward.workers`` as a count: ``0`` -> 1 (in-process); ``-1`` -> :func:`default_workers` for a heavy
-    scorer (``name`` costs >= ``HEAVY_VCPU_S`` per image in ``awm_jax.reward_budget.COST``, or ``name`` is
-    None), else 1: a cheap or unknown scorer (JPEG, the toy's) is not worth a process per 4 cores."""
+    scorer (``name`` costs >= ``HEAVY_VCPU_S`` vCPU-s per image in ``awm_jax.reward_budget.COST``, or
+    ``name`` is None), else 1: a cheap or unknown scorer (JPEG, the toy's) is not worth the processes."""
     try:
         v = int(value)
     except (TypeError, ValueError):
