@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 from pool_scorers import expected
 
+from awm_jax import config_lib, rewards
 from awm_jax.rewards.base import RewardConfigError, RewardError
 from awm_jax.rewards.bridge import RewardBridge
 from awm_jax.rewards.remote import RemoteScorer
 from awm_jax.rewards.serve import decode_request, encode_request
 
+NAME = "pool_scorers:RowScorer"
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -64,7 +66,11 @@ def test_wire_format_round_trip_without_pickle():
 
 def test_spread_death_mid_step_and_all_down(servers):
     (mortal, other), urls = servers
-    scorer = RemoteScorer(urls, name="pool_scorers:RowScorer", timeout_s=30)
+    config = config_lib.load_config(os.path.join(ROOT, "configs", "toy.py"))  # built the trainer's way
+    config.reward.name, config.reward.remote, config.reward.remote_timeout_s = NAME, tuple(urls), 30.0
+    assert rewards.config_problems(config) == []  # nothing of the scorer's needed on this host
+    scorer = rewards.from_config(config)
+    assert isinstance(scorer, RemoteScorer) and scorer.urls == urls
     imgs, prompts = _batch(6)
     want = expected(imgs, prompts, 2.0)
     ev = scorer.evaluate(imgs, prompts)  # both endpoints take a chunk of 3
@@ -84,9 +90,11 @@ def test_spread_death_mid_step_and_all_down(servers):
         slow(imgs[:1], prompts[:1], [{"sleep": 1.5}])
     time.sleep(1.5)
     np.testing.assert_array_equal(slow(imgs, prompts), want)  # back after a health check
-    named = r"endpoint http://127\.0\.0\.1:\d+ failed 3 time\(s\).*asked to fail"  # retries=2 by default
+    named = r"endpoint http://127\.0\.0\.1:\d+ failed 1 time\(s\).*asked to fail"  # retries 0: the bridge
     with pytest.raises(RewardError, match=named):
         scorer(imgs, prompts, [{"fail": True}] * 6)  # a scorer error is named, not an endpoint death
+    with pytest.raises(RewardError, match=r"failed 3 time\(s\).*asked to fail"):  # RemoteScorer(retries=2)
+        slow(imgs, prompts, [{"fail": True}] * 6)
     other.kill()
     other.wait()
     with pytest.raises(RewardError, match=r"all 2 reward endpoints are down: http://127.*'pxxx'"):
