@@ -246,6 +246,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m awm_jax.plan", description=__doc__.split("\n")[0])
     p.add_argument("--topology", required=True, help="TPU topology, e.g. v5e:4x4, v5p:2x2x1, v6e:2x4")
     p.add_argument("--json", default="", help="also write the figures to this JSON file")
+    p.add_argument("--host-cores-per-chip", type=float, default=0.0,
+                   help="host vCPUs per chip for the reward budget (0: assumed per chip type)")
     args, rest = p.parse_known_args(argv)
     try:
         path, _, overrides = config_lib.parse_args(rest + ["--workdir", "plan"])
@@ -256,7 +258,10 @@ def main(argv=None) -> int:
     except (config_lib.ConfigError, TopologyError, ValueError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    print(_fmt(res))
+    from awm_jax import reward_budget  # host scoring seconds per step beside the device estimate
+
+    res["reward_budget"] = reward_budget.budget(config, res, args.host_cores_per_chip)
+    print(_fmt(res) + "\n" + reward_budget.fmt(res["reward_budget"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

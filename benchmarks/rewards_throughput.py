@@ -1,6 +1,7 @@
 """Reward scorer throughput on this machine, the bridge's overhead, and pure_callback vs host step.
 
     python benchmarks/rewards_throughput.py [--quick] [--no-clip-l] [--out benchmarks/results/rewards.md]
+    python benchmarks/rewards_throughput.py --workers 2 [--out benchmarks/results/rewards_pool.md]
 
 Measures images/s per scorer (OCR for real on 512x512 rendered text; JPEG; PickScore, aesthetic
 and GenEval with tiny random models and, unless --no-clip-l, PickScore/aesthetic with a random
@@ -8,6 +9,11 @@ CLIP-L-shaped model), the RewardBridge overhead against calling the scorer direc
 rollout+reward loop done three ways (jax.pure_callback inside the jitted rollout, serial host
 step, host step overlapped with the next rollout via RewardBridge.submit). Offline: every model is
 random and built locally.
+
+``--workers W`` measures only the worker pool (``awm_jax.rewards.pool``): images/s of the LAION aesthetic
+scorer with a random CLIP-L/14 vision tower (224 px, 24 layers, width 1024; a 2-layer text tower it does not
+use) in one process (1 thread: the core-seconds per image; all cores as threads) against ``W`` worker
+processes splitting each batch (cores // W threads each).
 """
 
 from __future__ import annotations
@@ -242,6 +248,167 @@ def bench_callback(quick: bool) -> list[tuple[str, str, float | None]]:
     return out
 
 
+def save_clip_l_vision(path: str) -> str:
+    """A random CLIP-L/14 vision tower (+ projection 768; a tiny text tower) and a 224 px processor."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    from awm_jax.rewards.tiny import _byte_vocab, save_tiny_clip
+
+    save_tiny_clip(path, image_size=224, patch=14)  # the processor files (and a model overwritten below)
+    vocab = _byte_vocab()
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77,
+                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                         pad_token_id=vocab["<|endoftext|>"]),
+        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                           num_attention_heads=16, image_size=224, patch_size=14),
+        projection_dim=768)
+    torch.manual_seed(0)
+    CLIPModel(cfg).eval().save_pretrained(path)
+    return path
+
+
+def bench_pool(tmp: str, workers: int, quick: bool, scorer: str = "aesthetic"):
+    """``(setup, processes, threads each, images/s, core-seconds per image)`` of ``scorer``: the random
+    CLIP-L aesthetic, or the real RapidOCR on rendered text (``ocr``)."""
+    import torch
+
+    from awm_jax.rewards import get
+    from awm_jax.rewards.pool import ScorerPool
+    from awm_jax.rewards.tiny import save_tiny_aesthetic
+
+    cores = os.cpu_count() or 1
+    b = max(workers, 4 if quick else 8)
+    if scorer == "ocr":
+        texts = (TEXTS * 2)[:b]
+        imgs = np.stack([render(t) for t in texts])
+        prompts = [f'a sign that says "{t}"' for t in texts]
+        kw: dict = {}
+    else:
+        kw = {"clip_path": save_clip_l_vision(os.path.join(tmp, "clip-l")),
+              "head_path": save_tiny_aesthetic(os.path.join(tmp, "head768.safetensors"), dim=768),
+              "batch_size": 8}
+        imgs = np.random.default_rng(0).integers(0, 256, (b, 512, 512, 3), dtype=np.uint8)
+        prompts = ["a photo"] * b
+    reps = 1 if quick else 2
+    rows = []
+    want = None
+    for threads in sorted({1, cores}):
+        torch.set_num_threads(threads)
+        s = get(scorer, **kw, **({"intra_op_num_threads": threads} if scorer == "ocr" else {}))
+        want = s(imgs, prompts)  # warm-up
+        ips = b / timeit(lambda s=s: s(imgs, prompts), reps, warmup=0)
+        rows.append(("in-process", 1, threads, ips, threads / ips))
+        del s
+    threads = max(1, cores // workers)
+    with ScorerPool(scorer, workers=workers, threads=threads, **kw) as pool:
+        got = pool(imgs, prompts)  # warm-up, and the pool's rewards equal the in-process ones
+        assert np.allclose(got, want, rtol=1e-4, atol=1e-5), (got, want)
+        ips = b / timeit(lambda: pool(imgs, prompts), reps, warmup=0)
+    rows.append(("pool (awm_jax.rewards.pool)", workers, threads, ips, workers * threads / ips))
+    return rows
+
+
+def _cpu_per_image(fn, b: int) -> float:
+    """CPU seconds of this process per image of one ``fn()`` call on ``b`` images, after a warm-up call:
+    with one thread this is the vCPU-seconds per image, independent of how loaded the machine is."""
+    fn()
+    t0 = time.process_time()
+    fn()
+    return (time.process_time() - t0) / b
+
+
+def bench_cost(tmp: str, quick: bool) -> list[tuple[str, str, float]]:
+    """vCPU-seconds per image, one thread, of the real architectures (random weights; OCR's real ONNX)."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    from awm_jax.rewards import get
+    from awm_jax.rewards.tiny import _byte_vocab, save_tiny_aesthetic, save_tiny_clip
+
+    torch.set_num_threads(1)
+    b = 2 if quick else 4
+    rand = np.random.default_rng(0).integers(0, 256, (b, 512, 512, 3), dtype=np.uint8)
+    prompts = ["a photo of a dog on the grass"] * b
+    rows = []
+    s = get("jpeg_compressibility")
+    rows.append(("jpeg_compressibility", "PIL JPEG, q 95", _cpu_per_image(lambda s=s: s(rand, prompts), b)))
+    texts = (TEXTS * 2)[:b]
+    signs = np.stack([render(t) for t in texts])
+    s = get("ocr", intra_op_num_threads=1)
+    rows.append(("ocr", "RapidOCR det 736/min + rec, real ONNX models, rendered signs",
+                 _cpu_per_image(lambda s=s: s(signs, [f'"{t}"' for t in texts]), b)))
+    head = save_tiny_aesthetic(os.path.join(tmp, "h768.safetensors"), dim=768)
+    s = get("aesthetic", clip_path=save_clip_l_vision(os.path.join(tmp, "clip-l")), head_path=head)
+    rows.append(("aesthetic / CLIP-L/14 image", "random CLIP-L/14 vision tower, 224 px",
+                 _cpu_per_image(lambda s=s: s(rand, prompts), b)))
+    vocab = _byte_vocab()
+    proc = save_tiny_clip(os.path.join(tmp, "clip224"), image_size=224, patch=14)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=1024, intermediate_size=4096,
+                         num_hidden_layers=24, num_attention_heads=16, max_position_embeddings=77,
+                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                         pad_token_id=vocab["<|endoftext|>"]),
+        vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                           num_attention_heads=16, image_size=224, patch_size=14),
+        projection_dim=1024)
+    s = get("pickscore", model_path=proc)
+    torch.manual_seed(0)
+    s.model = CLIPModel(cfg).eval()  # random CLIP-H/14 (PickScore's architecture), text tokens byte-level
+    rows.append(("pickscore / CLIP-H/14 image + text", "random CLIP-H/14, 224 px, byte-level prompt tokens",
+                 _cpu_per_image(lambda s=s: s(rand, prompts), b)))
+    from transformers import (
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        Mask2FormerImageProcessor,
+        SwinConfig,
+    )
+
+    swin = SwinConfig(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24], window_size=7,
+                      out_features=["stage1", "stage2", "stage3", "stage4"])
+    torch.manual_seed(0)
+    det = Mask2FormerForUniversalSegmentation(Mask2FormerConfig(backbone_config=swin, num_labels=80)).eval()
+    improc = Mask2FormerImageProcessor(size={"shortest_edge": 800, "longest_edge": 1333})
+
+    def detect():
+        with torch.inference_mode():
+            det(**improc(images=list(rand[:2]), return_tensors="pt"))
+
+    rows.append(("geneval detector / Mask2Former Swin-S", "random weights, 800 px (the processor's default)",
+                 _cpu_per_image(detect, 2)))
+    return rows
+
+
+def cost_report(rows, quick: bool) -> str:
+    lines = ["# Reward scorer cost: vCPU-seconds per image, one thread", "", f"Machine: {machine()}.", "",
+             f"Command: `python benchmarks/rewards_throughput.py --cost{' --quick' if quick else ''}` "
+             f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). CPU time of the process "
+             "(`time.process_time`) with torch / onnxruntime at one thread, 512x512 inputs, after a warm-up "
+             "call: load-independent, unlike wall time on this shared VM.", "",
+             "| scorer / architecture | how | vCPU-s / image |", "|---|---|---|"]
+    lines += [f"| {n} | {h} | {v:.3g} |" for n, h, v in rows]
+    return "\n".join(lines) + "\n"
+
+
+def pool_report(rows, workers: int, quick: bool, scorer: str = "aesthetic") -> str:
+    base = rows[-2][3]  # in-process with every core as threads
+    lines = ["# Reward worker pool: images/s, one process vs worker processes", "",
+             f"Machine: {machine()}.", "",
+             f"Command: `python benchmarks/rewards_throughput.py --workers {workers}"
+             f"{' --quick' if quick else ''} --pool-scorer {scorer}` "
+             f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). Scorer: "
+             + ("RapidOCR (real ONNX models, onnxruntime intra-op threads) on 512x512 rendered text"
+                if scorer == "ocr" else "LAION aesthetic, random CLIP-L/14 vision tower at 224 px + a "
+                "768-wide head, 512x512 inputs") + ", one batch per call.", "",
+             "| setup | processes | torch threads each | images/s | core-seconds / image "
+             "| vs in-process, all cores |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {p} | {t} | {ips:.3f} | {cs:.2f} | {ips / base:.2f}x |" for n, p, t, ips, cs in rows]
+    return "\n".join(lines) + "\n"
+
+
 NOTES = """
 ## Notes
 
@@ -269,11 +436,37 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer images / repetitions")
     ap.add_argument("--no-clip-l", action="store_true", help="skip the random CLIP-L-shaped model")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="only the worker pool: one process vs this many worker processes")
+    ap.add_argument("--cost", action="store_true",
+                    help="only the one-thread vCPU-seconds per image of the real architectures")
+    ap.add_argument("--pool-scorer", default="aesthetic", choices=("aesthetic", "ocr"),
+                    help="the scorer of --workers")
     here = os.path.dirname(os.path.abspath(__file__))
-    ap.add_argument("--out", default=os.path.join(here, "results", "rewards.md"))
+    ap.add_argument("--out", default="")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
+
+    if args.cost:
+        with tempfile.TemporaryDirectory() as tmp:
+            text = cost_report(bench_cost(tmp, args.quick), args.quick)
+        out = args.out or os.path.join(here, "results", "rewards_cost.md")
+        with open(out, "w") as f:
+            f.write(text)
+        print(text)
+        return
+    if args.workers:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = bench_pool(tmp, args.workers, args.quick, args.pool_scorer)
+            text = pool_report(rows, args.workers, args.quick, args.pool_scorer)
+        out = args.out or os.path.join(here, "results", "rewards_pool.md")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(text)
+        print(text)
+        return
+    args.out = args.out or os.path.join(here, "results", "rewards.md")
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:

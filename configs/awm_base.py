@@ -202,6 +202,12 @@ def base_config() -> ml_collections.ConfigDict:
     r.kwargs = ml_collections.ConfigDict()  # extra keywords to awm_jax.rewards.get(name, ...): other rewards
     r.retries = 2  # reward bridge retries per batch
     r.timeout_s = 600.0  # give up one scorer attempt after this many seconds (retried; 0 = no limit)
+    # host scoring in worker processes (awm_jax/rewards/pool.py): each its own scorer copy and torch threads
+    r.workers = -1  # scorer processes: -1 = one per 4 host cores (heavy scorers only); 0 / 1 = in-process
+    r.worker_threads = 0  # torch threads per worker (0: host cores // workers)
+    # reward servers (python -m awm_jax.rewards.serve; awm_jax/rewards/remote.py): () = score on this host
+    r.remote = ()  # endpoints ("http://10.0.0.2:8100", "http://10.0.0.3:8100"): batches spread over them
+    r.remote_timeout_s = 600.0  # per request; a timed-out / unreachable endpoint's chunk goes to a live one
 
     c.eval = v = ml_collections.ConfigDict()
     v.every = 50  # evaluate every N epochs (loop steps; 0 = never; also at the last step)

@@ -10,6 +10,7 @@ torch nor transformers:
     aesthetic               awm_jax.rewards.clip_rewards:aesthetic (host or accelerator)
     hps                     awm_jax.rewards.clip_rewards:hps (HPSv2.1; host or accelerator)
     clipscore               awm_jax.rewards.clip_rewards:clipscore (2.5 * max(cos, 0); host or accelerator)
+    imagereward             awm_jax.rewards.imagereward:ImageRewardScorer
     jpeg_compressibility    awm_jax.rewards.jpeg:JpegCompressibility
     jpeg_incompressibility  awm_jax.rewards.jpeg:JpegIncompressibility
     multi                   awm_jax.rewards.multi:MultiScorer
@@ -39,6 +40,7 @@ _LAZY: dict[str, str] = {
     "aesthetic": "awm_jax.rewards.clip_rewards:aesthetic",
     "hps": "awm_jax.rewards.clip_rewards:hps",
     "clipscore": "awm_jax.rewards.clip_rewards:clipscore",
+    "imagereward": "awm_jax.rewards.imagereward:ImageRewardScorer",
     "jpeg_compressibility": "awm_jax.rewards.jpeg:JpegCompressibility",
     "jpeg_incompressibility": "awm_jax.rewards.jpeg:JpegIncompressibility",
     "multi": "awm_jax.rewards.multi:MultiScorer",
@@ -67,12 +69,15 @@ def available() -> list[str]:
 
 
 def resolve(name: str) -> Callable[..., Any]:
-    """The factory for ``name``, importing its module on first use."""
+    """The factory for ``name``, importing its module on first use; ``"package.module:attr"`` names a
+    factory outside the registry (a scorer of your own, e.g. in pool workers or behind a reward server)."""
     if name in _REGISTRY:
         return _REGISTRY[name]
-    if name not in _LAZY:
-        raise KeyError(f"unknown reward {name!r}; valid names: {', '.join(available())}")
-    module_name, attr = _LAZY[name].split(":")
+    spec = _LAZY.get(name) or (name if ":" in name else None)
+    if spec is None:
+        raise KeyError(f"unknown reward {name!r}; valid names: {', '.join(available())} "
+                       "(or 'package.module:factory')")
+    module_name, attr = spec.split(":", 1)
     module = importlib.import_module(module_name)
     try:
         factory = getattr(module, attr)
@@ -113,8 +118,23 @@ def config_kwargs(config) -> dict[str, tuple[str, Any]]:
 
 
 def from_config(config) -> Any:
-    """The scorer ``config.reward`` names, built with :func:`config_kwargs`."""
-    return get(config.reward.name, **{k: v for k, (_, v) in config_kwargs(config).items()})
+    """The scorer ``config.reward`` names, built with :func:`config_kwargs`: in this process, in
+    ``reward.workers`` worker processes (``awm_jax.rewards.pool``), or on the reward servers listed in
+    ``reward.remote`` (``awm_jax.rewards.remote``; the scorer is built there, not here)."""
+    from awm_jax.rewards import pool
+
+    if config.reward.remote:
+        from awm_jax.rewards.remote import RemoteScorer
+
+        return RemoteScorer(config.reward.remote, name=config.reward.name,
+                            timeout_s=config.reward.remote_timeout_s,
+                            retries=0)  # a failed batch is retried by the bridge (reward.retries)
+    kwargs = {k: v for k, (_, v) in config_kwargs(config).items()}
+    workers = pool.resolve_workers(config.reward.workers, name=config.reward.name)
+    if workers > 1 and kwargs.get("device") != "accelerator":  # accelerator scorers stay in this process
+        return pool.ScorerPool(config.reward.name, workers=workers, threads=config.reward.worker_threads,
+                               **kwargs)
+    return get(config.reward.name, **kwargs)
 
 
 def config_problems(config) -> list[str]:
@@ -124,6 +144,8 @@ def config_problems(config) -> list[str]:
     import os
 
     name = config.reward.name
+    if config.reward.remote:  # built on the reward servers: their paths are not this host's
+        return []
     try:
         factory = resolve(name)
     except KeyError as e:
