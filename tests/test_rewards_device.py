@@ -172,7 +172,10 @@ def test_collect_hook_scores_on_device_without_a_host_copy():
     config = ml_collections.ConfigDict({"sample": {"batch_size": 1}})
     tl = Timeline()
     prepared = prepare(config, sampler, dataset, embed, 1)
-    bridge = types.SimpleNamespace(scorer=Scorer(), submit=submit)
+    from awm_jax.rewards.bridge import RewardBridge
+
+    bridge = types.SimpleNamespace(scorer=Scorer(), submit=submit,
+                                   submit_device=lambda r, p: RewardBridge.submit_device(None, r, p))
     _, rewards, _ = rollout_epoch(comp, config, None, None, embed, sampler, dataset, bridge, 1,
                                   jax.random.key(0), tl, prepared)
     np.testing.assert_array_equal(rewards, 10 * np.arange(n))

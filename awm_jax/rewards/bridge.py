@@ -286,6 +286,12 @@ class RewardBridge:
         return rows, host, global_b, _select(prompts, rows, global_b, "prompts"), \
             _select(metadata, rows, global_b, "metadata entries")
 
+    def submit_device(self, rewards: Any, prompts: Sequence[str]) -> _DevicePending:
+        """The pending rewards of a scorer with ``on_device = True`` whose ``score_device`` was already
+        dispatched on the decoded device images (``awm_jax.rl.collect``): ``result()`` fetches this host's
+        rows and rejects non-finite ones with a :class:`RewardError`, as :meth:`submit`'s results do."""
+        return _DevicePending(rewards, prompts)
+
     def submit(self, images: Any, prompts: Sequence[str],
                metadata: Sequence[dict] | None = None) -> PendingRewards:
         """Start scoring a batch on the background thread; returns a :class:`PendingRewards`."""
@@ -355,3 +361,21 @@ class RewardBridge:
     def __exit__(self, *exc) -> None:
         self.close()
 
+
+class _DevicePending:
+    """Rewards computed on the devices (:meth:`RewardBridge.submit_device`): ``result()`` fetches this host's
+    rows of the (B,) rewards and rejects non-finite ones."""
+
+    def __init__(self, rewards, prompts):
+        self.rewards, self.prompts = rewards, list(prompts)
+
+    def result(self) -> np.ndarray:
+        from awm_jax import distributed
+
+        r = np.asarray(distributed.local_rows(self.rewards), np.float32)
+        bad = np.nonzero(~np.isfinite(r))[0]
+        if bad.size:
+            shown = [self.prompts[i] for i in bad[:4]]
+            raise RewardError(f"on-device reward: non-finite rewards {r[bad][:8].tolist()} for prompts "
+                              f"{shown}")
+        return r

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from awm_jax import distributed
-from awm_jax.rewards.base import RewardError
 from awm_jax.rl import selection
 from awm_jax.timeline import Timeline
 
@@ -95,7 +94,8 @@ def _rollout_blocks(rollout, comp, mesh, params, prepared, bridge, key, tl, phas
             jax.block_until_ready(out)
         scorer = getattr(bridge, "scorer", None)
         if getattr(scorer, "on_device", False):  # scored on the devices right after the decode: no host copy
-            futures.append(_OnDevice(scorer.score_device(images, prompts[sl], metadata[sl]), prompts[sl]))
+            futures.append(bridge.submit_device(scorer.score_device(images, prompts[sl], metadata[sl]),
+                                                  prompts[sl]))
         else:
             with tl.phase(ph_dec):
                 images = np.asarray(distributed.local_rows(images))
@@ -155,25 +155,6 @@ def _preview_and_select(comp, config, mesh, params, embed, sampler, dataset, bri
                       "select/preview_samples": int(len(idx)),
                       "select/preview_fpe": selection.preview_fpe(config)})
     return x_init_from(kept, prepared["pos"]), preview_kept
-
-
-class _OnDevice:
-    """Rewards of a scorer that declares ``on_device = True`` (``awm_jax.rewards.device_clip``): its
-    ``score_device(images, prompts, metadata)`` was dispatched on the decoded device images; ``result()``
-    fetches this host's rows of the (B,) rewards, like the bridge's pending result, and rejects non-finite
-    ones."""
-
-    def __init__(self, rewards, prompts):
-        self.rewards, self.prompts = rewards, list(prompts)
-
-    def result(self) -> np.ndarray:
-        r = np.asarray(distributed.local_rows(self.rewards), np.float32)
-        bad = np.nonzero(~np.isfinite(r))[0]
-        if bad.size:
-            shown = [self.prompts[i] for i in bad[:4]]
-            raise RewardError(f"on-device reward: non-finite rewards {r[bad][:8].tolist()} for prompts "
-                              f"{shown}")
-        return r
 
 
 def _concat_rows(xs: list):
