@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from awm_jax import compile_cache, config_lib, distributed, parallel
+from awm_jax import compile_cache, config_lib, distributed, logging_wandb, parallel
 from awm_jax.check import CheckError, check_run, resolve_factory
 from awm_jax.check import report as check_report
 from awm_jax.checkpoint import Checkpointer, CheckpointFormatError, NoUsableCheckpointError
@@ -371,7 +371,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if jax.process_index() == 0:
         config_lib.save_config(config, workdir)
     logger = TrainLogger(workdir, start, config.max_steps, tensorboard=config.log.tensorboard,
-                         progress=config.log.progress, is_main=jax.process_index() == 0)
+                         progress=config.log.progress, is_main=jax.process_index() == 0,
+                         wandb=logging_wandb.settings(config))
     for note in notes:
         logger.message(note)
     if restored is not None:

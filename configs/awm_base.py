@@ -190,7 +190,13 @@ def base_config() -> ml_collections.ConfigDict:
     cp.cache_dir = ""  # compilation cache directory: "" = the per-user default, a path, or "off"
 
     c.log = lg = ml_collections.ConfigDict()
-    lg.tensorboard = True  # write TensorBoard event files (tensorboardX)
+    lg.tensorboard = True  # write TensorBoard event files (tensorboardX; without it: one line, no events)
+    # Weights & Biases (awm_jax.logging_wandb; pip install 'awm_jax[wandb]'): scalars, eval tables and grids,
+    # the config; "offline" writes a local run (<WANDB_DIR or workdir>/wandb, `wandb sync` uploads it)
+    lg.wandb = ""  # "" = off | "online" | "offline"
+    lg.wandb_project = "awm-jax"  # W&B project
+    lg.wandb_name = ""  # W&B run name ("" = the workdir's folder name)
+    lg.wandb_tags = ()  # W&B run tags
     lg.progress = True  # tqdm progress bar with ETA
     return c
 
