@@ -76,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per device per block (default: the config's sample.batch_size)")
     p.add_argument("--grid-images", type=int, default=16)
+    p.add_argument("--jax-mem-fraction", type=float, default=0.6,
+                   help="GPU memory JAX preallocates when a reward runs on cuda (awm_jax.accel_env)")
     p.add_argument("--compile-cache", default="", help="JAX compilation cache dir ('off' = none)")
     a = p.parse_args(argv)
     if not getattr(a, "subjects", None):
@@ -93,7 +95,7 @@ def evaluate(a: argparse.Namespace, log=print) -> dict:
     """Evaluate per parsed arguments ``a``; returns the ``results.json`` object (plus ``markdown``)."""
     import jax
 
-    from awm_jax import compile_cache, parallel
+    from awm_jax import accel_env, compile_cache, parallel
     from awm_jax.evaluation import benchmarks as B
     from awm_jax.evaluation.report import write_reports
     from awm_jax.evaluation.runner import evaluate_subject
@@ -125,6 +127,10 @@ def evaluate(a: argparse.Namespace, log=print) -> dict:
                 for p in B.reward_problems(n, B.reward_kwargs(n, options))]
     if problems:
         raise EvalError("; ".join(problems))
+    devices = [str(kw["device"]) for kw in options.values() if "device" in kw]
+    note = accel_env.configure_gpu(devices, a.jax_mem_fraction)  # before JAX starts its GPU backend
+    if note:
+        log(note)
     compile_cache.enable(a.compile_cache)
     mesh = parallel.make_mesh(data=-1, fsdp=1, tensor=1)
     subjects, results, labels = [], {b: {} for b in benches}, {}

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from awm_jax import compile_cache, config_lib, distributed, logging_wandb, parallel
+from awm_jax import accel_env, compile_cache, config_lib, distributed, logging_wandb, parallel
 from awm_jax.check import CheckError, check_run, resolve_factory
 from awm_jax.check import report as check_report
 from awm_jax.checkpoint import Checkpointer, CheckpointFormatError, NoUsableCheckpointError
@@ -504,6 +504,13 @@ def main(argv=None) -> int:
     except config_lib.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        note = accel_env.configure_from_config(config)  # before JAX starts its GPU backend
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if note and jax.process_index() == 0:
+        print(note, flush=True)
     if check_only:
         return check_report(config, workdir, path)
     existed = os.path.exists(workdir)
