@@ -41,12 +41,11 @@ def backends_started() -> bool:
 
     if "jax" not in sys.modules:
         return False
-    try:
-        from jax._src import xla_bridge
-
-        return bool(xla_bridge.backends_are_initialized())
-    except (ImportError, AttributeError):
+    bridge = sys.modules.get("jax._src.xla_bridge")  # jax's backend registry (no public query exists)
+    probe = getattr(bridge, "backends_are_initialized", None)
+    if probe is None:
         return True  # cannot tell: assume it is too late to change the environment
+    return bool(probe())
 
 
 def configure_gpu(torch_devices, fraction: float, environ=None, started: bool | None = None) -> str | None:
