@@ -83,7 +83,7 @@ from _toy_compare_report import (  # noqa: E402
 # THE method table: name -> (label, config file, config overrides). Add a method (e.g. another objective's
 # configs/toy_<objective>.py) with one line here; workdirs are cached per (method, lr, seed).
 METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "awm": ("AWM", "configs/toy.py", ()),
+    "awm": ("AWM", "configs/toy.py", ("optim.lr=1e-3", "reward.kwargs.strict=false")),  # the partial score
     "flow_grpo": ("Flow-GRPO", "configs/toy_flow_grpo.py", ()),
     "flow_grpo_2step": ("Flow-GRPO, 2 steps/epoch", "configs/toy_flow_grpo.py", ("train.steps_per_epoch=2",)),
     "nft": ("DiffusionNFT", "configs/toy_nft.py", ()),
