@@ -176,7 +176,9 @@ def test_geneval_protocol_run_beside_its_base_model(sd3_world):
     argv = [*tiny, "--run", w["run"], "--model", w["pipe"], "--benchmark", "geneval", "--prompts", SAMPLE,
             "--num-prompts", "4", "--images-per-prompt", "2", "--steps", "2", "--out", out,
             "--reward", f"geneval.detector_path={w['detr']}", "--reward", f"geneval.clip_path={w['clip']}",
-            "--reward", "geneval.threshold=0.0", "--reward", "geneval.counting_threshold=0.0"]
+            "--reward", "geneval.threshold=0.0", "--reward", "geneval.counting_threshold=0.0",
+            "--panel", "pickscore", "--reward", f"pickscore.model_path={w['clip']}",
+            "--reward", f"pickscore.processor_path={w['clip']}"]
     res = _run(argv)
     per = res["benchmarks"]["geneval"]
     assert list(per) == ["run@3", "pipe"]
@@ -204,7 +206,11 @@ def test_geneval_protocol_run_beside_its_base_model(sd3_world):
         assert s["accuracy/overall"] == pytest.approx(np.mean(list(per_tag.values())))
         recs = sorted((json.loads(x) for x in open(os.path.join(r["folder"], "scores.jsonl"))),
                       key=lambda x: x["i"])
-        assert [x["prompt"] for x in recs] == prompts
+        assert [x["prompt"] for x in recs if x["scorer"] == "geneval"] == prompts
+        # the quality panel: the registered reward's mean over the same cached images
+        pick = rewards.get("pickscore", model_path=w["clip"], processor_path=w["clip"])
+        assert s["pickscore"] == pytest.approx(float(np.mean(pick(imgs[label], prompts, metas))), rel=1e-5)
     assert not np.array_equal(imgs["run@3"], imgs["pipe"]), "the run's adapter must change the images"
     subjects = json.load(open(os.path.join(out, "results.json")))["subjects"]
     assert subjects["run@3"]["step"] == 3 and subjects["pipe"]["model"] == w["pipe"]
+    assert "| pickscore |" in open(os.path.join(out, "results.md")).read()
