@@ -20,6 +20,9 @@ Reward models are the paths of the shipped configs (``tools/fetch_assets.py`` la
 Outputs under ``--out``: ``results.json``, ``results.md`` (one table per benchmark, a column per subject),
 ``<label>/<benchmark>/{manifest.json, images/, scores.jsonl, grid.png}`` and ``grid_<benchmark>.png``.
 Running the same command again reuses every cached image and score. Bad input: one ``error:`` line, exit 2.
+Image noise comes from ``--seed`` per block as in the trainer's held-out evaluation, so ``--seed`` = the run's
+``seed + 7919`` with the run's prompt set and block reproduces its ``eval.jsonl`` (checked on the README toy
+run: ``--run runs/toy --benchmark toy --seed 7961`` gives its step-20 accuracy/overall 0.4444).
 """
 
 from __future__ import annotations
