@@ -14,7 +14,8 @@ Checked, each problem reported with its config key and path, ALL problems at onc
   ``tokenizer*/``);
 - the prompt files (``data.train_prompts``, ``data.eval_prompts`` when evaluating), parsed;
 - the reward: a known ``reward.name``, its required model paths given and every given path present;
-- the optional TensorBoard writer when ``log.tensorboard`` is on.
+- the logging settings (``log.wandb``: a known mode, wandb installed when set; a missing tensorboardX is
+  not a problem: the trainer then writes no TensorBoard events and says so).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from awm_jax import config_lib, parallel
+from awm_jax import config_lib, logging_wandb, parallel
 from awm_jax.data import PromptFileError, load_dataset
 
 __all__ = ["CheckError", "Inputs", "batch_problems", "check_run", "main", "report", "resolve_factory"]
@@ -163,9 +164,7 @@ def check_run(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
     if config.eval.every > 0 and config.data.eval_prompts:
         eval_set = _prompts("eval", config.data.eval_prompts, config.data.eval_format, problems)
     problems.extend(rewards.config_problems(config))
-    if config.log.tensorboard and importlib.util.find_spec("tensorboardX") is None:
-        problems.append("config key 'log.tensorboard' = True: tensorboardX is not installed (pip install "
-                        "'awm_jax[tensorboard]', or --config.log.tensorboard=false)")
+    problems.extend(logging_wandb.problems(config))
     if problems:
         raise CheckError(problems)
     return Inputs(train_set, eval_set)

@@ -1,4 +1,8 @@
-"""Trainer outputs: ``metrics.jsonl`` / ``eval.jsonl``, TensorBoard events, PNG sample grids, progress bar."""
+"""Trainer outputs: ``metrics.jsonl`` / ``eval.jsonl``, TensorBoard events, Weights & Biases
+(:mod:`awm_jax.logging_wandb`), PNG sample grids, progress bar.
+
+TensorBoard (``log.tensorboard``, on by default) needs tensorboardX, which the base install does not pull in:
+without it the trainer says so in one line and writes everything else."""
 
 from __future__ import annotations
 
@@ -109,11 +113,27 @@ def _fmt(value, spec: str) -> str:
     return "nan" if value is None else str(value)
 
 
+TENSORBOARD_MISSING = ("log.tensorboard: tensorboardX is not installed, so no TensorBoard events are written "
+                       "(pip install 'awm_jax[tensorboard]'; --config.log.tensorboard=false silences this)")
+
+
+def _tensorboard_writer(path: str, purge_step: int):
+    """A tensorboardX ``SummaryWriter``, or None (after one line saying so) when tensorboardX is missing."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        print(TENSORBOARD_MISSING, flush=True)
+        return None
+    return SummaryWriter(path, purge_step=purge_step)
+
+
 class TrainLogger:
-    """metrics.jsonl + eval.jsonl + TensorBoard + tqdm, resumable at ``start_step``."""
+    """metrics.jsonl + eval.jsonl + TensorBoard + W&B + tqdm, resumable at ``start_step``.
+
+    ``wandb``: :func:`awm_jax.logging_wandb.settings` (None = off)."""
 
     def __init__(self, workdir: str, start_step: int, max_steps: int, tensorboard: bool = True,
-                 progress: bool = True, is_main: bool = True):
+                 progress: bool = True, is_main: bool = True, wandb: dict | None = None):
         self.workdir = workdir
         self.is_main = is_main
         self.metrics = JsonlLog(os.path.join(workdir, "metrics.jsonl"))
@@ -123,9 +143,12 @@ class TrainLogger:
             self.evals.truncate_after(start_step)
         self._tb = None
         if tensorboard and is_main:
-            from tensorboardX import SummaryWriter
+            self._tb = _tensorboard_writer(os.path.join(workdir, "tb"), start_step + 1)
+        self._wb = None
+        if wandb and is_main:
+            from awm_jax.logging_wandb import WandbWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start_step + 1)
+            self._wb = WandbWriter(workdir, start_step=start_step, **wandb)
         self._bar = None
         if progress and is_main:
             from tqdm import tqdm
@@ -134,6 +157,8 @@ class TrainLogger:
                              dynamic_ncols=True)
 
     def _scalars(self, prefix: str, step: int, rec: dict) -> None:
+        if self._wb is not None:
+            self._wb.scalars(prefix, step, rec)
         if self._tb is None:
             return
         for k, v in rec.items():
@@ -161,11 +186,14 @@ class TrainLogger:
         record = to_jsonable(record)
         self.evals.write(record)
         self._scalars("eval", record["step"], record)
+        path = None
         if images is not None and len(images):
             path = os.path.join(self.workdir, "samples", f"eval_{record['step']:06d}.png")
             save_image_grid(path, images, list(captions or []))
             if self._tb is not None:
                 self._tb.add_image("eval/samples", np.asarray(images[0]), record["step"], dataformats="HWC")
+        if self._wb is not None:
+            self._wb.eval_table(record["step"], record, images, captions, path)
 
     def message(self, text: str) -> None:
         """Print a line without breaking the progress bar."""
@@ -183,6 +211,8 @@ class TrainLogger:
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
+        if self._wb is not None:
+            self._wb.close()
 
 
 def run_summary(workdir: str, last: dict, max_steps: int) -> str:

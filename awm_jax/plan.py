@@ -241,7 +241,9 @@ def _fmt(res: dict) -> str:
 def main(argv=None) -> int:
     """CLI; returns 0 (fits), 1 (over memory), 2 (bad input / no libtpu)."""
     from awm_jax import config_lib
+    from awm_jax.accel_env import allow_shared_libtpu, lock_message
 
+    allow_shared_libtpu()  # before any backend starts: beside other JAX processes (libtpu's lockfile)
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m awm_jax.plan", description=__doc__.split("\n")[0])
     p.add_argument("--topology", required=True, help="TPU topology, e.g. v5e:4x4, v5p:2x2x1, v6e:2x4")
@@ -255,8 +257,11 @@ def main(argv=None) -> int:
         config_lib.apply_overrides(config, overrides)
         config_lib.validate(config)
         res = plan(config, args.topology)
-    except (config_lib.ConfigError, TopologyError, ValueError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    except (config_lib.ConfigError, RuntimeError, ValueError) as e:
+        lock = "lockfile" in str(e)  # libtpu's "ABORTED: ... lockfile": one line naming who holds it
+        if not (lock or isinstance(e, (config_lib.ConfigError, TopologyError, ValueError))):
+            raise
+        print(f"error: {lock_message() if lock else ' '.join(str(e).split())}", file=sys.stderr)
         return 2
     from awm_jax import reward_budget  # host scoring seconds per step beside the device estimate
 

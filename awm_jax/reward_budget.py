@@ -23,7 +23,7 @@ __all__ = ["COST", "HOST_VCPUS_PER_CHIP", "budget", "fmt"]
 # not inflated by the shared VM's load. "modeled" = scaled from a measured architecture by tokens / FLOPs.
 COST: dict[str, tuple[float, str]] = {
     "pickscore": (4.23, "CLIP-H/14 image + text (measured)"),
-    "hpsv2": (4.23, "open_clip ViT-H-14 towers = PickScore's (modeled)"),
+    "hps": (4.23, "open_clip ViT-H-14 towers = PickScore's (modeled)"),
     "aesthetic": (2.36, "CLIP-L/14 image tower incl. the CLIP processor (measured)"),
     "clipscore": (2.51, "CLIP-L/14 image 2.36 (measured) + text ~0.15 (modeled from CLIP-H's by FLOPs)"),
     "imagereward": (2.0, "BLIP ViT-L/16 at 224 px (197 tokens: ~0.77 of CLIP-L/14's 2.36) + BERT-base text "

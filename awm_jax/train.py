@@ -49,7 +49,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from awm_jax import compile_cache, config_lib, distributed, parallel, resume_check, run_faults
+from awm_jax import (
+    accel_env,
+    compile_cache,
+    config_lib,
+    distributed,
+    logging_wandb,
+    parallel,
+    resume_check,
+    run_faults,
+)
 from awm_jax.check import CheckError, check_run, resolve_factory
 from awm_jax.check import report as check_report
 from awm_jax.checkpoint import Checkpointer, CheckpointFormatError, NoUsableCheckpointError
@@ -408,7 +417,8 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str, inputs, lock_no
         if restored is None:
             config_lib.save_config(config, workdir)
     logger = TrainLogger(workdir, start, config.max_steps, tensorboard=config.log.tensorboard,
-                         progress=config.log.progress, is_main=jax.process_index() == 0)
+                         progress=config.log.progress, is_main=jax.process_index() == 0,
+                         wandb=logging_wandb.settings(config))
     for note in filter(None, notes):
         logger.message(note)
     if restored is not None:
@@ -548,6 +558,13 @@ def main(argv=None) -> int:
     except config_lib.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        note = accel_env.configure_from_config(config)  # before JAX starts its GPU backend
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if note and jax.process_index() == 0:
+        print(note, flush=True)
     if check_only:
         return check_report(config, workdir, path)
     existed = os.path.exists(workdir)

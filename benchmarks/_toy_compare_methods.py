@@ -19,7 +19,8 @@ SELECT_OVERRIDES = ("select.enabled=true", "select.num_seeds=32", "select.top_k=
 SELECT = "_select"  # suffix of a method's rollout-selection twin
 
 _BASE: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "awm": ("AWM", "configs/toy.py", ()),
+    # configs/toy.py (the README demo) trains on the strict verdict at lr 3e-3; the comparison: partial, 1e-3
+    "awm": ("AWM", "configs/toy.py", ("optim.lr=1e-3", "reward.kwargs.strict=false")),
     "flow_grpo": ("Flow-GRPO", "configs/toy_flow_grpo.py", ()),
     "flow_grpo_2step": ("Flow-GRPO, 2 steps/epoch", "configs/toy_flow_grpo.py", ("train.steps_per_epoch=2",)),
     "nft": ("DiffusionNFT (DPM2 rollouts)", "configs/toy_nft.py", ()),

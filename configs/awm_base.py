@@ -250,8 +250,20 @@ def base_config() -> ml_collections.ConfigDict:
     # $XDG_CACHE_HOME/awm_jax/jax_cache (else ~/.cache/awm_jax/jax_cache); a path moves it
     cp.cache_dir = ""  # compilation cache directory: "" = the per-user default, a path, or "off"
 
+    c.gpu = gp = ml_collections.ConfigDict()
+    # JAX and PyTorch reward models on one GPU (awm_jax.accel_env): when a reward's device is cuda, JAX
+    # preallocates only this fraction (XLA_PYTHON_CLIENT_MEM_FRACTION, set before JAX starts; a value you
+    # exported wins); JAX's own default is 0.75, which leaves the reward models too little
+    gp.jax_mem_fraction = 0.6  # GPU memory fraction JAX preallocates when a reward runs on cuda (0 = JAX's)
+
     c.log = lg = ml_collections.ConfigDict()
-    lg.tensorboard = True  # write TensorBoard event files (tensorboardX)
+    lg.tensorboard = True  # write TensorBoard event files (tensorboardX; without it: one line, no events)
+    # Weights & Biases (awm_jax.logging_wandb; pip install 'awm_jax[wandb]'): scalars, eval tables and grids,
+    # the config; "offline" writes a local run (<WANDB_DIR or workdir>/wandb, `wandb sync` uploads it)
+    lg.wandb = ""  # "" = off | "online" | "offline"
+    lg.wandb_project = "awm-jax"  # W&B project
+    lg.wandb_name = ""  # W&B run name ("" = the workdir's folder name)
+    lg.wandb_tags = ()  # W&B run tags
     lg.progress = True  # tqdm progress bar with ETA
     return c
 

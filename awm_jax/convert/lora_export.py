@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from awm_jax.convert import ConversionError, get_converter
+from awm_jax.deprecation import aliases as _deprecated_aliases
 
 PEFT_WEIGHTS = "pytorch_lora_weights.safetensors"
 FLAX_LORA_CONFIG = "lora_config.json"
@@ -185,3 +186,7 @@ def merge_lora(base: Mapping[str, np.ndarray], params: Mapping[str, Any], rank: 
             raise ConversionError(f"merge_lora: {mod!r} delta {delta.shape} != kernel {w.shape}")
         out[key] = (w.astype(np.float32) + delta).astype(w.dtype)
     return out
+
+
+# deprecated aliases of names that moved (awm_jax/deprecation.py, CHANGELOG.md)
+__getattr__ = _deprecated_aliases(__name__)

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from awm_jax.convert.keymap import ConversionError, KeyMap, Module, same
+from awm_jax.deprecation import aliases as _deprecated_aliases
 
 _DOWN_BLOCK = "DownEncoderBlock2D"
 _UP_BLOCK = "UpDecoderBlock2D"
@@ -164,3 +165,7 @@ def module_map(config: Mapping[str, Any] | VAEConfig) -> list[Module]:
 def key_map(config: Mapping[str, Any] | VAEConfig) -> KeyMap:
     """The per-tensor key map (diffusers key <-> Flax key, transform, shape) for ``config``."""
     return KeyMap.from_modules(module_map(config), name="vae")
+
+
+# deprecated aliases of names that moved (awm_jax/deprecation.py, CHANGELOG.md)
+__getattr__ = _deprecated_aliases(__name__)

@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from awm_jax.convert.sd3 import pos_embed_table
+from awm_jax.deprecation import aliases as _deprecated_aliases
 from awm_jax.models.blocks import (
     ADALN_ZERO,
     ADALN_ZERO_X,
@@ -406,3 +407,7 @@ def check_pos_embed(table: np.ndarray, cfg: SD3Config, where: str) -> None:
 
 
 register_family(SD3Family())
+
+
+# deprecated aliases of names that moved (awm_jax/deprecation.py, CHANGELOG.md)
+__getattr__ = _deprecated_aliases(__name__)

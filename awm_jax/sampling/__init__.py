@@ -9,6 +9,7 @@ Samplers (jitted ``lax.scan``): :func:`sample_ode`, :func:`sample_sde`, :func:`s
 :func:`classifier_free_guidance` wraps a conditional model into a velocity_fn.
 """
 
+from awm_jax.deprecation import aliases as _deprecated_aliases
 from awm_jax.sampling.samplers import (
     SAMPLERS,
     classifier_free_guidance,
@@ -54,3 +55,7 @@ __all__ = [
     "sample_sde", "shifted_grid",
     "sde_std", "shift_times",
 ]
+
+
+# deprecated aliases of names that moved (awm_jax/deprecation.py, CHANGELOG.md)
+__getattr__ = _deprecated_aliases(__name__)

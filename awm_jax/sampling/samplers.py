@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from awm_jax.deprecation import aliases as _deprecated_aliases
 from awm_jax.sampling import steps as S
 from awm_jax.sampling.schedules import check_grid
 
@@ -241,3 +242,7 @@ def sample(sampler: str, velocity_fn: Callable, key, x_init, grid, *, noise_leve
     if trajectory:
         out.update({k: traj[k] for k in ("latents", "log_probs", "timesteps", "next_timesteps")})
     return out
+
+
+# deprecated aliases of names that moved (awm_jax/deprecation.py, CHANGELOG.md)
+__getattr__ = _deprecated_aliases(__name__)

@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from awm_jax.deprecation import aliases as _deprecated_aliases
+
 
 def shift_times(t, shift: float):
     """SD3 time shift ``t' = s t / (1 + (s - 1) t)`` (elementwise, numpy or jnp)."""
@@ -100,3 +102,7 @@ def check_grid(grid, name: str = "grid") -> np.ndarray:
     if not (np.all(np.diff(g) < 0) and g[0] <= 1.0 and g[-1] >= 0.0):
         raise ValueError(f"{name} must be strictly decreasing within [0, 1], got {g}")
     return g
+
+
+# deprecated aliases of names that moved (awm_jax/deprecation.py, CHANGELOG.md)
+__getattr__ = _deprecated_aliases(__name__)

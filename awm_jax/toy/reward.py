@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from awm_jax.deprecation import aliases as _deprecated_aliases
 from awm_jax.rewards.geneval_rules import (
     POSITION_MARGIN,
     filter_detections,
@@ -114,3 +115,7 @@ class ToyGenEvalScorer:
 def per_tag_accuracy(result: dict) -> dict[str, float]:
     """Mean strict accuracy per tag plus ``overall`` (the mean of the per-tag means, as GenEval)."""
     return summarize(result["tag"], result["accuracy"])
+
+
+# deprecated aliases of names that moved (awm_jax/deprecation.py, CHANGELOG.md)
+__getattr__ = _deprecated_aliases(__name__)
