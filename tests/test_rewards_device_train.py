@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 
+import ml_collections
 import numpy as np
 
 from awm_jax import config_lib, rewards, train
@@ -45,7 +46,7 @@ def test_toy_trains_with_an_on_device_reward(tmp_path):
         ("sample.batch_size", "1"), ("sample.num_steps", "3"), ("train.micro_batch_size", "1"),
         ("eval.every", "0"), ("log.progress", "false"), ("checkpoint.async_save", "false")])
     c.reward.name = "test_device_pickscore"
-    c.reward.kwargs.model_path = clip
+    c.reward.kwargs = ml_collections.ConfigDict({"model_path": clip})  # not the toy reward's strict keyword
     SEEN.clear()
     last = train.run(c, str(tmp_path / "run"))
     m = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
