@@ -43,6 +43,7 @@ __all__ = ["ModelFamily", "family_for_graph", "family_names", "family_of", "get_
 BUILTIN_FAMILIES = {
     "sd35": "awm_jax.models.mmdit",
     "flux": "awm_jax.models.flux",
+    "zimage": "awm_jax.models.zimage",
     "toy": "awm_jax.toy.family",
 }
 _REGISTRY: dict[str, ModelFamily] = {}
