@@ -473,7 +473,9 @@ class ZImageFamily(ModelFamily):
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"Z-Image velocity: latents shape {x.shape} must be "
                              f"(B, {cfg.in_channels}, h, w)")
-        out = model(x[:, :, None], t=1.0 - jnp.asarray(t, jnp.float32), cap_feats=emb,
+        t = jnp.asarray(t, jnp.float32)
+        t_model = (1000.0 - t * 1000.0) / 1000.0  # ZImagePipeline's (1000 - timestep) / 1000, in float32
+        out = model(x[:, :, None], t=t_model, cap_feats=emb,
                     cap_mask=jnp.asarray(mask) > 0.5, patch_size=cfg.patch[0], f_patch_size=cfg.patch[1])
         return -out[:, :, 0].astype(jnp.float32)
 
