@@ -44,6 +44,7 @@ BUILTIN_FAMILIES = {
     "sd35": "awm_jax.models.mmdit",
     "flux": "awm_jax.models.flux",
     "zimage": "awm_jax.models.zimage",
+    "qwenimage": "awm_jax.models.qwenimage",
     "toy": "awm_jax.toy.family",
 }
 _REGISTRY: dict[str, ModelFamily] = {}
