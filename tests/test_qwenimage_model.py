@@ -11,6 +11,7 @@ from awm_jax.models import detect_family, load_transformer, transformer_params
 from awm_jax.models.qwenimage import QwenImageConfig, QwenImageTransformer2DModel
 from awm_jax.models.stacking import stack_state
 from awm_jax.parallel import LOGICAL_AXIS_RULES
+from tests.flux_oracle import oracle
 
 TINY = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6))
@@ -44,7 +45,7 @@ def _inputs(grid, t_len, lens, seed):
 
 
 def _ref(tm, grid, x, c, mask, t):
-    with torch.no_grad():
+    with oracle():  # correctly rounded timestep frequencies, as the Flax model has (tests/flux_oracle.py)
         return tm(hidden_states=torch.from_numpy(x), encoder_hidden_states=torch.from_numpy(c),
                   encoder_hidden_states_mask=None if mask is None else torch.from_numpy(mask),
                   timestep=torch.from_numpy(t), img_shapes=[[(1, *grid)]] * 2, return_dict=False)[0].numpy()
@@ -109,3 +110,37 @@ def test_convert_round_trip_and_errors(folder, tmp_path):
                        (dict(bogus=1), "unknown")):
         with pytest.raises(ValueError, match=match):
             QwenImageConfig.from_dict(dict(TINY, **bad))
+
+
+def test_lora_export_into_diffusers(folder, tmp_path):
+    """A Flax LoRA model (Flow-GRPO's Qwen-Image targets) -> peft folder -> diffusers ``load_lora_adapter``:
+    same output; merged weights (``merge_lora``) too."""
+    import jax.numpy as jnp
+    from diffusers import QwenImageTransformer2DModel as TorchQwen
+
+    from awm_jax.convert import lora_export as le
+    from awm_jax.convert import read_flax_params, save_flax, to_diffusers
+    from awm_jax.models.lora import LoRAConfig, LoRAParam
+    from awm_jax.models.qwenimage import QWENIMAGE_LORA_TARGETS
+
+    path, _ = folder
+    fm = load_transformer(path, lora=LoRAConfig(rank=2, alpha=4.0, target_modules=QWENIMAGE_LORA_TARGETS))
+    rs = np.random.RandomState(1)
+    flat = [(p, v.replace(value=jnp.asarray(0.1 * rs.randn(*v.shape), jnp.float32)))
+            for p, v in nnx.to_flat_state(nnx.state(fm, LoRAParam))]
+    nnx.update(fm, nnx.from_flat_state(flat))
+    params = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in flat}
+    assert len(params) == 2 * 2 * len(QWENIMAGE_LORA_TARGETS)
+    x, c, mask, t = _inputs(*CASES[1], seed=4)
+    want = np.asarray(nnx.jit(lambda m, x, c, k, t: m(x, c, k, t, img_shapes=[(1, 3, 2)]))(fm, x, c, mask, t))
+    info = dict(model="qwenimage", rank=2, alpha=4.0)
+    config, _, tensors = read_flax_params(path, "qwenimage")
+    dst = le.write_peft_lora(params, info, tmp_path / "peft", config, "qwenimage")
+    tm = TorchQwen.from_pretrained(path)
+    tm.load_lora_adapter(str(dst), prefix="transformer", weight_name=le.PEFT_WEIGHTS)
+    assert _rel(_ref(tm.eval(), (3, 2), x, c, mask, t), want) <= FP32_TOL
+    merged = le.merge_lora(dict(tensors), params, 2, 4.0)
+    save_flax(merged, config, tmp_path / "merged_flax", "qwenimage")
+    to_diffusers(tmp_path / "merged_flax", tmp_path / "merged", "qwenimage")
+    tm2 = TorchQwen.from_pretrained(tmp_path / "merged").eval()
+    assert _rel(_ref(tm2, (3, 2), x, c, mask, t), want) <= FP32_TOL
