@@ -323,6 +323,11 @@ class QwenImageFamily(ModelFamily):
                     timestep=jnp.asarray(t, jnp.float32), img_shapes=[(1, h // 2, w // 2)])
         return unpack_latents(out, h, w).astype(jnp.float32)
 
+    def context_shape(self, config, cfg):
+        """``(T, joint_attention_dim, T)``: the caption mask rides in the pooled slot."""
+        t = self.text_tokens(config)
+        return t, int(cfg.joint_attention_dim), t
+
     def latent_shape(self, cfg, height, width):
         height, width = int(height), int(width)
         if height % 16 or width % 16:

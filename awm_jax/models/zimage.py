@@ -479,6 +479,11 @@ class ZImageFamily(ModelFamily):
                     cap_mask=jnp.asarray(mask) > 0.5, patch_size=cfg.patch[0], f_patch_size=cfg.patch[1])
         return -out[:, :, 0].astype(jnp.float32)
 
+    def context_shape(self, config, cfg):
+        """``(T, cap_feat_dim, T)``: the caption mask rides in the pooled slot."""
+        t = self.text_tokens(config)
+        return t, int(cfg.cap_feat_dim), t
+
     def latent_shape(self, cfg, height, width):
         height, width = int(height), int(width)
         m = self.vae_scale_factor * cfg.patch[0]
