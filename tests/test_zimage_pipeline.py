@@ -61,6 +61,14 @@ def test_text_encoder_matches_encode_prompt(pipes):
     assert enc.cache.hits == hits + 2
     with pytest.raises(TypeError, match="single string"):
         enc.encode_uncached("a red cat")
+    import copy
+
+    from awm_jax.text.zimage import ZImageTextEncoder
+
+    tok = copy.deepcopy(enc.tokenizer)
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="chat_template"):
+        ZImageTextEncoder(tok, enc.text_encoder)
 
 
 @pytest.mark.parametrize("g", [0.0, 2.0])
