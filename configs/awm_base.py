@@ -39,7 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.components = "awm_jax.train:default_components"  # "module:function" returning the loop's components
 
     c.model = m = ml_collections.ConfigDict()
-    m.kind = "sd35"  # model family (awm_jax.models.family): "sd35" (SD3 / SD3.5), "flux", "toy"
+    m.kind = "sd35"  # model family (awm_jax.models.family): "sd35" (SD3 / SD3.5), "flux", "zimage", "toy"
     m.arch = "sd3.5-medium"  # named architecture of the family (its `architectures`): plans from shapes
     # model.path: the diffusers pipeline folder (model_index.json, transformer/, vae/, text_encoder*/,
     # tokenizer*/; transformer/ and vae/ may hold converted Flax weights) or its transformer/;
@@ -477,6 +477,37 @@ def flux(task: str, algorithm: str = "awm", paper: bool = False) -> ml_collectio
             c.flow_grpo.beta = 0.0  # pickscore_flux trains without the KL term
     return c
 
+
+
+def zimage(task: str, algorithm: str = "awm") -> ml_collections.ConfigDict:
+    """Z-Image (6B) config for ``task`` in {geneval, ocr, pickscore}: the SD3.5-M task config with these keys
+    changed. Neither the AWM authors nor Flow-GRPO publish Z-Image settings; the ones below follow
+    Flow-Factory's Z-Image GRPO LoRA example (examples/grpo/lora/z_image/default.yaml: base
+    Tongyi-MAI/Z-Image, LoRA r 64 / alpha 128 on its default targets, 10 rollout steps, Flow-SDE noise 0.7,
+    CFG 4, 40 eval steps) where it has them."""
+    c = sd35m(task, algorithm)
+    c.model.kind = "zimage"  # the Z-Image family (awm_jax.models.zimage)
+    c.model.arch = "z-image-turbo"  # 30 + 2 + 2 blocks, 3840 wide (Z-Image and Z-Image-Turbo share it)
+    c.model.path = "weights/z-image"  # diffusers ZImagePipeline folder (transformer/ may be converted)
+    c.model.vae_path = ""  # "" = <path>/vae (FLUX's AutoencoderKL, scaling 0.3611 / shift 0.1159)
+    c.model.text_encoder_paths = ("",)  # Qwen3: read from the pipeline folder
+    # caption tokens (chat-templated prompt): ZImagePipeline's default is 512; 128 covers the task prompts
+    # (the trainer warns on truncation) with a quarter of the padded caption stream
+    c.model.max_sequence_length = 128
+    c.lora.rank = 64  # Flow-Factory's Z-Image LoRA: r 64, alpha 128
+    c.lora.alpha = 128.0
+    c.lora.targets = ()  # the family's default = Flow-Factory's: attention q/k/v/out + feed_forward w1/w2/w3
+    # CFG in the trainer's standard form v_u + s (v_c - v_u): ZImagePipeline's guidance_scale g is s - 1,
+    # so s = 5 is Flow-Factory's (and ZImagePipeline's default-ish) g = 4 (Z-Image-Turbo: g = 0, s = 1)
+    c.sample.guidance_scale = 5.0
+    c.eval.guidance_scale = 5.0
+    c.sample.shift = 3.0  # static scheduler shift (Z-Image-Turbo's scheduler_config); 0 = dynamic shift
+    c.eval.num_steps = 40  # Flow-Factory's Z-Image eval steps (ZImagePipeline's default: 50)
+    if algorithm == "flow_grpo":
+        c.sample.num_steps = 10  # Flow-Factory z_image: 10 rollout steps, Flow-SDE noise level 0.7
+        c.sample.noise_level = 0.7
+        c.flow_grpo.beta = 0.0  # Flow-Factory z_image: kl_beta 0
+    return c
 
 def toy(algorithm: str = "awm") -> ml_collections.ConfigDict:
     """The embedded shapes world: runs end to end on a 2-core CPU in minutes."""

@@ -199,6 +199,10 @@ def test_model_shapes_from_config(path):
     elif cfg.model.arch == "flux.1-dev":
         assert 11.8e9 < n_base < 12.0e9, n_base  # FLUX.1-dev transformer: 11.9B parameters
         assert 100e6 < n_lora < 400e6, n_lora  # r=64 on attention + feed-forward of 19 + 38 blocks
+    elif cfg.model.arch == "z-image-turbo":
+        assert 6.1e9 < n_base < 6.2e9, n_base  # Z-Image transformer: 6.15B parameters ("6B")
+        # r=64 on q/k/v/out (3840 -> 3840) and SwiGLU w1/w3 (3840 -> 10240), w2 of 2 + 2 + 30 blocks
+        assert n_lora == 34 * 64 * (4 * (3840 + 3840) + 3 * (3840 + 10240)), n_lora
     else:
         assert n_base < 20e6 and n_lora > 0
 

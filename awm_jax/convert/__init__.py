@@ -52,6 +52,8 @@ from awm_jax.convert.keymap import ConversionError, Identity, KeyMap
 CONVERTERS: dict[str, str] = {
     "sd3": "awm_jax.convert.sd3",
     "flux": "awm_jax.convert.flux",
+    "zimage": "awm_jax.convert.zimage",
+    "qwenimage": "awm_jax.convert.qwenimage",
     "vae": "awm_jax.convert.vae",
     "clip": "awm_jax.convert.clip",  # transformers CLIPModel (rewards); open_clip: clip.read_open_clip
 }

@@ -1,0 +1,11 @@
+"""Z-Image on ocr: AWM.
+
+Every key is documented in configs/awm_base.py; the Z-Image-specific ones are commented in its zimage().
+"""
+
+from awm_base import zimage
+
+
+def get_config():
+    """Return the config."""
+    return zimage("ocr")
