@@ -52,6 +52,7 @@ from awm_jax.convert.keymap import ConversionError, Identity, KeyMap
 CONVERTERS: dict[str, str] = {
     "sd3": "awm_jax.convert.sd3",
     "flux": "awm_jax.convert.flux",
+    "qwenimage": "awm_jax.convert.qwenimage",
     "vae": "awm_jax.convert.vae",
 }
 FLAX_WEIGHTS = "model"

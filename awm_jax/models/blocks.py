@@ -156,18 +156,18 @@ class FeedForward(nnx.Module):
         return self.net[2](self.net[0](x))
 
 
-def qk_norm(kind: str | None, head_dim: int, ctx: dict):
-    """The per-head q/k norm of diffusers' ``Attention(qk_norm=kind)`` (None: no norm)."""
+def qk_norm(kind: str | None, head_dim: int, ctx: dict, eps: float = EPS):
+    """The per-head q/k norm of diffusers' ``Attention(qk_norm=kind, eps=eps)`` (None: no norm)."""
     if kind not in QK_NORMS:
         raise ValueError(f"qk_norm={kind!r} unsupported; one of {QK_NORMS}")
     if kind is None:
         return None
     if kind == "rms_norm":
-        return RMSNorm(head_dim, eps=EPS, dtype=ctx["dtype"], param_dtype=ctx["param_dtype"])
+        return RMSNorm(head_dim, eps=eps, dtype=ctx["dtype"], param_dtype=ctx["param_dtype"])
     if kind == "layer_norm":
-        return LayerNorm(head_dim, eps=EPS, elementwise_affine=True, dtype=ctx["dtype"],
+        return LayerNorm(head_dim, eps=eps, elementwise_affine=True, dtype=ctx["dtype"],
                          param_dtype=ctx["param_dtype"])
-    return LayerNorm(head_dim, eps=EPS, elementwise_affine=False, dtype=ctx["dtype"])  # fp32_layer_norm
+    return LayerNorm(head_dim, eps=eps, elementwise_affine=False, dtype=ctx["dtype"])  # fp32_layer_norm
 
 
 # ------------------------------------------------------------------------------------------ attention
@@ -176,14 +176,16 @@ def qk_norm(kind: str | None, head_dim: int, ctx: dict):
 def apply_rotary(x, rotary):
     """diffusers ``apply_rotary_emb(x, (cos, sin), use_real=True, use_real_unbind_dim=-1, sequence_dim=1)``.
 
-    ``x`` is ``(B, L, heads, head_dim)``; ``cos``/``sin`` are ``(L, head_dim)`` with each frequency repeated
-    for the (real, imaginary) pair of adjacent features. Computed in float32, returned in ``x.dtype``.
+    ``x`` is ``(B, L, heads, head_dim)``; ``cos``/``sin`` are ``(L, head_dim)`` (or per sample
+    ``(B, L, head_dim)``) with each frequency repeated for the (real, imaginary) pair of adjacent features.
+    Computed in float32, returned in ``x.dtype``.
     """
     cos, sin = rotary
+    cos, sin = (c[:, :, None, :] if c.ndim == 3 else c[None, :, None, :] for c in (cos, sin))
     xf = x.astype(jnp.float32)
     pairs = xf.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
     rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
-    out = xf * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+    out = xf * cos + rotated * sin
     return out.astype(x.dtype)
 
 
@@ -196,20 +198,21 @@ class Attention(nnx.Module):
     of ``[sample, context]`` (SD3). ``out_proj``: ``to_out[0]`` on the sample output (False: FLUX's
     single-stream ``pre_only`` attention); ``context_out``: ``to_add_out`` on the context output (False: SD3's
     context-pre-only last block). ``rotary=(cos, sin)`` (over the joint sequence, in its order) is applied to
-    q and k after their norms.
+    q and k after their norms; ``mask`` (B, S) is an optional boolean key mask over that sequence.
+    ``use_bias`` / ``out_bias``: biases of the q/k/v and output projections; ``qk_eps``: the q/k norms' eps.
     """
 
     def __init__(self, d: int, heads: int, head_dim: int, path: str, ctx: dict, *, qk_norm_kind=None,
                  joint: bool = False, context_first: bool = False, out_proj: bool = True,
-                 context_out: bool = True):
+                 context_out: bool = True, use_bias: bool = True, out_bias: bool = True, qk_eps: float = EPS):
         inner = heads * head_dim
         self.heads, self.head_dim, self.dtype = heads, head_dim, ctx["dtype"]
         self.joint, self.context_first = joint, context_first
-        self.to_q = linear(d, inner, ("embed", "heads"), f"{path}.to_q", ctx)
-        self.to_k = linear(d, inner, ("embed", "heads"), f"{path}.to_k", ctx)
-        self.to_v = linear(d, inner, ("embed", "heads"), f"{path}.to_v", ctx)
-        self.norm_q = qk_norm(qk_norm_kind, head_dim, ctx)
-        self.norm_k = qk_norm(qk_norm_kind, head_dim, ctx)
+        self.to_q = linear(d, inner, ("embed", "heads"), f"{path}.to_q", ctx, use_bias)
+        self.to_k = linear(d, inner, ("embed", "heads"), f"{path}.to_k", ctx, use_bias)
+        self.to_v = linear(d, inner, ("embed", "heads"), f"{path}.to_v", ctx, use_bias)
+        self.norm_q = qk_norm(qk_norm_kind, head_dim, ctx, qk_eps)
+        self.norm_k = qk_norm(qk_norm_kind, head_dim, ctx, qk_eps)
         if joint:
             self.add_q_proj = linear(d, inner, ("embed", "heads"), f"{path}.add_q_proj", ctx)
             self.add_k_proj = linear(d, inner, ("embed", "heads"), f"{path}.add_k_proj", ctx)
@@ -219,7 +222,7 @@ class Attention(nnx.Module):
         else:
             self.add_q_proj = self.add_k_proj = self.add_v_proj = None
             self.norm_added_q = self.norm_added_k = None
-        self.to_out = (nnx.List([linear(inner, d, ("heads", "embed"), f"{path}.to_out.0", ctx)])
+        self.to_out = (nnx.List([linear(inner, d, ("heads", "embed"), f"{path}.to_out.0", ctx, out_bias)])
                        if out_proj else None)
         self.to_add_out = (linear(inner, d, ("heads", "embed"), f"{path}.to_add_out", ctx)
                            if joint and context_out else None)
@@ -228,7 +231,7 @@ class Attention(nnx.Module):
         y = x.reshape(*x.shape[:-1], self.heads, self.head_dim)
         return y if norm is None else norm(y)
 
-    def __call__(self, x, context=None, rotary=None):
+    def __call__(self, x, context=None, rotary=None, mask=None):
         """``(B, N, d)`` sample [+ ``(B, T, d)`` context] -> ``(sample_out, context_out or None)``."""
         q = self._heads(self.to_q(x), self.norm_q)
         k = self._heads(self.to_k(x), self.norm_k)
@@ -242,7 +245,7 @@ class Attention(nnx.Module):
             q, k, v = (jnp.concatenate(order(a, c), axis=1) for a, c in ((q, cq), (k, ck), (v, cv)))
         if rotary is not None:
             q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
-        o = attention(q, k, v, dtype=self.dtype or x.dtype)
+        o = attention(q, k, v, dtype=self.dtype or x.dtype, mask=mask)
         o = o.reshape(*o.shape[:2], self.heads * self.head_dim)
         if context is None:
             return (o if self.to_out is None else self.to_out[0](o)), None

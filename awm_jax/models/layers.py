@@ -127,11 +127,14 @@ class RMSNorm(nnx.Module):
         return y.astype(dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dtype=None) -> jax.Array:
-    """Softmax attention on ``(B, L, heads, head_dim)`` tensors, scale ``1/sqrt(head_dim)``, in ``dtype``."""
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dtype=None, mask=None) -> jax.Array:
+    """Softmax attention on ``(B, L, heads, head_dim)`` tensors, scale ``1/sqrt(head_dim)``, in ``dtype``;
+    ``mask``: optional boolean key mask ``(B, S)`` (False: that key is ignored, padding)."""
     dtype = dtype or q.dtype
     q, k, v = (t.astype(dtype) for t in (q, k, v))
-    return jax.nn.dot_product_attention(q, k, v)
+    if mask is not None:
+        mask = jnp.asarray(mask, bool)[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:
