@@ -53,6 +53,7 @@ CONVERTERS: dict[str, str] = {
     "sd3": "awm_jax.convert.sd3",
     "flux": "awm_jax.convert.flux",
     "qwenimage": "awm_jax.convert.qwenimage",
+    "qwenimage_vae": "awm_jax.convert.qwenimage_vae",
     "vae": "awm_jax.convert.vae",
 }
 FLAX_WEIGHTS = "model"
