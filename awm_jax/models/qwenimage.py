@@ -93,9 +93,9 @@ BLOCK_LINEARS = (
     "txt_mlp.net.2",
 )
 
-# Default LoRA targets: Flow-GRPO's Qwen-Image trainer (scripts/train_qwenimage.py, ``target_modules``):
-# the attention projections of both streams and both feed-forwards; the adaLN modulations, embedders and
-# the read-out stay frozen.
+# Default LoRA targets: the attention projections of both streams and both feed-forwards, the set of verl's
+# Flow-GRPO Qwen-Image recipe (verl-project/verl examples/flowgrpo_trainer/run_flowgrpo.sh,
+# ``actor_rollout_ref.model.target_modules``); the adaLN modulations, embedders and read-out stay frozen.
 QWENIMAGE_LORA_TARGETS = (
     "attn.to_q",
     "attn.to_k",
