@@ -42,7 +42,7 @@ from typing import Any
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 WHICH = {"trainable": "trainable", "policy": "trainable", "eval_ema": "eval_ema", "kl_ema": "kl_ema"}
-SAMPLED_FAMILIES = ("sd35", "flux")
+SAMPLED_FAMILIES = ("sd35", "flux", "qwenimage")
 
 
 class SampleError(ValueError):
@@ -117,6 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             if bad:
                 p.error(f"{flag} is an SD3 option: FLUX samples without classifier-free guidance "
                         "(FLUX.1-dev takes --guidance)")
+    elif args.family == "qwenimage" and args.no_t5:
+        p.error("--no-t5 is an SD3 option: Qwen-Image has one text encoder (Qwen2.5-VL)")
     elif args.family not in SAMPLED_FAMILIES:
         p.error(f"--model {model}: model family {args.family!r} has no sampling pipeline here")
     return args
@@ -314,7 +316,15 @@ def load_pipeline(args) -> tuple[Any, dict]:
         scale = float(cfg.eval.guidance_scale) if args.guidance_scale is None else args.guidance_scale
         return pipe, dict(num_steps=steps, guidance_scale=scale, negative_prompt=args.negative_prompt)
     dtype = None if args.dtype in (None, "float32") else jnp.dtype(args.dtype)
-    if args.family == "flux":
+    if args.family == "qwenimage":  # QwenImagePipeline's defaults: 50 steps, true CFG 4 with a negative
+        # prompt (none by default: no CFG)
+        from awm_jax.pipelines.qwenimage import load_qwenimage
+
+        pipe = load_qwenimage(args.model, height=args.height, width=args.width, dtype=dtype,
+                              max_sequence_length=args.max_sequence_length or 512)
+        options = dict(num_steps=args.steps or 50, true_cfg_scale=args.guidance_scale or 4.0,
+                       negative_prompt=args.negative_prompt or None)
+    elif args.family == "flux":
         pipe = load_flux(args.model, height=args.height, width=args.width, dtype=dtype,
                          max_sequence_length=args.max_sequence_length or 512)
         options = dict(num_steps=args.steps or 28, guidance=3.5 if args.guidance is None else args.guidance)

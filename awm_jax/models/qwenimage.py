@@ -511,16 +511,39 @@ class QwenImageFamily(ModelFamily):
         return (int(cfg.in_channels) // 4, height // f, width // f)
 
     def time_grid(self, num_steps, shift, latent_shape):
-        """QwenImagePipeline's sigmas ``linspace(1, 1/N, N)`` + 0: ``shift <= 0`` shifts them by resolution
-        (its scheduler's dynamic shift, ``mu`` from the packed token count), ``shift > 0`` statically."""
-        from awm_jax.sampling.schedules import flux_grid, flux_image_seq_len, shift_times
+        """QwenImagePipeline's sigmas ``linspace(1, 1/N, N)`` + 0 through Qwen-Image's scheduler:
+        ``shift <= 0`` the dynamic exponential shift (:data:`SCHEDULER`: ``mu`` linear in the packed token
+        count over 256..8192 from 0.5 to 0.9) then the stretch to ``shift_terminal = 0.02``; ``shift > 0`` a
+        static shift (then the same stretch)."""
+        return qwenimage_grid(int(num_steps), (int(latent_shape[1]) // 2) * (int(latent_shape[2]) // 2),
+                              None if float(shift) <= 0 else float(shift))
 
-        n = int(num_steps)
-        if float(shift) <= 0:
-            return flux_grid(n, image_seq_len=flux_image_seq_len(latent_shape))
-        if n < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        return np.concatenate([shift_times(np.linspace(1.0, 1.0 / n, n), float(shift)), [0.0]])
+
+# Qwen-Image's FlowMatchEulerDiscreteScheduler settings (Qwen/Qwen-Image scheduler/scheduler_config.json)
+SCHEDULER = dict(base_image_seq_len=256, max_image_seq_len=8192, base_shift=0.5, max_shift=0.9,
+                 shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True)
+
+
+def qwenimage_grid(num_steps: int, image_seq_len: int, shift: float | None = None,
+                   scheduler: dict | None = None) -> np.ndarray:
+    """``FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=linspace(1, 1/N, N), mu=calculate_shift(...))``
+    with the Qwen-Image settings (``scheduler`` overrides them): float32 like diffusers, then 0 appended.
+    ``shift``: None = dynamic shift, else a static shift."""
+    if int(num_steps) < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    c = {**SCHEDULER, **(scheduler or {})}
+    n = int(num_steps)
+    sig = np.linspace(1.0, 1.0 / n, n).astype(np.float32)
+    if shift is None:
+        m = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
+        mu = image_seq_len * m + (c["base_shift"] - m * c["base_image_seq_len"])
+        sig = (np.float32(np.exp(mu)) / (np.float32(np.exp(mu)) + (1 / sig - 1))).astype(np.float32)
+    else:
+        sig = (shift * sig / (1 + (shift - 1) * sig)).astype(np.float32)
+    if c.get("shift_terminal"):
+        one_minus = 1 - sig
+        sig = (1 - one_minus / (one_minus[-1] / (1 - c["shift_terminal"]))).astype(np.float32)
+    return np.concatenate([sig.astype(np.float64), [0.0]])
 
 
 register_family(QwenImageFamily())
