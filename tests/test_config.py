@@ -199,6 +199,10 @@ def test_model_shapes_from_config(path):
     elif cfg.model.arch == "flux.1-dev":
         assert 11.8e9 < n_base < 12.0e9, n_base  # FLUX.1-dev transformer: 11.9B parameters
         assert 100e6 < n_lora < 400e6, n_lora  # r=64 on attention + feed-forward of 19 + 38 blocks
+    elif cfg.model.arch == "qwen-image":
+        assert 20.4e9 < n_base < 20.5e9, n_base  # Qwen-Image transformer: 20.4B parameters
+        # r=64 on 8 attention projections (3072 -> 3072) + 4 MLP linears (3072 <-> 12288) of 60 blocks
+        assert n_lora == 60 * 64 * (8 * 6144 + 4 * 15360), n_lora
     else:
         assert n_base < 20e6 and n_lora > 0
 
