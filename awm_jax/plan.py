@@ -66,7 +66,7 @@ def topology_devices(name: str):
 
 
 def _text_shape(config, fam, cfg) -> tuple[int, int, int]:
-    return fam.text_tokens(config), int(cfg.joint_attention_dim), int(cfg.pooled_projection_dim)
+    return fam.context_shape(config, cfg)
 
 
 def _abstract_inputs(config, graphdef, fam, cfg, n: int, chunk: int):

@@ -104,6 +104,12 @@ class ModelFamily:
         """Tokens of one prompt embedding (``prompt_embeds.shape[1]``) under ``config`` (for plans)."""
         return int(config.model.max_sequence_length)
 
+    def context_shape(self, config, cfg) -> tuple[int, int, int]:
+        """``(tokens, width, pooled width)`` of the text-encoder context ``(embeds (B,T,D), pooled (B,P))``
+        under trainer ``config`` for the transformer config ``cfg`` (abstract inputs of plans); by default the
+        diffusers ``joint_attention_dim`` / ``pooled_projection_dim`` of SD3 / FLUX."""
+        return self.text_tokens(config), int(cfg.joint_attention_dim), int(cfg.pooled_projection_dim)
+
     def latent_shape(self, cfg, height: int, width: int) -> tuple[int, ...]:
         """Shape of one latent as the samplers see it, for an image of ``height x width`` pixels."""
         raise NotImplementedError

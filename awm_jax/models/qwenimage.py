@@ -473,6 +473,11 @@ class QwenImageFamily(ModelFamily):
     def stacks(self, cfg):
         return stacks(cfg)
 
+    def context_shape(self, config, cfg):
+        """``(T, joint_attention_dim, T)``: the text mask ``(B, T)`` rides in the "pooled" slot."""
+        t = self.text_tokens(config)
+        return t, int(cfg.joint_attention_dim), t
+
     def velocity(self, model, x, t, context):
         """``v(x, t)`` float32 on unpacked latents ``x (B, C, h, w)``, ``t (B,)`` in [0, 1]."""
         cfg = model.config
