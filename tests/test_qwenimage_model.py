@@ -3,6 +3,7 @@ models): MSRoPE tables, padded text masks, scan / remat, LoRA targets, logical a
 the ``QwenImageFamily`` (packing, velocity, registration)."""
 
 import functools
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -249,6 +250,11 @@ def test_input_errors_and_family():
         QwenImageConfig.from_dict(dict(CFG, zero_cond_t=True))
     fam = get_family("qwenimage")
     assert family_of(fm) is fam and fam.latent_shape(cfg, 64, 32) == (4, 8, 4)
+    from awm_jax import config_lib
+
+    # plans: the mask rides in the pooled slot
+    run = config_lib.load_config(str(pathlib.Path(__file__).parents[1] / "configs/qwenimage_ocr.py"))
+    assert fam.context_shape(run, cfg) == (run.model.max_sequence_length, 24, run.model.max_sequence_length)
     # the family's velocity = the pipeline's pack -> model(timestep=t) -> unpack
     tm = _pair()[0]
     rs = np.random.RandomState(5)
