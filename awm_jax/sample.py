@@ -42,7 +42,7 @@ from typing import Any
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 WHICH = {"trainable": "trainable", "policy": "trainable", "eval_ema": "eval_ema", "kl_ema": "kl_ema"}
-SAMPLED_FAMILIES = ("sd35", "flux", "zimage")
+SAMPLED_FAMILIES = ("sd35", "flux", "zimage", "qwenimage")
 
 
 class SampleError(ValueError):
@@ -119,6 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(FLUX.1-dev takes --guidance)")
     elif args.family == "zimage" and args.no_t5:
         p.error("--no-t5 is an SD3 option: Z-Image has one text encoder (Qwen3)")
+    elif args.family == "qwenimage" and args.no_t5:
+        p.error("--no-t5 is an SD3 option: Qwen-Image has one text encoder (Qwen2.5-VL)")
     elif args.family not in SAMPLED_FAMILIES:
         p.error(f"--model {model}: model family {args.family!r} has no sampling pipeline here")
     return args
@@ -332,6 +334,14 @@ def load_pipeline(args) -> tuple[Any, dict]:
                            max_sequence_length=args.max_sequence_length or 512)
         options = dict(num_steps=args.steps or 50,
                        guidance_scale=5.0 if args.guidance_scale is None else args.guidance_scale,
+                       negative_prompt=args.negative_prompt or None)
+    elif args.family == "qwenimage":  # QwenImagePipeline's defaults: 50 steps, true CFG 4 with a negative
+        # prompt (none by default: no CFG)
+        from awm_jax.pipelines.qwenimage import load_qwenimage
+
+        pipe = load_qwenimage(args.model, height=args.height, width=args.width, dtype=dtype,
+                              max_sequence_length=args.max_sequence_length or 512)
+        options = dict(num_steps=args.steps or 50, true_cfg_scale=args.guidance_scale or 4.0,
                        negative_prompt=args.negative_prompt or None)
     elif args.family == "flux":
         pipe = load_flux(args.model, height=args.height, width=args.width, dtype=dtype,

@@ -203,6 +203,10 @@ def test_model_shapes_from_config(path):
         assert 6.1e9 < n_base < 6.2e9, n_base  # Z-Image transformer: 6.15B parameters ("6B")
         # r=64 on q/k/v/out (3840 -> 3840) and SwiGLU w1/w3 (3840 -> 10240), w2 of 2 + 2 + 30 blocks
         assert n_lora == 34 * 64 * (4 * (3840 + 3840) + 3 * (3840 + 10240)), n_lora
+    elif cfg.model.arch == "qwen-image":
+        assert 20.4e9 < n_base < 20.5e9, n_base  # Qwen-Image transformer: 20.4B parameters
+        # r=64 on 8 attention projections (3072 -> 3072) + 4 MLP linears (3072 <-> 12288) of 60 blocks
+        assert n_lora == 60 * 64 * (8 * 6144 + 4 * 15360), n_lora
     else:
         assert n_base < 20e6 and n_lora > 0
 

@@ -54,6 +54,7 @@ CONVERTERS: dict[str, str] = {
     "flux": "awm_jax.convert.flux",
     "zimage": "awm_jax.convert.zimage",
     "qwenimage": "awm_jax.convert.qwenimage",
+    "qwenimage_vae": "awm_jax.convert.qwenimage_vae",
     "vae": "awm_jax.convert.vae",
     "clip": "awm_jax.convert.clip",  # transformers CLIPModel (rewards); open_clip: clip.read_open_clip
 }

@@ -1,0 +1,12 @@
+"""Qwen-Image on pickscore: the Flow-GRPO baseline (same base; only algorithm-specific keys differ).
+
+Every key is documented in configs/awm_base.py; the Qwen-Image-specific ones are commented in its
+qwenimage().
+"""
+
+from awm_base import qwenimage
+
+
+def get_config():
+    """Return the config."""
+    return qwenimage("pickscore", "flow_grpo")
