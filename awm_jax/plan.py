@@ -178,7 +178,8 @@ def _programs(config, fam, cfg, mesh, n: int, chunk: int, remat: str):
 
     model = nnx.eval_shape(lambda: fam.build(cfg, rngs=nnx.Rngs(0), dtype=ts._dtype(config.model.dtype),
                                              param_dtype=ts._dtype(config.model.param_dtype),
-                                             scan_layers=bool(config.model.scan_layers), remat_policy=remat))
+                                             scan_layers=bool(config.model.scan_layers), remat_policy=remat,
+                                             attention=str(config.model.attention)))
     graphdef, base_state, state = ts.create_train_state(model, config)
     batch, key, roll, neg = _abstract_inputs(config, graphdef, fam, cfg, n, chunk)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)

@@ -233,10 +233,12 @@ class SD3Transformer2DModel(nnx.Module):
     """Flax NNX port of diffusers' ``SD3Transformer2DModel`` (see module docstring)."""
 
     def __init__(self, config: SD3Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 scan_layers: bool = False, remat_policy: str = "none", lora: LoRAConfig | None = None):
+                 scan_layers: bool = False, remat_policy: str = "none", lora: LoRAConfig | None = None,
+                 attention: str = "xla"):
         config = SD3Config.from_dict(config) if isinstance(config, dict) else config
         ctx = model_context(self, config, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                            scan_layers=scan_layers, remat_policy=remat_policy, lora=lora)
+                            scan_layers=scan_layers, remat_policy=remat_policy, lora=lora,
+                            attention=attention)
         d = config.inner_dim
         self.pos_embed = PatchEmbed(config, ctx)
         self.time_text_embed = TimestepTextEmbedding(d, config.pooled_projection_dim, "time_text_embed", ctx)
