@@ -223,7 +223,7 @@ def parse_args(argv: Sequence[str]) -> tuple[str, str, list[tuple[str, str]]]:
 
 _CHOICES = {
     "algorithm": ("awm", "flow_grpo", "nft", "elbo_reinforce", "elbo_grpo"),
-    "model.remat_policy": ("none", "full", "dots_saveable", "nothing_saveable"),
+    "model.remat_policy": ("none", "full", "dots_saveable", "nothing_saveable", "save_attention"),
     "model.attention": ("auto", "xla", "splash", "cudnn"),
     "sample.sampler": ("sa_solver", "euler_maruyama", "ode", "sde", "cps"),
     "awm.timestep_sampler": ("discrete", "discrete_wo_init", "uniform", "logit_normal"),

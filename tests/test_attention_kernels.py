@@ -111,3 +111,20 @@ def test_the_config_key_reaches_every_attention_block():
     kernels = [m.attention_kernel for _, m in model.iter_modules() if isinstance(m, Attention)]
     assert len(kernels) == 4 and set(kernels) == {"splash"}  # 3 groups: dual (attn, attn2), plain, last
     assert model.attention == "splash" and fam.rebuild_kwargs(model)["attention"] == "splash"
+
+
+def test_splash_flops_are_counted_from_shapes():
+    # awm_jax.flops: a pallas_call is its body's matmuls x its grid: the forward is 4 B H Lq Lk D at the
+    # padded length, the fused backward 2.5x that; all in kernel_flops (XLA cannot cost a Mosaic call)
+    from awm_jax.flops import jaxpr_flops
+
+    b, n, h, d = 2, 200, 2, 16
+    q = jnp.ones((b, n, h, d))
+    def splash(q):
+        return attn_lib.dot_product_attention(q, q, q, implementation="splash")
+
+    fwd = jaxpr_flops(jax.make_jaxpr(splash)(q))
+    grad = jaxpr_flops(jax.make_jaxpr(jax.grad(lambda q: splash(q).sum()))(q))
+    padded = attn_lib.splash_block(n)[1]
+    assert fwd.flops == fwd.kernel_flops == 4 * b * h * padded * padded * d and fwd.kernels == 1
+    assert grad.kernel_flops == 3.5 * fwd.flops and grad.kernels == 2

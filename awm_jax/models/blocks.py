@@ -28,14 +28,16 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from awm_jax import parallel
-from awm_jax.models.attention import dot_product_attention, resolve
+from awm_jax.models.attention import SPLASH_RESIDUALS, dot_product_attention, resolve
 from awm_jax.models.layers import Dense, LayerNorm, RMSNorm, gelu_tanh, timestep_embedding
 from awm_jax.models.lora import lora_for
 
 EPS = 1e-6
-REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable", "save_attention")
+ATTENTION_OUT = "attention_out"  # jax.ad_checkpoint name of every Attention's kernel output
 QK_NORMS = (None, "rms_norm", "layer_norm", "fp32_layer_norm")
 
 # modulation field names of the adaLN-Zero variants (in diffusers' chunk order)
@@ -248,6 +250,7 @@ class Attention(nnx.Module):
             q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         q, k, v = (parallel.constrain(a, ("batch", None, "heads", None)) for a in (q, k, v))
         o = dot_product_attention(q, k, v, implementation=self.attention_kernel, dtype=self.dtype or x.dtype)
+        o = checkpoint_name(o, ATTENTION_OUT)
         o = o.reshape(*o.shape[:2], self.heads * self.head_dim)
         if context is None:
             return (o if self.to_out is None else self.to_out[0](o)), None
@@ -280,6 +283,8 @@ def remat_policy(name: str):
     """``jax.checkpoint`` policy of a ``remat_policy`` name (validated); ``"none"`` and ``"full"`` -> None."""
     if name not in REMAT_POLICIES:
         raise ValueError(f"remat_policy={name!r} unsupported; one of {REMAT_POLICIES}")
+    if name == "save_attention":  # recompute the block but the attention (its output, splash's residuals)
+        return jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT, SPLASH_RESIDUALS)
     return {"dots_saveable": jax.checkpoint_policies.dots_saveable,
             "nothing_saveable": jax.checkpoint_policies.nothing_saveable}.get(name)
 
