@@ -260,7 +260,8 @@ def parse_args(argv: Sequence[str]) -> tuple[str, str, list[tuple[str, str]]]:
 
 _CHOICES = {
     "algorithm": None,  # validate(): awm_jax.rl.registry.all_names() (deprecated aliases included)
-    "model.remat_policy": ("none", "full", "dots_saveable", "nothing_saveable"),
+    "model.remat_policy": ("none", "full", "dots_saveable", "nothing_saveable", "save_attention"),
+    "model.attention": ("auto", "xla", "splash", "cudnn"),
     "sample.sampler": ("sa_solver", "euler_maruyama", "ode", "sde", "cps", "dpm2"),
     "awm.timestep_sampler": ("discrete", "discrete_wo_init", "uniform", "logit_normal", "permutation"),
     "advantages.mode": ("standard", "exact"),

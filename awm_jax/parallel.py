@@ -5,10 +5,19 @@ Parameters carry *logical* axis names as metadata (``sharding_names``, stored by
 ``("data", "fsdp", "tensor")``. :func:`logical_to_mesh_sharding` turns a model state (or its
 ``jax.eval_shape`` abstract) into a pytree of ``NamedSharding`` s. A mesh axis is used at most once per
 array, and a dimension whose size is not divisible by its mesh axes is replicated instead.
+
+Activations use the same table: inside a program traced under :func:`activation_mesh` with ``constrain``
+(config key ``mesh.constrain_activations``; off by default, see its comment) the model blocks put
+:func:`constrain` on their residual stream (``("batch", None, None)``), q/k/v (``("batch", None, "heads",
+None)``) and feed-forward hidden (``("batch", None, "mlp")``), so the batch stays on ``data`` x ``fsdp`` and
+XLA gathers the FSDP-sharded weights of a scanned stack one layer at a time inside the loop (as MaxText /
+MaxDiffusion constrain their activations) instead of choosing its own layout.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Sequence
 
 import jax
@@ -32,6 +41,44 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),
     ("lora_rank", None),
 )
+
+
+_ACTIVATION_MESH: contextvars.ContextVar = contextvars.ContextVar("awm_activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh | None, constrain: bool = False):
+    """Trace programs inside this block with ``mesh`` as the mesh of the splash kernel's ``shard_map`` and,
+    with ``constrain`` (config key ``mesh.constrain_activations``), of the activation constraints of
+    :func:`constrain`. Enter it around the *first call* (the trace) of a jitted function; every later call
+    of that function reuses the trace."""
+    token = _ACTIVATION_MESH.set((mesh, bool(constrain)))
+    try:
+        yield mesh
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def current_mesh() -> Mesh | None:
+    """The mesh of the enclosing :func:`activation_mesh` (None outside one)."""
+    cur = _ACTIVATION_MESH.get()
+    return None if cur is None else cur[0]
+
+
+def constrain(x, names: Sequence[str | None]):
+    """``with_sharding_constraint`` of activation ``x`` per its logical ``names`` under the current
+    :func:`activation_mesh` with ``constrain=True`` (else a no-op, as on a one-device mesh); a ``None`` name
+    leaves that dimension to XLA."""
+    cur = _ACTIVATION_MESH.get()
+    mesh = None if cur is None or not cur[1] else cur[0]
+    if mesh is None or mesh.size == 1:
+        return x
+    if len(names) != x.ndim:
+        raise ValueError(f"constrain: names {tuple(names)} do not match activation shape {x.shape}")
+    spec = logical_to_spec(names, x.shape, mesh)
+    # dimensions named None are left to XLA (UNCONSTRAINED), not forced to be replicated
+    spec = PartitionSpec(*(PartitionSpec.UNCONSTRAINED if n is None else a for n, a in zip(names, spec)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:

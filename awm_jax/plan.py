@@ -8,8 +8,10 @@ real train step and rollout (``awm_jax.rl.train_step``) for one optimizer step's
 XLA's memory analysis (arguments, outputs, temporaries, generated code) and cost analysis (FLOPs, bytes
 accessed, estimated seconds where XLA gives them). XLA counts a loop body once (scanned layers, the sampler's
 steps, the micro-batch scan), so the FLOPs of the whole program come from its jaxpr (``awm_jax.flops``, trip
-counts included); the estimated time is XLA's, scaled by the ratio of the two counts, and MFU is the model
-FLOPs (the same step traced without remat: no recomputation) over that time and the chip's dense bf16 peak.
+counts included); the estimated time is XLA's for the XLA part, scaled by the ratio of the two counts, plus
+the custom kernels' (Pallas splash attention: XLA cannot cost a Mosaic call) FLOPs, counted from their shapes,
+at the chip's peak; MFU is the model FLOPs (the same step traced without remat and with XLA attention: no
+recomputation, no kernel padding) over that time and the chip's dense bf16 peak. Every figure is a model.
 Exit 1 when a program needs more than the chip's HBM (the numbers are printed), 2 on bad input or without
 libtpu (with how to install it).
 """
@@ -99,9 +101,16 @@ def _abstract_inputs(config, graphdef, fam, cfg, n: int, chunk: int):
     return batch, key, roll, neg
 
 
-def _analyse(compiled, peak: float, bandwidth: float, counted: float, model: float) -> dict:
+def _analyse(compiled, peak: float, bandwidth: float, counted: float, model: float,
+             kernel: float = 0.0) -> dict:
     """Per-chip figures of ``compiled``; ``counted`` / ``model``: the program's / the model's FLOPs per chip
-    from the jaxpr (loop trip counts included; the model's without remat recomputation)."""
+    from the jaxpr (loop trip counts included; the model's without remat recomputation and with XLA attention
+    at the real lengths); ``kernel``: the part of ``counted`` in custom (Pallas / Mosaic) kernels.
+
+    Time model: XLA's time (``optimal_seconds`` where positive, else the roofline of its counts) covers the
+    XLA part of one loop iteration and is scaled to the XLA part of the whole program (``counted - kernel``
+    over XLA's FLOPs); custom kernels, whose cost XLA cannot see, are timed from their FLOPs at the chip's
+    peak (a compute-bound floor, i.e. an optimistic figure for them). ``time_model`` says which applied."""
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
@@ -116,12 +125,17 @@ def _analyse(compiled, peak: float, bandwidth: float, counted: float, model: flo
     out["time_s"] = out["optimal_seconds"] or roofline
     out["time_source"] = ("xla optimal_seconds" if out["optimal_seconds"]
                           else "roofline max(flops/peak, bytes/HBM bandwidth)")
-    # XLA's time covers its count (loop bodies once): scale it to the whole program's FLOPs
-    factor = max(1.0, counted / out["flops"]) if out["flops"] else None
+    # XLA's time covers its count (loop bodies once): scale it to the XLA part of the whole program
+    xla_part = counted - kernel
+    factor = max(1.0, xla_part / out["flops"]) if out["flops"] else None
     out["program_flops"], out["model_flops"], out["loop_factor"] = counted, model, factor
-    out["est_s"] = out["time_s"] * factor if factor and out["time_s"] else counted / peak
+    out["kernel_flops"], out["kernel_s"] = kernel, kernel / peak
+    xla_s = out["time_s"] * factor if factor and out["time_s"] else xla_part / peak
+    out["est_s"] = xla_s + out["kernel_s"]
     out["compute_bound_s"] = counted / peak
     out["mfu"] = model / peak / out["est_s"]
+    out["time_model"] = (f"XLA part: {out['time_source']} x {factor or 1:.3g} (loop trip counts)"
+                         + (f"; custom kernels: {kernel:.3g} FLOPs (from shapes) at peak" if kernel else ""))
     return out
 
 
@@ -153,23 +167,32 @@ def plan(config, topology: str) -> dict:
            "hbm_bytes": hbm, "rollouts_per_step": n, "rollout_chunk": chunk,
            "rollout_calls": -(-n // chunk)}
     bw, chips = HBM_BW[chip], len(devices)
-    train, roll = _programs(config, fam, cfg, mesh, n, chunk, str(config.model.remat_policy))
-    model_train = None  # the model FLOPs of MFU: the same step without remat recomputation
-    if str(config.model.remat_policy) != "none":
-        model_train = traced_flops(*_programs(config, fam, cfg, mesh, n, chunk, "none")[0]).flops / chips
+    from awm_jax.models.attention import resolve
+
+    attention = str(config.model.attention)
+    train, roll = _programs(config, fam, cfg, mesh, n, chunk, str(config.model.remat_policy), attention)
+    # the model FLOPs of MFU: the same programs without remat recomputation and with XLA attention (the real,
+    # unpadded lengths: a kernel's padding is work the chip does, not model FLOPs)
+    model_train = model_roll = None
+    kernel = resolve(attention, mesh=mesh) not in ("xla",)
+    if str(config.model.remat_policy) != "none" or kernel:
+        model_train, model_roll = _programs(config, fam, cfg, mesh, n, chunk, "none", "xla")
+        model_train = traced_flops(*model_train).flops / chips
+        model_roll = traced_flops(*model_roll).flops / chips if kernel else None
+    res["attention"] = resolve(attention, mesh=mesh)
     with warnings.catch_warnings():
         # where a persistent compilation cache is on in this process (the trainer's, the test suite's), jax
         # finds a topology's executable there but cannot load it without a TPU client: it warns and compiles
         warnings.filterwarnings("ignore", message="Error reading persistent compilation cache entry")
         res["train_step"] = _compiled(train, peak, bw, chips, model_train)
-        res["rollout"] = _compiled(roll, peak, bw, chips, None)
+        res["rollout"] = _compiled(roll, peak, bw, chips, model_roll)
     res["fits"] = all(res[k].get("error") is None and res[k]["peak_bytes"] <= hbm
                       for k in ("train_step", "rollout"))
     res["step_s"] = loop_step_s(res)
     return res
 
 
-def _programs(config, fam, cfg, mesh, n: int, chunk: int, remat: str):
+def _programs(config, fam, cfg, mesh, n: int, chunk: int, remat: str, attention: str):
     """``((train step, args), (rollout, args))``: the jitted programs and their abstract arguments."""
     import jax
     from flax import nnx
@@ -178,7 +201,8 @@ def _programs(config, fam, cfg, mesh, n: int, chunk: int, remat: str):
 
     model = nnx.eval_shape(lambda: fam.build(cfg, rngs=nnx.Rngs(0), dtype=ts._dtype(config.model.dtype),
                                              param_dtype=ts._dtype(config.model.param_dtype),
-                                             scan_layers=bool(config.model.scan_layers), remat_policy=remat))
+                                             scan_layers=bool(config.model.scan_layers), remat_policy=remat,
+                                             attention=attention))
     graphdef, base_state, state = ts.create_train_state(model, config)
     batch, key, roll, neg = _abstract_inputs(config, graphdef, fam, cfg, n, chunk)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
@@ -198,11 +222,12 @@ def _compiled(program, peak: float, bandwidth: float, chips: int, model: float |
     fn, *args = program
     t0 = time.perf_counter()
     traced = fn.trace(*args)
-    counted = jaxpr_flops(traced.jaxpr).flops / chips
+    count = jaxpr_flops(traced.jaxpr)
+    counted, kernel = count.flops / chips, count.kernel_flops / chips
     model = model or counted
     try:
         compiled = traced.lower().compile()
-        out = _analyse(compiled, peak, bandwidth, counted, model)
+        out = _analyse(compiled, peak, bandwidth, counted, model, kernel)
         out["compile_s"] = time.perf_counter() - t0
         return out
     except jax.errors.JaxRuntimeError as e:
@@ -213,7 +238,8 @@ def _compiled(program, peak: float, bandwidth: float, chips: int, model: float |
 
 def _fmt(res: dict) -> str:
     gib = 2**30
-    lines = [f"plan for {res['topology']}: {res['chips']} chips, mesh {res['mesh']}, "
+    lines = [f"plan for {res['topology']}: {res['chips']} chips, mesh {res['mesh']}, attention "
+             f"{res['attention']}, "
              f"{res['rollouts_per_step']} rollouts per step ({res['rollout_calls']} rollout calls of "
              f"{res['rollout_chunk']}); per chip, HBM {res['hbm_bytes'] / gib:.1f} GiB, "
              f"peak {res['peak_flops'] / 1e12:.0f} TFLOP/s bf16"]
@@ -228,8 +254,8 @@ def _fmt(res: dict) -> str:
         lines.append(f"    FLOPs per chip: {r['program_flops']:.4g} (jaxpr, loops included), model "
                      f"{r['model_flops']:.4g}; XLA (loop bodies once): {r['flops']:.4g} FLOPs, "
                      f"{r['bytes_accessed']:.4g} bytes, {r['time_s']:.4g} s ({r['time_source']})")
-        lines.append(f"    est. {r['est_s']:.4g} s (XLA's time x {r['loop_factor'] or 1:.3g}; compute-bound "
-                     f"{r['compute_bound_s']:.4g} s); MFU {100 * r['mfu']:.1f}%")
+        lines.append(f"    est. {r['est_s']:.4g} s ({r['time_model']}; compute-bound "
+                     f"{r['compute_bound_s']:.4g} s); modeled MFU {100 * r['mfu']:.1f}%")
     if res["fits"]:
         lines.append(f"fits; one loop step ~{res['step_s']:.4g} s per chip ({res['rollout_calls']} rollout "
                      "calls + the train step; decode, text encoding and scoring not included)")

@@ -217,6 +217,8 @@ def add_common_args(p) -> None:
     p.add_argument("--out", default=None, help="results JSONL (default benchmarks/results/<name>.jsonl; "
                                                "'-' to write nothing)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attention", default="auto", choices=["auto", "xla", "splash", "cudnn"],
+                   help="the Flax model's attention kernel (config key model.attention)")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's own choice = all cores)")
 

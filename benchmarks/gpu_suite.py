@@ -3,6 +3,7 @@
 
     python benchmarks/gpu_suite.py --out-dir benchmarks/results/gpu   # one H100/H200: sd35m, bf16, cuda
     python benchmarks/gpu_suite.py --dry                              # CPU: tiny preset, same code path
+    python benchmarks/gpu_suite.py --attention xla --out-dir ...      # the XLA-attention rows (auto: cuDNN)
 
 Parts (each the project's benchmark of that piece, called in process): the transformer forward at 512 px,
 B = 8 (``mmdit_forward.run_benchmark``: parity with diffusers, medians, peak memory where the backend
@@ -36,10 +37,19 @@ import sampler_rollout as R  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_suite(dry: bool, out_dir: str, runs: int = 3, budget_s: float = 420.0) -> dict:
-    """Run the parts; write ``gpu_suite.json`` and ``gpu_suite.md`` in ``out_dir``; return the record."""
-    common = dict(dtype="fp32", device="cpu", out=None, verbose=False) if dry else dict(
-        dtype="bf16", device="cuda", out=None, verbose=True)
+def run_suite(dry: bool, out_dir: str, runs: int = 3, budget_s: float = 420.0,
+              attention: str = "auto") -> dict:
+    """Run the parts; write ``gpu_suite.json`` and ``gpu_suite.md`` in ``out_dir``; return the record.
+    ``attention``: the JAX side's kernel (``model.attention``; ``cudnn`` = cuDNN flash, ``xla`` = XLA's
+    attention, ``auto`` = cuDNN for bf16 on a GPU)."""
+    from awm_jax.models.attention import resolve
+
+    if dry and attention in ("cudnn", "splash"):
+        raise ValueError(f"--attention {attention} needs its accelerator (cudnn: an NVIDIA GPU with bf16); "
+                         "--dry runs fp32 on the CPU: use --attention xla or auto")
+    resolve(attention)
+    common = dict(dtype="fp32", device="cpu", out=None, verbose=False, attention=attention) if dry else dict(
+        dtype="bf16", device="cuda", out=None, verbose=True, attention=attention)
     preset = "tiny" if dry else "sd35m"
     t0 = time.time()
     jobs = {
@@ -48,8 +58,9 @@ def run_suite(dry: bool, out_dir: str, runs: int = 3, budget_s: float = 420.0) -
         "rollout_14": lambda: R.run_benchmark(preset, steps=14, batch=2 if dry else 24,
                                               resolution=None if dry else 512, runs=1 if dry else runs,
                                               warmup=1, **common),
-        "awm_train_step": lambda: run_train_step("awm", dry, 1 if dry else runs),
-        "flow_grpo_train_step": lambda: run_train_step("flow_grpo", dry, 1 if dry else runs),
+        "awm_train_step": lambda: run_train_step("awm", dry, 1 if dry else runs, attention=attention),
+        "flow_grpo_train_step": lambda: run_train_step("flow_grpo", dry, 1 if dry else runs,
+                                                       attention=attention),
     }
     parts, skipped = {}, []
     for name, job in jobs.items():
@@ -58,11 +69,12 @@ def run_suite(dry: bool, out_dir: str, runs: int = 3, budget_s: float = 420.0) -
             continue
         parts[name] = job()
     rec = {"suite": "gpu_suite", "dry": dry, "preset": preset, "wall_s": time.time() - t0, "parts": parts,
-           "skipped": skipped, "budget_s": budget_s}
+           "skipped": skipped, "budget_s": budget_s, "attention": attention}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "gpu_suite.json"), "w") as f:
         json.dump(rec, f, indent=1, default=str)
-    lines = ["| part | impl | median s | torch / jax | parity rel max err | MFU | peak GB |",
+    lines = [f"JAX attention: {attention} (model.attention)", "",
+             "| part | impl | median s | torch / jax | parity rel max err | MFU | peak GB |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for name, p in parts.items():
         jax_s = p["jax"]["median_s"]
@@ -95,7 +107,7 @@ def _peak_flops(device_kind: str) -> float | None:
     return None
 
 
-def _train_config(algo: str, dry: bool, n: int, remat: str):
+def _train_config(algo: str, dry: bool, n: int, remat: str, attention: str = "auto"):
     """The shipped SD3.5-M GenEval config of ``algo`` (LoRA r 32, K = 6 / 9 SDE steps), one device,
     ``n`` samples per optimizer step in one micro-batch."""
     from awm_jax import config_lib
@@ -104,6 +116,7 @@ def _train_config(algo: str, dry: bool, n: int, remat: str):
     c = config_lib.load_config(os.path.join(ROOT, "configs", name))
     c.model.dtype = "float32" if dry else "bfloat16"
     c.model.remat_policy = remat
+    c.model.attention = attention
     c.lora.rank = 32
     c.mesh.data = 1
     c.train.micro_batch_size = n
@@ -127,14 +140,16 @@ def _model_flops(model, c, mesh, neg, base, batch, key) -> float:
 
     fam = get_family(str(c.model.kind))
     plain = nnx.eval_shape(lambda: fam.build(model.config, rngs=nnx.Rngs(0), dtype=model.dtype,
-                                             param_dtype=model.param_dtype, remat_policy="none"))
+                                             param_dtype=model.param_dtype, remat_policy="none",
+                                             attention="xla"))
     graphdef, _, state = ts.create_train_state(plain, c)
     step = ts.make_train_step(graphdef, c, mesh, negative=neg)
     spec = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), (state, base, batch))
     return traced_flops(step, *spec, jax.eval_shape(lambda: key)).flops
 
 
-def _jax_train(algo: str, tm, preset: str, dry: bool, n: int, remat: str, runs: int, seed: int = 0):
+def _jax_train(algo: str, tm, preset: str, dry: bool, n: int, remat: str, runs: int, seed: int = 0,
+               attention: str = "auto"):
     """Time the project's train step (``awm_jax.rl.train_step``) on random rollouts; its model FLOPs
     (:func:`_model_flops`)."""
     import tempfile
@@ -145,11 +160,12 @@ def _jax_train(algo: str, tm, preset: str, dry: bool, n: int, remat: str, runs: 
     from awm_jax.models import load_transformer
     from awm_jax.rl import train_step as ts
 
-    c = _train_config(algo, dry, n, remat)
+    c = _train_config(algo, dry, n, remat, attention)
     with tempfile.TemporaryDirectory() as d:
         tm.save_pretrained(d)
         model = load_transformer(d, dtype=U.jax_dtype("fp32" if dry else "bf16"),
-                                 param_dtype=U.jax_dtype("fp32" if dry else "bf16"), remat_policy=remat)
+                                 param_dtype=U.jax_dtype("fp32" if dry else "bf16"), remat_policy=remat,
+                                 attention=attention)
     graphdef, base, state = ts.create_train_state(model, c)
     inp = F.make_inputs(preset, n, F.preset(preset)["resolution"] if dry else 512,
                         F.preset(preset)["seq_len"], seed)
@@ -309,16 +325,16 @@ def _torch_train(algo: str, tm, c, preset: str, dry: bool, n: int, runs: int, co
     return out
 
 
-def run_train_step(algo: str, dry: bool, runs: int, seed: int = 0) -> dict:
+def run_train_step(algo: str, dry: bool, runs: int, seed: int = 0, attention: str = "auto") -> dict:
     """One train-step part: JAX step vs the PyTorch reference step, MFU from XLA's FLOPs."""
     import jax
 
     preset = "tiny" if dry else "sd35m"
     n = 2 if dry else 8 if algo == "awm" else 4
     remat = "none" if dry else "full"
-    rec: dict = {"algo": algo, "preset": preset, "samples": n, "remat_policy": remat}
+    rec: dict = {"algo": algo, "preset": preset, "samples": n, "remat_policy": remat, "attention": attention}
     rec["jax"], c = _jax_train(algo, F.build_torch_transformer(preset, seed), preset, dry, n, remat, runs,
-                               seed)
+                               seed, attention)
     rec.update(_torch_train(algo, F.build_torch_transformer(preset, seed), c, preset, dry, n, runs,
                             compile=not dry, seed=seed))
     kind = jax.devices()[0].device_kind
@@ -339,8 +355,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=420.0, help="start no part after this many seconds")
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results", "gpu"))
+    ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"],
+                    help="the JAX kernel (model.attention): cudnn vs xla rows; run the suite once per value")
     a = ap.parse_args(argv)
-    rec = run_suite(a.dry, a.out_dir, a.runs, a.budget_s)
+    rec = run_suite(a.dry, a.out_dir, a.runs, a.budget_s, a.attention)
     print(open(os.path.join(a.out_dir, "gpu_suite.md")).read())
     return rec
 

@@ -129,8 +129,10 @@ def torch_forward(model, inputs, dtype, device):
 def run_benchmark(preset_name: str = "tiny", *, batch: int | None = None, resolution: int | None = None,
                   seq_len: int | None = None, dtype: str = "fp32", runs: int = 5, warmup: int = 2,
                   compile: bool = True, device: str = "cpu", seed: int = 0, out: str | None = None,
-                  torch_threads: int | None = None, verbose: bool = True) -> dict[str, Any]:
-    """Parity + timings of one forward; returns (and appends to ``out``) the result record.
+                  torch_threads: int | None = None, verbose: bool = True,
+                  attention: str = "auto") -> dict[str, Any]:
+    """Parity + timings of one forward; returns (and appends to ``out``) the result record. ``attention``: the
+    Flax model's kernel (``model.attention``: auto|xla|splash|cudnn).
 
     The record holds ``parity_rel_max_err`` (Flax vs diffusers, same dtype), ``jax`` / ``torch_eager`` /
     ``torch_compile`` timing dicts (``median_s``, ``min_s``, ``first_s``, ``times_s`` or ``error``),
@@ -139,6 +141,8 @@ def run_benchmark(preset_name: str = "tiny", *, batch: int | None = None, resolu
     import jax.numpy as jnp
     import torch
 
+    from awm_jax.models.attention import resolve, set_attention
+
     p = preset(preset_name)
     batch, resolution = batch or p["batch"], resolution or p["resolution"]
     seq_len = seq_len or p["seq_len"]
@@ -146,7 +150,7 @@ def run_benchmark(preset_name: str = "tiny", *, batch: int | None = None, resolu
     U.set_torch_threads(torch_threads)
 
     tm = build_torch_transformer(preset_name, seed)
-    fm = convert_to_flax(tm, dtype)
+    fm = set_attention(convert_to_flax(tm, dtype), attention)
     tm = tm.to(device=dev, dtype=tdt)
     inp = make_inputs(preset_name, batch, resolution, seq_len, seed + 1)
     t_in = {k: torch.from_numpy(v).to(dev, tdt if k != "timestep" else torch.float32) for k, v in inp.items()}
@@ -166,7 +170,7 @@ def run_benchmark(preset_name: str = "tiny", *, batch: int | None = None, resolu
         "resolution": resolution, "latent": resolution // VAE_FACTOR, "seq_len": seq_len, "dtype": dtype,
         "image_tokens": (resolution // VAE_FACTOR // p["config"]["patch_size"]) ** 2,
         "n_params": sum(x.numel() for x in tm.parameters()), "parity_rel_max_err": err, "finite": finite,
-        "runs": runs, "warmup": warmup,
+        "runs": runs, "warmup": warmup, "attention": resolve(attention, jdt),
     }
     rec["jax"] = U.time_calls(lambda: fn(state, *j_in), runs, warmup, jax.block_until_ready)
     rec["jax"]["first_s"] = jax_first
@@ -204,7 +208,8 @@ def main(argv=None) -> dict[str, Any]:
     a = ap.parse_args(argv)
     return run_benchmark(a.preset, batch=a.batch, resolution=a.resolution, seq_len=a.seq_len, dtype=a.dtype,
                          runs=a.runs, warmup=a.warmup, compile=not a.no_compile, device=a.device, seed=a.seed,
-                         out=U.out_path(a.out, "mmdit_forward"), torch_threads=a.torch_threads)
+                         out=U.out_path(a.out, "mmdit_forward"), torch_threads=a.torch_threads,
+                         attention=a.attention)
 
 
 if __name__ == "__main__":

@@ -46,8 +46,8 @@ def row(rec: dict) -> str:
 
 HEADER = ("| model | topology | mesh | overrides | train step peak / chip (compile) "
           "| rollout peak / chip (compile) | train FLOPs / chip: model / with remat "
-          "| train s / chip: compute-bound / XLA est. | train MFU at XLA est. "
-          "| rollout calls x s: compute-bound / XLA est. | rollouts per loop step in (XLA est.) |\n"
+          "| train s / chip: compute-bound / modeled | train modeled MFU "
+          "| rollout calls x s: compute-bound / modeled | rollouts per loop step in (modeled) |\n"
           + "|---" * 11 + "|")
 
 

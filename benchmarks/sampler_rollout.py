@@ -50,8 +50,10 @@ def run_benchmark(preset_name: str = "tiny", *, steps: int = 10, shift: float = 
                   batch: int | None = None, resolution: int | None = None, seq_len: int | None = None,
                   dtype: str = "fp32", runs: int = 3, warmup: int = 1, device: str = "cpu", seed: int = 0,
                   out: str | None = None,
-                  torch_threads: int | None = None, verbose: bool = True) -> dict[str, Any]:
-    """Parity + timings of an ``steps``-step rollout; returns (and appends to ``out``) the result record."""
+                  torch_threads: int | None = None, verbose: bool = True,
+                  attention: str = "auto") -> dict[str, Any]:
+    """Parity + timings of an ``steps``-step rollout; returns (and appends to ``out``) the result record.
+    ``attention``: the Flax model's kernel (``model.attention``)."""
     import jax
     import jax.numpy as jnp
     import torch
@@ -67,7 +69,9 @@ def run_benchmark(preset_name: str = "tiny", *, steps: int = 10, shift: float = 
     U.set_torch_threads(torch_threads)
 
     tm = F.build_torch_transformer(preset_name, seed)
-    fm = F.convert_to_flax(tm, dtype)
+    from awm_jax.models.attention import resolve, set_attention
+
+    fm = set_attention(F.convert_to_flax(tm, dtype), attention)
     tm = tm.to(device=dev, dtype=tdt)
     inp = F.make_inputs(preset_name, batch, resolution, seq_len, seed + 1)
     grid = np.asarray(shifted_grid(steps, shift), np.float32)
@@ -98,6 +102,7 @@ def run_benchmark(preset_name: str = "tiny", *, steps: int = 10, shift: float = 
         "n_params": sum(x.numel() for x in tm.parameters()),
         "parity_rel_max_err": U.rel_max_err(j_out, t_out),
         "finite": bool(np.isfinite(j_out).all() and np.isfinite(t_out).all()), "runs": runs, "warmup": warmup,
+        "attention": resolve(attention, jdt),
     }
     rec["jax"] = U.time_calls(jrun, runs, warmup, jax.block_until_ready)
     rec["jax"]["first_s"] = jax_first
@@ -131,7 +136,8 @@ def main(argv=None) -> dict[str, Any]:
         print("note: sampler_rollout times torch eager only (--no-compile implied)")
     return run_benchmark(a.preset, steps=a.steps, shift=a.shift, batch=a.batch, resolution=a.resolution,
                          seq_len=a.seq_len, dtype=a.dtype, runs=a.runs, warmup=a.warmup, device=a.device,
-                         seed=a.seed, out=U.out_path(a.out, "sampler_rollout"), torch_threads=a.torch_threads)
+                         seed=a.seed, out=U.out_path(a.out, "sampler_rollout"), torch_threads=a.torch_threads,
+                         attention=a.attention)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
     m.param_dtype = "float32"  # storage dtype of the parameters
     m.text_cache_mb = 2048.0  # in-memory LRU cache of prompt embeddings, bounded in MiB (0 = no cache)
     m.scan_layers = False  # stack identical blocks and run them with nnx.scan (faster compiles)
+    # |save_attention (recompute each block in the backward except its attention: kernel output kept)
     m.remat_policy = "none"  # per-block activation checkpointing: none|full|dots_saveable|nothing_saveable
+    # |cudnn; splash: Pallas TPU flash kernel (interpret mode off TPU: slow, tests); cudnn: 16-bit only
+    m.attention = "auto"  # attention kernel (models/attention.py): auto (TPU splash, GPU cudnn)|xla|splash
     m.guidance = 3.5  # distilled guidance fed to the model (FLUX.1-dev); families without it ignore the key
 
     c.lora = lo = ml_collections.ConfigDict()
@@ -244,6 +247,9 @@ def base_config() -> ml_collections.ConfigDict:
     ms.data = -1  # data-parallel axis size (-1 = all remaining devices)
     ms.fsdp = 1  # parameter-sharded data parallel
     ms.tensor = 1  # tensor parallel
+    # batch-shard the blocks' activations (parallel.constrain: per-layer FSDP gathers, BENCHMARKS "TPU plan");
+    # off by default: on the CPU backend a data 2 x fsdp 2 x tensor 2 mesh then gave wrong gradients
+    ms.constrain_activations = False  # with_sharding_constraint on the residual stream / q,k,v / MLP hidden
 
     c.compile = cp = ml_collections.ConfigDict()
     # JAX persistent compilation cache (awm_jax.compile_cache), shared by all workdirs: "" = per-user

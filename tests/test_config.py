@@ -196,6 +196,10 @@ def test_model_shapes_from_config(path):
         # the reference's attn.* targets: 24 blocks x 8 projections - the last block's to_add_out = 191
         # layers, each r (in + out) = 32 x (1536 + 1536) (attn2 of the 13 dual blocks not adapted)
         assert n_lora == 191 * 32 * (1536 + 1536), n_lora
+    elif cfg.model.arch == "sd3.5-large":  # stabilityai/stable-diffusion-3.5-large: 8.1B parameters
+        assert arch["num_layers"] == 38 and arch["num_attention_heads"] * arch["attention_head_dim"] == 2432
+        assert 8.0e9 < n_base < 8.3e9, n_base
+        assert n_lora == (38 * 8 - 1) * 32 * (2432 + 2432), n_lora  # the same attn.* targets, 38 blocks
     elif cfg.model.arch == "flux.1-dev":
         assert 11.8e9 < n_base < 12.0e9, n_base  # FLUX.1-dev transformer: 11.9B parameters
         assert 100e6 < n_lora < 400e6, n_lora  # r=64 on attention + feed-forward of 19 + 38 blocks

@@ -16,7 +16,7 @@ import gpu_suite  # noqa: E402
 @pytest.fixture(scope="module")
 def dry(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu")
-    return gpu_suite.run_suite(dry=True, out_dir=str(out)), out
+    return gpu_suite.run_suite(dry=True, out_dir=str(out), attention="xla"), out
 
 
 def test_gpu_suite_dry(dry):
@@ -30,6 +30,16 @@ def test_gpu_suite_dry(dry):
         assert p["jax"]["median_s"] > 0 and p["torch_eager"]["median_s"] > 0
     table = open(out / "gpu_suite.md").read()
     assert "| forward | torch_eager |" in table and "| rollout_14 | jax |" in table
+    assert table.startswith("JAX attention: xla") and saved["attention"] == "xla"
+    assert rec["parts"]["forward"]["attention"] == "xla"
+    assert rec["parts"]["awm_train_step"]["attention"] == "xla"
+
+
+def test_cudnn_rows_need_a_gpu(tmp_path):
+    with pytest.raises(ValueError, match="--attention cudnn needs its accelerator"):
+        gpu_suite.run_suite(dry=True, out_dir=str(tmp_path), attention="cudnn")
+    with pytest.raises(SystemExit):  # argparse: only auto / xla / cudnn
+        gpu_suite.main(["--dry", "--attention", "flash", "--out-dir", str(tmp_path)])
 
 
 def test_train_step_parts(dry):

@@ -10,6 +10,7 @@ from awm_jax import plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config", os.path.join(ROOT, "configs", "toy.py"), "--config.model.path=",
+        "--config.model.attention=xla",
         "--config.data.prompts_per_step=2", "--config.data.group_size=4", "--config.sample.batch_size=1",
         "--config.sample.num_steps=3", "--config.train.micro_batch_size=1", "--config.awm.train_timesteps=2"]
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -76,3 +77,23 @@ def test_scanned_layers_with_remat_plan(tmp_path):
     assert res["train_step"]["flops"] > 0 and res["train_step"]["compile_s"] > 0
     t = res["train_step"]  # full remat recomputes each block's forward in the backward pass
     assert 1.05 * t["model_flops"] < t["program_flops"] < 2 * t["model_flops"]
+
+
+def test_splash_plan_times_the_kernel_from_its_shapes(tmp_path):
+    """``model.attention = auto`` picks splash for a TPU topology; the Mosaic kernels compile inside
+    shard_map, their FLOPs are counted from shapes (XLA's own count of them is not used) and timed apart."""
+    if not HAS_LIBTPU:
+        pytest.xfail("needs libtpu (pip install 'jax[tpu]'); the install hint is tested above")
+    out = tmp_path / "plan.json"
+    args = TINY + ["--config.model.attention=auto", "--topology", "v5e:2x2", "--json", str(out)]
+    assert plan.main(args) == 0
+    import json
+
+    res = json.load(open(out))
+    assert res["attention"] == "splash"
+    for k in ("train_step", "rollout"):
+        r = res[k]
+        assert r["kernel_flops"] > 0 and "custom kernels" in r["time_model"]
+        assert r["est_s"] >= r["kernel_s"] == pytest.approx(r["kernel_flops"] / res["peak_flops"])
+        # model FLOPs: XLA attention at the real lengths; the kernel also computes the padded blocks
+        assert r["model_flops"] < r["program_flops"]

@@ -28,12 +28,16 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-from awm_jax.models.layers import Dense, LayerNorm, RMSNorm, attention, gelu_tanh, timestep_embedding
+from awm_jax import parallel
+from awm_jax.models.attention import SPLASH_RESIDUALS, dot_product_attention, resolve
+from awm_jax.models.layers import Dense, LayerNorm, RMSNorm, gelu_tanh, timestep_embedding
 from awm_jax.models.lora import lora_for
 
 EPS = 1e-6
-REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable", "save_attention")
+ATTENTION_OUT = "attention_out"  # jax.ad_checkpoint name of every Attention's kernel output
 QK_NORMS = (None, "rms_norm", "layer_norm", "fp32_layer_norm")
 
 # modulation field names of the adaLN-Zero variants (in diffusers' chunk order)
@@ -141,7 +145,7 @@ class GELU(nnx.Module):
         self.proj = linear(d, inner, ("embed", "mlp"), f"{path}.proj", ctx)
 
     def __call__(self, x):
-        return gelu_tanh(self.proj(x))
+        return parallel.constrain(gelu_tanh(self.proj(x)), ("batch",) + (None,) * (x.ndim - 2) + ("mlp",))
 
 
 class FeedForward(nnx.Module):
@@ -200,6 +204,9 @@ class Attention(nnx.Module):
     context-pre-only last block). ``rotary=(cos, sin)`` (over the joint sequence, in its order) is applied to
     q and k after their norms; ``mask`` (B, S) is an optional boolean key mask over that sequence.
     ``use_bias`` / ``out_bias``: biases of the q/k/v and output projections; ``qk_eps``: the q/k norms' eps.
+    The kernel is the build context's ``"attention"`` (``model.attention``; see
+    :mod:`awm_jax.models.attention`), stored as the static attribute ``attention_kernel``; a key ``mask`` runs
+    on the XLA path whatever the kernel.
     """
 
     def __init__(self, d: int, heads: int, head_dim: int, path: str, ctx: dict, *, qk_norm_kind=None,
@@ -208,6 +215,7 @@ class Attention(nnx.Module):
         inner = heads * head_dim
         self.heads, self.head_dim, self.dtype = heads, head_dim, ctx["dtype"]
         self.joint, self.context_first = joint, context_first
+        self.attention_kernel = ctx.get("attention", "xla")
         self.to_q = linear(d, inner, ("embed", "heads"), f"{path}.to_q", ctx, use_bias)
         self.to_k = linear(d, inner, ("embed", "heads"), f"{path}.to_k", ctx, use_bias)
         self.to_v = linear(d, inner, ("embed", "heads"), f"{path}.to_v", ctx, use_bias)
@@ -245,7 +253,10 @@ class Attention(nnx.Module):
             q, k, v = (jnp.concatenate(order(a, c), axis=1) for a, c in ((q, cq), (k, ck), (v, cv)))
         if rotary is not None:
             q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
-        o = attention(q, k, v, dtype=self.dtype or x.dtype, mask=mask)
+        q, k, v = (parallel.constrain(a, ("batch", None, "heads", None)) for a in (q, k, v))
+        o = dot_product_attention(q, k, v, implementation=self.attention_kernel, dtype=self.dtype or x.dtype,
+                                  mask=mask)
+        o = checkpoint_name(o, ATTENTION_OUT)
         o = o.reshape(*o.shape[:2], self.heads * self.head_dim)
         if context is None:
             return (o if self.to_out is None else self.to_out[0](o)), None
@@ -262,25 +273,37 @@ class Attention(nnx.Module):
 
 
 def model_context(model: nnx.Module, config, *, rngs, dtype, param_dtype, scan_layers: bool,
-                  remat_policy: str, lora) -> dict:
+                  remat_policy: str, lora, attention: str = "xla") -> dict:
     """Set the attributes every family's transformer carries (``config, dtype, param_dtype, scan_layers,
-    remat_policy, lora``: what ``ModelFamily.rebuild_kwargs`` reads) and return the build context."""
+    remat_policy, lora, attention``: what ``ModelFamily.rebuild_kwargs`` reads) and return the build
+    context."""
     block_caller(remat_policy)  # validate early
+    resolve(attention)
     model.config, model.dtype, model.param_dtype = config, dtype, param_dtype
     model.scan_layers, model.remat_policy, model.lora = bool(scan_layers), remat_policy, lora
-    return {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs, "lora": lora}
+    model.attention = attention
+    return {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs, "lora": lora, "attention": attention}
 
 
 def remat_policy(name: str):
     """``jax.checkpoint`` policy of a ``remat_policy`` name (validated); ``"none"`` and ``"full"`` -> None."""
     if name not in REMAT_POLICIES:
         raise ValueError(f"remat_policy={name!r} unsupported; one of {REMAT_POLICIES}")
+    if name == "save_attention":  # recompute the block but the attention (its output, splash's residuals)
+        return jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT, SPLASH_RESIDUALS)
     return {"dots_saveable": jax.checkpoint_policies.dots_saveable,
             "nothing_saveable": jax.checkpoint_policies.nothing_saveable}.get(name)
 
 
+def stream_names(ndim: int) -> tuple:
+    """Logical names of a batch-leading activation (the residual stream ``(B, L, D)``): batch only."""
+    return ("batch",) + (None,) * (ndim - 1)
+
+
 def _call(block, *args):
-    return block(*args)
+    # the streams a block returns stay batch-sharded on (data, fsdp) (parallel.constrain; no-op without an
+    # activation mesh), so XLA gathers each layer's FSDP-sharded weights inside the layer loop
+    return tuple(parallel.constrain(o, stream_names(o.ndim)) for o in block(*args))
 
 
 def block_caller(policy: str) -> Callable:

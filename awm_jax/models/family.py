@@ -69,16 +69,22 @@ class ModelFamily:
         raise NotImplementedError
 
     def build(self, cfg, *, rngs: nnx.Rngs, dtype=None, param_dtype=None, lora=None,
-              scan_layers: bool = False, remat_policy: str = "none") -> nnx.Module:
-        """A new (randomly initialised) transformer of config ``cfg``."""
+              scan_layers: bool = False, remat_policy: str = "none",
+              attention: str | None = None) -> nnx.Module:
+        """A new (randomly initialised) transformer of config ``cfg``; ``attention``: the kernel of every
+        shared ``Attention`` module (``model.attention``; None: the model class's default, XLA)."""
+        from awm_jax.models.attention import set_attention
+
         kw = {k: v for k, v in dict(dtype=dtype, param_dtype=param_dtype).items() if v is not None}
-        return self.model_class(cfg, rngs=rngs, lora=lora, scan_layers=scan_layers, remat_policy=remat_policy,
-                                **kw)
+        model = self.model_class(cfg, rngs=rngs, lora=lora, scan_layers=scan_layers,
+                                 remat_policy=remat_policy, **kw)
+        return model if attention is None else set_attention(model, attention)
 
     def rebuild_kwargs(self, model: nnx.Module) -> dict:
         """Keyword arguments of :meth:`build` (besides ``rngs``) that rebuild ``model``'s architecture."""
         return dict(cfg=model.config, dtype=model.dtype, param_dtype=model.param_dtype,
-                    scan_layers=model.scan_layers, remat_policy=model.remat_policy, lora=model.lora)
+                    scan_layers=model.scan_layers, remat_policy=model.remat_policy, lora=model.lora,
+                    attention=getattr(model, "attention", None))
 
     def architecture(self, arch: str) -> dict:
         """The diffusers config dict of a named architecture (``config.model.arch``)."""

@@ -249,10 +249,12 @@ class FluxTransformer2DModel(nnx.Module):
     """Flax NNX port of diffusers' ``FluxTransformer2DModel`` (see the module docstring)."""
 
     def __init__(self, config: FluxConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 scan_layers: bool = False, remat_policy: str = "none", lora: LoRAConfig | None = None):
+                 scan_layers: bool = False, remat_policy: str = "none", lora: LoRAConfig | None = None,
+                 attention: str = "xla"):
         config = FluxConfig.from_dict(config) if isinstance(config, dict) else config
         ctx = model_context(self, config, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                            scan_layers=scan_layers, remat_policy=remat_policy, lora=lora)
+                            scan_layers=scan_layers, remat_policy=remat_policy, lora=lora,
+                            attention=attention)
         d = config.inner_dim
         self.x_embedder = linear(config.in_channels, d, (None, "embed"), "x_embedder", ctx)
         self.time_text_embed = TimestepTextEmbedding(d, config.pooled_projection_dim, "time_text_embed", ctx,

@@ -234,10 +234,12 @@ class SD3Transformer2DModel(nnx.Module):
     """Flax NNX port of diffusers' ``SD3Transformer2DModel`` (see module docstring)."""
 
     def __init__(self, config: SD3Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 scan_layers: bool = False, remat_policy: str = "none", lora: LoRAConfig | None = None):
+                 scan_layers: bool = False, remat_policy: str = "none", lora: LoRAConfig | None = None,
+                 attention: str = "xla"):
         config = SD3Config.from_dict(config) if isinstance(config, dict) else config
         ctx = model_context(self, config, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                            scan_layers=scan_layers, remat_policy=remat_policy, lora=lora)
+                            scan_layers=scan_layers, remat_policy=remat_policy, lora=lora,
+                            attention=attention)
         d = config.inner_dim
         self.pos_embed = PatchEmbed(config, ctx)
         self.time_text_embed = TimestepTextEmbedding(d, config.pooled_projection_dim, "time_text_embed", ctx)
@@ -359,6 +361,12 @@ class SD3Family(ModelFamily):
             num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
             pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
             dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+        # stabilityai/stable-diffusion-3.5-large transformer/config.json (diffusers 0.31.0.dev0, "SD3.5 Large
+        # Public Release"): 38 MMDiT blocks of 38 heads x 64 = 2432 wide, no dual attention, RMS q/k norms
+        "sd3.5-large": dict(
+            sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+            num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+            pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm"),
     }
     vae_scale_factor = 8
     pipeline_loader = "awm_jax.pipelines.sd3:load_sd3_pipeline"

@@ -192,7 +192,8 @@ def load_flux_pipeline(config, mesh=None) -> FluxT2IPipeline:
     ``model.vae_path`` ("" = ``<root>/vae``), ``model.text_encoder_paths`` ("" or ``<root>/text_encoder``,
     ``<root>/text_encoder_2``: the tokenizers are read from the same pipeline folder), ``model.resolution``
     (square images), ``model.dtype``, ``model.param_dtype``, ``model.max_sequence_length``,
-    ``model.scan_layers``, ``model.remat_policy``. ``mesh``: the transformer is loaded straight onto it.
+    ``model.scan_layers``, ``model.remat_policy``, ``model.attention``. ``mesh``: the transformer is loaded
+    straight onto it.
     """
     from awm_jax.models import load_transformer, load_vae
     from awm_jax.text.flux import FluxTextEncoders
@@ -203,7 +204,7 @@ def load_flux_pipeline(config, mesh=None) -> FluxT2IPipeline:
     dtype, param_dtype = model_dtypes(m)
     transformer = load_transformer(m.path, dtype=dtype, param_dtype=param_dtype, family="flux",
                                    scan_layers=bool(m.scan_layers), remat_policy=str(m.remat_policy),
-                                   mesh=mesh)
+                                   attention=str(m.attention), mesh=mesh)
     vae = load_vae(m.vae_path or root)
     text = FluxTextEncoders.from_pipeline_dir(root, max_sequence_length=int(m.max_sequence_length))
     return assemble_flux(root, transformer, vae, text, m.resolution, m.resolution)

@@ -155,7 +155,8 @@ def load_sd3_pipeline(config, mesh=None) -> SD3Pipeline:
     ``model.vae_path`` ("" = ``<root>/vae``), ``model.text_encoder_paths`` (must be ``<root>/text_encoder*``
     or "": the tokenizers are read from the same pipeline folder; a third entry "none" skips T5),
     ``model.resolution``, ``model.dtype``,
-    ``model.param_dtype``, ``model.max_sequence_length``, ``model.scan_layers``, ``model.remat_policy``.
+    ``model.param_dtype``, ``model.max_sequence_length``, ``model.scan_layers``, ``model.remat_policy``,
+    ``model.attention``.
     ``mesh``: the transformer is loaded straight onto it (its parameters born sharded).
     """
     from awm_jax.models import load_transformer, load_vae
@@ -168,7 +169,7 @@ def load_sd3_pipeline(config, mesh=None) -> SD3Pipeline:
     dtype, param_dtype = model_dtypes(m)
     transformer = load_transformer(m.path, dtype=dtype, param_dtype=param_dtype, family="sd35",
                                    scan_layers=bool(m.scan_layers), remat_policy=str(m.remat_policy),
-                                   mesh=mesh)
+                                   attention=str(m.attention), mesh=mesh)
     vae = load_vae(m.vae_path or root)
     load_t5 = not (len(paths) >= 3 and paths[2] == "none")
     text = SD3TextEncoders.from_pipeline_dir(root, max_sequence_length=int(m.max_sequence_length),

@@ -98,7 +98,8 @@ def make_rollout_fn(graphdef, config, mesh: Mesh | None = None, *, latent_shape=
             if x_init is not None:
                 x_init = parallel.place(x_init, parallel.batch_sharding(m, x_init.ndim))
         neg = None if negative is None else tuple(jnp.asarray(x) for x in negative)
-        return cache[m](params, base, emb, pooled, key, neg, x_init)
+        with parallel.activation_mesh(mesh, bool(config.mesh.constrain_activations)):  # at trace
+            return cache[m](params, base, emb, pooled, key, neg, x_init)
 
     def trace(trainable, base_state, prompt_embeds, pooled, key):
         """``jax.jit(...).trace`` of the rollout on abstract inputs (``jax.ShapeDtypeStruct``), batch sharded
@@ -117,7 +118,8 @@ def make_rollout_fn(graphdef, config, mesh: Mesh | None = None, *, latent_shape=
                 spec(prompt_embeds, bsh(prompt_embeds)), spec(pooled, bsh(pooled)), spec(key, rep))
         neg = None if negative is None else tuple(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
                                                   for x in negative)
-        return jax.jit(lambda *a: core(*a, None, mesh)).trace(*args, neg)
+        with parallel.activation_mesh(mesh, bool(config.mesh.constrain_activations)):
+            return jax.jit(lambda *a: core(*a, None, mesh)).trace(*args, neg)
 
     rollout.trace = trace
     return rollout

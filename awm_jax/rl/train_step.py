@@ -362,7 +362,8 @@ def _placed_call(jitted, config, mesh: Mesh | None, negative, donate: bool) -> C
             batch = {k: place(v, _batch_entry_sharding(mesh, k, v.ndim)) for k, v in batch.items()}
             key = parallel.put(key, rep)
         neg = None if negative is None else tuple(jnp.asarray(x) for x in negative)
-        return cache["fn"](state, base, batch, key, neg)
+        with parallel.activation_mesh(mesh, bool(config.mesh.constrain_activations)):  # at trace
+            return cache["fn"](state, base, batch, key, neg)
 
     def trace(state, base_state, batch: dict, key):
         """``jax.jit(...).trace`` of the same function on abstract inputs (``jax.ShapeDtypeStruct``; state and
@@ -383,7 +384,8 @@ def _placed_call(jitted, config, mesh: Mesh | None, negative, donate: bool) -> C
                 {k: spec(v, batch_sh(k, v)) for k, v in batch.items()}, spec(key, rep))
         neg = None if negative is None else tuple(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
                                                   for x in negative)
-        return fn.trace(*args, neg)
+        with parallel.activation_mesh(mesh, bool(config.mesh.constrain_activations)):
+            return fn.trace(*args, neg)
 
     run.trace = trace
     return run
