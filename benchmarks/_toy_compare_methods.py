@@ -20,7 +20,7 @@ SELECT = "_select"  # suffix of a method's rollout-selection twin
 
 _BASE: dict[str, tuple[str, str, tuple[str, ...]]] = {
     # configs/toy.py (the README demo) trains on the strict verdict at lr 3e-3; the comparison: partial, 1e-3
-    "awm": ("AWM", "configs/toy.py", ("optim.lr=1e-3", "reward.kwargs.strict=false")),
+    "awm": ("AWM", "configs/toy.py", ("optim.lr=1e-3", "reward.toy_geneval.strict=false")),
     "flow_grpo": ("Flow-GRPO", "configs/toy_flow_grpo.py", ()),
     "flow_grpo_2step": ("Flow-GRPO, 2 steps/epoch", "configs/toy_flow_grpo.py", ("train.steps_per_epoch=2",)),
     "nft": ("DiffusionNFT (DPM2 rollouts)", "configs/toy_nft.py", ()),

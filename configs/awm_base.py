@@ -202,6 +202,8 @@ def base_config() -> ml_collections.ConfigDict:
     rc.model_path = "weights/rewards/clip-vit-large-patch14"  # CLIPModel folder (+ its processor)
     rc.weight = 2.5  # w of CLIPScore (Hessel et al. 2021); torchmetrics' CLIPScore uses 100
     rc.device = "cpu"  # torch device or "accelerator"
+    r.toy_geneval = rt = ml_collections.ConfigDict()  # reward "toy_geneval" (the toy world's detector)
+    rt.strict = False  # reward = the strict GenEval verdict (0/1) instead of the partial score
     r.kwargs = ml_collections.ConfigDict()  # extra keywords to awm_jax.rewards.get(name, ...): other rewards
     r.retries = 2  # reward bridge retries per batch
     r.timeout_s = 600.0  # give up one scorer attempt after this many seconds (retried; 0 = no limit)

@@ -18,5 +18,5 @@ def get_config():
     # with the partial score). The objective comparison (benchmarks/toy_awm_vs_flow_grpo.py) trains every
     # method on the partial score and sets these two keys back for AWM.
     c.optim.lr = 3e-3
-    c.reward.kwargs.strict = True  # toy_geneval: reward = strict verdict (awm_jax/toy/reward.py)
+    c.reward.toy_geneval.strict = True  # reward = the strict verdict (awm_jax/toy/reward.py)
     return c

@@ -59,7 +59,7 @@ def test_other_changes_listed_then_allowed_and_recorded(run2, tmp_path, capsys):
     assert _main(wd, *change) == 2
     err = _err_lines(capsys)
     assert len(err) == 1 and "the config differs from the checkpoint's in 2 key(s)" in err[0], err
-    assert "data.prompts_per_step: 4 -> 2" in err[0] and "optim.lr: 0.001 -> 0.002" in err[0]
+    assert "data.prompts_per_step: 4 -> 2" in err[0] and "optim.lr: 0.003 -> 0.002" in err[0]
     assert "--allow-config-change" in err[0] and _snapshot(wd) == before
     assert _main(wd, *change, "--allow-config-change") == 0
     out = capsys.readouterr().out
@@ -67,7 +67,7 @@ def test_other_changes_listed_then_allowed_and_recorded(run2, tmp_path, capsys):
     hist = [json.loads(x) for x in open(wd / "config_history.jsonl")]
     assert hist == [{"resumed_at_step": 2, "time": hist[0]["time"],
                      "changes": {"data.prompts_per_step": {"old": 4, "new": 2},
-                                 "optim.lr": {"old": 0.001, "new": 0.002}}}]
+                                 "optim.lr": {"old": 0.003, "new": 0.002}}}]
     assert (wd / "config.json").read_bytes() == before[str(wd / "config.json")]  # not overwritten
     assert [r["step"] for r in tt._metrics(str(wd))] == [1, 2, 3]
     assert _main(wd, *change[:2], "--config.max_steps=4") == 0  # step 3 holds the new config: no change now

@@ -99,7 +99,7 @@ def _sections(config) -> dict:
     """The declared per-reward config sections (configs/awm_base.py), by reward name."""
     r = config.reward
     return {"geneval": r.geneval, "ocr": r.ocr, "pickscore": r.pickscore, "aesthetic": r.aesthetic,
-            "hps": r.hps, "clipscore": r.clipscore}
+            "hps": r.hps, "clipscore": r.clipscore, "toy_geneval": r.toy_geneval}
 
 
 def config_kwargs(config) -> dict[str, tuple[str, Any]]:
