@@ -42,7 +42,6 @@ from typing import Any
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 WHICH = {"trainable": "trainable", "policy": "trainable", "eval_ema": "eval_ema", "kl_ema": "kl_ema"}
-SAMPLED_FAMILIES = ("sd35", "flux", "zimage", "qwenimage")
 
 
 class SampleError(ValueError):
@@ -110,19 +109,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.run is not None and args.family != str(args.run_config.model.kind):
         p.error(f"--run {args.run}: config.json model.kind = {args.run_config.model.kind!r} but the model "
                 f"folder {model} holds a {args.family!r} transformer")
-    if args.family == "flux":
-        sd3_only = (("--guidance-scale", args.guidance_scale not in (None, 1.0)),
-                    ("--negative-prompt", args.negative_prompt), ("--no-t5", args.no_t5))
-        for flag, bad in sd3_only:
-            if bad:
-                p.error(f"{flag} is an SD3 option: FLUX samples without classifier-free guidance "
-                        "(FLUX.1-dev takes --guidance)")
-    elif args.family == "zimage" and args.no_t5:
-        p.error("--no-t5 is an SD3 option: Z-Image has one text encoder (Qwen3)")
-    elif args.family == "qwenimage" and args.no_t5:
-        p.error("--no-t5 is an SD3 option: Qwen-Image has one text encoder (Qwen2.5-VL)")
-    elif args.family not in SAMPLED_FAMILIES:
+    from awm_jax.models.family import get_family
+
+    family = get_family(args.family)
+    if not family.sample_loader:
         p.error(f"--model {model}: model family {args.family!r} has no sampling pipeline here")
+    for problem in family.sample_flag_problems(args):
+        p.error(problem)
     return args
 
 
@@ -311,47 +304,19 @@ def output_paths(out: str | pathlib.Path, n: int) -> list[pathlib.Path]:
 
 
 def load_pipeline(args) -> tuple[Any, dict]:
-    """``(pipeline, sample_latents options)`` per the parsed ``args`` (a run, a model, a model + LoRA)."""
+    """``(pipeline, sample_latents options)`` per the parsed ``args`` (a run, a model, a model + LoRA); the
+    family's sampling hooks (``ModelFamily.sample_pipeline`` / ``run_sample_options``) hold its defaults."""
     import jax.numpy as jnp
 
-    from awm_jax.pipelines import load_flux, load_sd3
+    from awm_jax.models.family import get_family
 
+    family = get_family(args.family)
     if args.run is not None:
         pipe, cfg, step = load_run(args)
         steps = args.steps or int(cfg.eval.num_steps)
-        if args.family == "flux":
-            guidance = float(cfg.model.guidance) if args.guidance is None else args.guidance
-            return pipe, dict(num_steps=steps, guidance=guidance)
-        scale = float(cfg.eval.guidance_scale) if args.guidance_scale is None else args.guidance_scale
-        if args.family == "zimage" and args.guidance_scale is None:
-            scale -= 1.0  # the trainer's standard CFG scale s is ZImagePipeline's 1 + g
-        return pipe, dict(num_steps=steps, guidance_scale=scale, negative_prompt=args.negative_prompt)
+        return pipe, dict(num_steps=steps, **family.run_sample_options(cfg, args))
     dtype = None if args.dtype in (None, "float32") else jnp.dtype(args.dtype)
-    if args.family == "zimage":  # ZImagePipeline's defaults: 50 steps, g = 5 (pos + g (pos - neg))
-        from awm_jax.pipelines import load_zimage
-
-        pipe = load_zimage(args.model, height=args.height, width=args.width, dtype=dtype,
-                           max_sequence_length=args.max_sequence_length or 512)
-        options = dict(num_steps=args.steps or 50,
-                       guidance_scale=5.0 if args.guidance_scale is None else args.guidance_scale,
-                       negative_prompt=args.negative_prompt or None)
-    elif args.family == "qwenimage":  # QwenImagePipeline's defaults: 50 steps, true CFG 4 with a negative
-        # prompt (none by default: no CFG)
-        from awm_jax.pipelines.qwenimage import load_qwenimage
-
-        pipe = load_qwenimage(args.model, height=args.height, width=args.width, dtype=dtype,
-                              max_sequence_length=args.max_sequence_length or 512)
-        options = dict(num_steps=args.steps or 50, true_cfg_scale=args.guidance_scale or 4.0,
-                       negative_prompt=args.negative_prompt or None)
-    elif args.family == "flux":
-        pipe = load_flux(args.model, height=args.height, width=args.width, dtype=dtype,
-                         max_sequence_length=args.max_sequence_length or 512)
-        options = dict(num_steps=args.steps or 28, guidance=3.5 if args.guidance is None else args.guidance)
-    else:
-        pipe = load_sd3(args.model, height=args.height, width=args.width, dtype=dtype,
-                        max_sequence_length=args.max_sequence_length or 128, load_t5=not args.no_t5)
-        options = dict(num_steps=args.steps or 40, guidance_scale=args.guidance_scale or 1.0,
-                       negative_prompt=args.negative_prompt)
+    pipe, options = family.sample_pipeline(args, dtype)
     if args.lora:
         apply_lora(pipe.transformer, args.lora)
     return pipe, options

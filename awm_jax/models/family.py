@@ -16,7 +16,11 @@ A :class:`ModelFamily` describes one kind of transformer (SD3 / SD3.5, FLUX.1, t
 - **weights**: ``converter`` names the key map in ``awm_jax.convert.CONVERTERS`` (conversion, loading and LoRA
   export), ``class_names`` the diffusers ``_class_name`` s, ``stacks(cfg)`` the scanned block stacks;
 - **pipeline**: ``load_pipeline(config)`` returns the trainer's pipeline (``text_encoder.encode``,
-  ``transformer``, ``decode``, ``latent_shape``) and ``model_config(path)`` the transformer config at a path.
+  ``transformer``, ``decode``, ``latent_shape``) and ``model_config(path)`` the transformer config at a path;
+- **sampling CLI** (``python -m awm_jax.sample``): ``sample_loader`` names the pipeline module's
+  ``sample_pipeline(args, dtype) -> (pipeline, options)`` (the diffusers pipeline's defaults for a ``--model``
+  folder), ``sample_flag_problems(args)`` the flags the family does not take and
+  ``run_sample_options(config, args)`` the guidance options of a trained run (``--run``).
 
 Families register themselves (:func:`register_family`) when their module is imported; :func:`get_family`
 imports the built-in ones on first use, so no core module imports a family it does not use (the toy world
@@ -62,6 +66,7 @@ class ModelFamily:
     architectures: dict[str, dict] = {}
     vae_scale_factor: int = 8
     pipeline_loader: str = ""
+    sample_loader: str = ""
 
     # ---------------------------------------------------------------- building
     def config_from_dict(self, d: dict, source: str = "config") -> Any:
@@ -148,6 +153,27 @@ class ModelFamily:
         module, fn = self.pipeline_loader.split(":")
         kw = {} if mesh is None else {"mesh": mesh}
         return getattr(importlib.import_module(module), fn)(config, **kw)
+
+    def sample_pipeline(self, args, dtype) -> tuple[Any, dict]:
+        """``(pipeline, sample_latents options)`` for ``python -m awm_jax.sample --model DIR`` (parsed
+        ``args``; ``dtype`` the compute dtype or None): ``sample_loader`` (``"module:function"``, imported on
+        use) called with ``(args, dtype)``; the options hold the diffusers pipeline's defaults for the flags
+        not given (``num_steps`` included)."""
+        if not self.sample_loader:
+            raise NotImplementedError(f"model family {self.name!r} has no sampling pipeline")
+        module, fn = self.sample_loader.split(":")
+        return getattr(importlib.import_module(module), fn)(args, dtype)
+
+    def sample_flag_problems(self, args) -> list[str]:
+        """Sampling CLI flags set in ``args`` that this family does not take (one message per flag)."""
+        return []
+
+    def run_sample_options(self, config, args) -> dict:
+        """Guidance options of ``sample_latents`` for a trained run (``--run``; the CLI adds ``num_steps``):
+        by default classifier-free guidance at ``--guidance-scale`` or the run's ``eval.guidance_scale``, with
+        ``--negative-prompt``."""
+        scale = float(config.eval.guidance_scale) if args.guidance_scale is None else args.guidance_scale
+        return dict(guidance_scale=scale, negative_prompt=args.negative_prompt)
 
     def input_problems(self, config) -> list[str]:
         """Pre-flight: every missing or malformed file the pipeline of ``config.model`` would read, as

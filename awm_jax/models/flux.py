@@ -418,6 +418,17 @@ class FluxFamily(ModelFamily):
     architectures = {"flux.1-dev": _arch(True), "flux.1-schnell": _arch(False)}
     vae_scale_factor = 8
     pipeline_loader = "awm_jax.pipelines.flux:load_flux_pipeline"
+    sample_loader = "awm_jax.pipelines.flux:sample_pipeline"
+
+    def sample_flag_problems(self, args):
+        sd3_only = (("--guidance-scale", args.guidance_scale not in (None, 1.0)),
+                    ("--negative-prompt", args.negative_prompt), ("--no-t5", args.no_t5))
+        return [f"{flag} is an SD3 option: FLUX samples without classifier-free guidance (FLUX.1-dev takes "
+                "--guidance)" for flag, bad in sd3_only if bad]
+
+    def run_sample_options(self, config, args):
+        """FLUX's distilled guidance: ``--guidance`` or the run's ``model.guidance`` (no CFG)."""
+        return dict(guidance=float(config.model.guidance) if args.guidance is None else args.guidance)
 
     def config_from_dict(self, d, source="config"):
         return FluxConfig.from_dict(dict(d), source=source)

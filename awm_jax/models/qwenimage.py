@@ -466,6 +466,11 @@ class QwenImageFamily(ModelFamily):
     architectures = {"qwen-image": _arch()}
     vae_scale_factor = 8
     pipeline_loader = "awm_jax.pipelines.qwenimage:load_qwenimage_pipeline"
+    sample_loader = "awm_jax.pipelines.qwenimage:sample_pipeline"
+
+    def sample_flag_problems(self, args):
+        no_t5 = "--no-t5 is an SD3 option: Qwen-Image has one text encoder (Qwen2.5-VL)"
+        return [no_t5] if args.no_t5 else []
 
     def config_from_dict(self, d, source="config"):
         return QwenImageConfig.from_dict(dict(d), source=source)

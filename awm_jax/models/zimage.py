@@ -457,6 +457,17 @@ class ZImageFamily(ModelFamily):
                                            axes_lens=(1536, 512, 512))}
     vae_scale_factor = 8
     pipeline_loader = "awm_jax.pipelines.zimage:load_zimage_pipeline"
+    sample_loader = "awm_jax.pipelines.zimage:sample_pipeline"
+
+    def sample_flag_problems(self, args):
+        return ["--no-t5 is an SD3 option: Z-Image has one text encoder (Qwen3)"] if args.no_t5 else []
+
+    def run_sample_options(self, config, args):
+        """The run's ``eval.guidance_scale`` s is the trainer's standard CFG scale, ZImagePipeline's 1 + g."""
+        opts = super().run_sample_options(config, args)
+        if args.guidance_scale is None:
+            opts["guidance_scale"] -= 1.0
+        return opts
 
     def config_from_dict(self, d, source="config"):
         return ZImageConfig.from_dict(dict(d), source=source)

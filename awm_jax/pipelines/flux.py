@@ -208,3 +208,11 @@ def load_flux_pipeline(config, mesh=None) -> FluxT2IPipeline:
     vae = load_vae(m.vae_path or root)
     text = FluxTextEncoders.from_pipeline_dir(root, max_sequence_length=int(m.max_sequence_length))
     return assemble_flux(root, transformer, vae, text, m.resolution, m.resolution)
+
+
+def sample_pipeline(args, dtype) -> tuple[FluxT2IPipeline, dict]:
+    """``python -m awm_jax.sample --model DIR`` (``ModelFamily.sample_pipeline``): FluxPipeline's 28 steps,
+    512 T5 tokens and distilled guidance 3.5 (a model input of FLUX.1-dev; schnell ignores it)."""
+    pipe = load_flux(args.model, height=args.height, width=args.width, dtype=dtype,
+                     max_sequence_length=args.max_sequence_length or 512)
+    return pipe, dict(num_steps=args.steps or 28, guidance=3.5 if args.guidance is None else args.guidance)

@@ -261,3 +261,12 @@ def load_qwenimage_pipeline(config, mesh=None) -> QwenImageT2IPipeline:
     vae = load_qwenimage_vae(m.vae_path or root)
     text = QwenImageTextEncoder.from_pipeline_dir(root, max_sequence_length=int(m.max_sequence_length))
     return assemble_qwenimage(root, transformer, vae, text, m.resolution, m.resolution)
+
+
+def sample_pipeline(args, dtype) -> tuple[QwenImageT2IPipeline, dict]:
+    """``python -m awm_jax.sample --model DIR`` (``ModelFamily.sample_pipeline``): QwenImagePipeline's 50
+    steps and true CFG 4, which it applies only with a negative prompt (none by default: no CFG)."""
+    pipe = load_qwenimage(args.model, height=args.height, width=args.width, dtype=dtype,
+                          max_sequence_length=args.max_sequence_length or 512)
+    return pipe, dict(num_steps=args.steps or 50, true_cfg_scale=args.guidance_scale or 4.0,
+                      negative_prompt=args.negative_prompt or None)

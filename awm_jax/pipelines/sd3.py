@@ -176,3 +176,12 @@ def load_sd3_pipeline(config, mesh=None) -> SD3Pipeline:
                                              load_t5=load_t5)
     res = m.resolution
     return assemble(root, transformer, vae, text, res, res)
+
+
+def sample_pipeline(args, dtype) -> tuple[SD3Pipeline, dict]:
+    """``python -m awm_jax.sample --model DIR`` (``ModelFamily.sample_pipeline``): 40 steps, 128 T5 tokens
+    (``--no-t5``: the zero block), CFG only with ``--guidance-scale`` > 1."""
+    pipe = load_sd3(args.model, height=args.height, width=args.width, dtype=dtype,
+                    max_sequence_length=args.max_sequence_length or 128, load_t5=not args.no_t5)
+    return pipe, dict(num_steps=args.steps or 40, guidance_scale=args.guidance_scale or 1.0,
+                      negative_prompt=args.negative_prompt)

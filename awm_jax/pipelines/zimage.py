@@ -169,3 +169,13 @@ def load_zimage_pipeline(config, mesh=None) -> ZImageT2IPipeline:
     vae = load_vae(m.vae_path or root)
     text = ZImageTextEncoder.from_pipeline_dir(root, max_sequence_length=int(m.max_sequence_length))
     return assemble_zimage(root, transformer, vae, text, m.resolution, m.resolution)
+
+
+def sample_pipeline(args, dtype) -> tuple[ZImageT2IPipeline, dict]:
+    """``python -m awm_jax.sample --model DIR`` (``ModelFamily.sample_pipeline``): ZImagePipeline's 50 steps
+    and g = 5 (``pos + g (pos - neg)``), 512 caption tokens."""
+    pipe = load_zimage(args.model, height=args.height, width=args.width, dtype=dtype,
+                       max_sequence_length=args.max_sequence_length or 512)
+    return pipe, dict(num_steps=args.steps or 50,
+                      guidance_scale=5.0 if args.guidance_scale is None else args.guidance_scale,
+                      negative_prompt=args.negative_prompt or None)

@@ -20,6 +20,7 @@ class ToyFamily(SD3Family):
     """The embedded shapes world's small MMDiT (``awm_jax.toy.world``)."""
 
     name = "toy"
+    sample_loader = ""  # toy checkpoints are not diffusers pipeline folders (the toy samples in its tests)
     architectures = {"toy": dict(world.DEFAULT_TRANSFORMER_CONFIG)}
 
     def text_tokens(self, config) -> int:
