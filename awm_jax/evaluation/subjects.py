@@ -28,7 +28,6 @@ import ml_collections
 from awm_jax.evaluation.benchmarks import EvalError
 
 _REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
-_FAMILY_CONFIG = {"sd35": "sd35m_geneval.py", "flux": "flux_geneval.py", "toy": "toy.py"}
 
 
 @dataclasses.dataclass
@@ -117,12 +116,13 @@ def model_config(spec: SubjectSpec, config_path: str | None) -> ml_collections.C
         from awm_jax.models import detect_family
 
         try:
-            fam = detect_family(spec.path).name
+            family = detect_family(spec.path)
         except (OSError, ValueError) as e:
             raise EvalError(f"--model {spec.path}: cannot recognise the model family ({e}); give --config "
                             "FILE (e.g. configs/toy.py for a toy checkpoint)") from None
-        path = str(_REPO_CONFIGS / _FAMILY_CONFIG.get(fam, ""))
-        if fam not in _FAMILY_CONFIG or not pathlib.Path(path).is_file():
+        fam = family.name
+        path = str(_REPO_CONFIGS / family.default_config)
+        if not family.default_config or not pathlib.Path(path).is_file():
             raise EvalError(f"--model {spec.path}: no shipped config for model family {fam!r} at {path}; "
                             "give --config FILE")
     try:

@@ -20,7 +20,9 @@ A :class:`ModelFamily` describes one kind of transformer (SD3 / SD3.5, FLUX.1, t
 - **sampling CLI** (``python -m awm_jax.sample``): ``sample_loader`` names the pipeline module's
   ``sample_pipeline(args, dtype) -> (pipeline, options)`` (the diffusers pipeline's defaults for a ``--model``
   folder), ``sample_flag_problems(args)`` the flags the family does not take and
-  ``run_sample_options(config, args)`` the guidance options of a trained run (``--run``).
+  ``run_sample_options(config, args)`` the guidance options of a trained run (``--run``);
+  ``default_config`` is the shipped ``configs/`` file whose settings ``python -m awm_jax.evaluate
+  --model DIR`` uses for a pipeline folder of the family.
 
 Families register themselves (:func:`register_family`) when their module is imported; :func:`get_family`
 imports the built-in ones on first use, so no core module imports a family it does not use (the toy world
@@ -67,6 +69,7 @@ class ModelFamily:
     vae_scale_factor: int = 8
     pipeline_loader: str = ""
     sample_loader: str = ""
+    default_config: str = ""
 
     # ---------------------------------------------------------------- building
     def config_from_dict(self, d: dict, source: str = "config") -> Any:

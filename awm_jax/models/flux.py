@@ -419,6 +419,7 @@ class FluxFamily(ModelFamily):
     vae_scale_factor = 8
     pipeline_loader = "awm_jax.pipelines.flux:load_flux_pipeline"
     sample_loader = "awm_jax.pipelines.flux:sample_pipeline"
+    default_config = "flux_geneval.py"
 
     def sample_flag_problems(self, args):
         sd3_only = (("--guidance-scale", args.guidance_scale not in (None, 1.0)),

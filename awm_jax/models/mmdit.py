@@ -371,6 +371,7 @@ class SD3Family(ModelFamily):
     vae_scale_factor = 8
     pipeline_loader = "awm_jax.pipelines.sd3:load_sd3_pipeline"
     sample_loader = "awm_jax.pipelines.sd3:sample_pipeline"
+    default_config = "sd35m_geneval.py"
 
     def config_from_dict(self, d, source="config"):
         return SD3Config.from_dict(dict(d), source=source)

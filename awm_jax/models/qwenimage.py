@@ -467,6 +467,7 @@ class QwenImageFamily(ModelFamily):
     vae_scale_factor = 8
     pipeline_loader = "awm_jax.pipelines.qwenimage:load_qwenimage_pipeline"
     sample_loader = "awm_jax.pipelines.qwenimage:sample_pipeline"
+    default_config = "qwenimage_geneval.py"
 
     def sample_flag_problems(self, args):
         no_t5 = "--no-t5 is an SD3 option: Qwen-Image has one text encoder (Qwen2.5-VL)"

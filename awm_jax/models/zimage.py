@@ -458,6 +458,7 @@ class ZImageFamily(ModelFamily):
     vae_scale_factor = 8
     pipeline_loader = "awm_jax.pipelines.zimage:load_zimage_pipeline"
     sample_loader = "awm_jax.pipelines.zimage:sample_pipeline"
+    default_config = "zimage_geneval.py"
 
     def sample_flag_problems(self, args):
         return ["--no-t5 is an SD3 option: Z-Image has one text encoder (Qwen3)"] if args.no_t5 else []

@@ -21,6 +21,7 @@ class ToyFamily(SD3Family):
 
     name = "toy"
     sample_loader = ""  # toy checkpoints are not diffusers pipeline folders (the toy samples in its tests)
+    default_config = "toy.py"
     architectures = {"toy": dict(world.DEFAULT_TRANSFORMER_CONFIG)}
 
     def text_tokens(self, config) -> int:
