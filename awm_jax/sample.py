@@ -1,4 +1,5 @@
-"""Sample images from an SD3 / SD3.5 or FLUX.1 pipeline folder, a trained run or a LoRA (Euler ODE).
+"""Sample images from an SD3 / SD3.5, FLUX.1, Z-Image or Qwen-Image pipeline folder, a trained run or a LoRA
+(Euler ODE).
 
     python -m awm_jax.sample --model DIR --prompt "a red cat" --steps 40 --out image.png \
         [--prompt ...] [--num-images-per-prompt N] [--batch-size B] [--seed S] [--guidance-scale G] \
@@ -8,9 +9,12 @@
 
 ``--model`` is a diffusers pipeline folder (``model_index.json``); its ``transformer/`` and / or ``vae/``
 may be awm-jax Flax folders (``tools/convert_weights.py to-flax --dst DIR/transformer``). The model family is
-recognised from ``DIR/transformer/config.json``. SD3 defaults: 40 steps, 128 T5 tokens; FLUX defaults: 28
-steps, 512 T5 tokens, 1024x1024 images, distilled ``--guidance`` 3.5 fed to FLUX.1-dev (schnell ignores it);
-FLUX has no classifier-free guidance (``--guidance-scale``, ``--negative-prompt``, ``--no-t5``: SD3 only).
+recognised from ``DIR/transformer/config.json``; its defaults and the flags it refuses are the family's
+(``ModelFamily.sample_pipeline`` / ``sample_flag_problems``). SD3 defaults: 40 steps, 128 T5 tokens; FLUX
+defaults: 28 steps, 512 T5 tokens, 1024x1024 images, distilled ``--guidance`` 3.5 fed to FLUX.1-dev (schnell
+ignores it); FLUX has no classifier-free guidance (``--guidance-scale``, ``--negative-prompt``, ``--no-t5``:
+SD3 only). Z-Image: 50 steps, CFG ``--guidance-scale`` 5 (ZImagePipeline's g); Qwen-Image: 50 steps, true CFG
+4 applied only with a ``--negative-prompt``; both 512 text tokens.
 
 ``--run WORKDIR`` samples a trainer workdir (``python -m awm_jax.train --workdir WORKDIR``): the pipeline is
 loaded as the run's ``config.json`` says (``model.*``: path, dtypes, resolution, T5 tokens, scanned layers;
@@ -52,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The CLI arguments (see the module docstring)."""
     p = argparse.ArgumentParser(prog="python -m awm_jax.sample", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None,
-                   help="diffusers SD3 / SD3.5 or FLUX.1 pipeline folder (with --run: replaces model.path)")
+                   help="diffusers SD3 / SD3.5, FLUX.1, Z-Image or Qwen-Image pipeline folder (with --run: "
+                        "replaces model.path)")
     p.add_argument("--run", default=None, metavar="WORKDIR",
                    help="trainer workdir (config.json + checkpoints/)")
     p.add_argument("--which", default=None, choices=sorted(WHICH),
