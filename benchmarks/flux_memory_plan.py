@@ -1,13 +1,17 @@
-"""Per-device parameter, LoRA and optimizer-state bytes of FLUX.1-dev on the shipped meshes (abstract shapes).
+"""Per-device parameter, LoRA and optimizer-state bytes of a model family's architecture on the shipped
+meshes (abstract shapes); FLUX.1-dev by default, any family with ``--family`` (Z-Image, Qwen-Image, SD3.5).
 
-Builds FLUX.1-dev (``FluxFamily().architecture("flux.1-dev")``) with ``nnx.eval_shape`` (no allocation,
-``scan_layers=True``) with LoRA on the family's default targets and, for each ``(data, fsdp, tensor)`` mesh,
+Builds the architecture (``get_family(family).architecture(arch)``, e.g. ``flux.1-dev``) with
+``nnx.eval_shape`` (no allocation, ``scan_layers=True``) with LoRA on the family's default targets and, for
+each ``(data, fsdp, tensor)`` mesh,
 sums every array's bytes divided by the product of the mesh axes its dimensions are sharded over, per
 ``awm_jax.parallel.logical_to_spec`` and ``LOGICAL_AXIS_RULES`` (a mesh stand-in with a ``.shape`` dict, so
 meshes larger than this machine's device count can be planned). Writes a markdown table and the smallest
-fsdp size per chip size to ``benchmarks/results/flux_memory_plan.md``.
+fsdp size per chip size to ``benchmarks/results/flux_memory_plan.md`` (other families:
+``<family>_memory_plan.md``).
 
-    python benchmarks/flux_memory_plan.py [--rank 64] [--alpha 128] [--headroom 0.3] [--out PATH]
+    python benchmarks/flux_memory_plan.py [--family flux --arch flux.1-dev] [--rank 64] [--alpha 128] \
+        [--headroom 0.3] [--out PATH]
 
 Only weights and optimizer/EMA state are counted; activations, the text encoders, the VAE and XLA scratch
 live in the headroom.
@@ -29,13 +33,15 @@ sys.path.insert(0, str(ROOT))
 
 from flax import nnx  # noqa: E402
 
-from awm_jax.models.flux import FluxConfig, FluxFamily, FluxTransformer2DModel  # noqa: E402
+from awm_jax.models.family import get_family  # noqa: E402
 from awm_jax.models.lora import LoRAConfig, LoRAParam  # noqa: E402
 from awm_jax.parallel import LOGICAL_AXIS_RULES, MESH_AXES, logical_to_spec  # noqa: E402
 
 MESHES = ((8, 1, 1), (1, 8, 1), (4, 2, 1), (2, 4, 1), (1, 4, 2), (1, 2, 4), (1, 1, 8), (16, 1, 1),
           (1, 16, 1), (2, 8, 1), (1, 8, 2), (1, 32, 1), (1, 64, 1))
-CHIPS = (("16 GB", 16e9), ("80 GB", 80e9), ("95 GB", 95e9))
+CHIPS = (("16 GB", 16e9), ("32 GB", 32e9), ("80 GB", 80e9), ("95 GB", 95e9))
+DEFAULT_ARCH = {"flux": "flux.1-dev", "zimage": "z-image-turbo", "qwenimage": "qwen-image",
+                "sd35": "sd3.5-medium"}
 GB = 1e9
 COLUMNS = (  # (row key, header)
     ("base_bf16", "base bf16"), ("base_fp32", "base fp32"), ("lora", "LoRA fp32"),
@@ -50,15 +56,15 @@ def _names(var) -> tuple | None:
     return None
 
 
-def abstract_shapes(config: Mapping, rank: int, alpha: float, targets: Sequence[str] | None = None
-                    ) -> tuple[dict, dict]:
-    """``({path: shape}, {path: shape})`` of the base and LoRA parameters, plus their logical names in
-    ``.names`` of each dict (built with ``nnx.eval_shape``, scanned stacks: nothing is allocated)."""
-    cfg = FluxConfig.from_dict(dict(config), source="flux memory plan")
-    lora = LoRAConfig(rank=int(rank), alpha=float(alpha),
-                      target_modules=tuple(targets or FluxFamily.lora_targets))
-    model = nnx.eval_shape(lambda: FluxTransformer2DModel(cfg, rngs=nnx.Rngs(0), scan_layers=True,
-                                                          lora=lora))
+def abstract_shapes(config: Mapping, rank: int, alpha: float, targets: Sequence[str] | None = None,
+                    family: str = "flux") -> tuple[dict, dict]:
+    """``({path: shape}, {path: shape})`` of the base and LoRA parameters of ``family``'s model of diffusers
+    config ``config``, plus their logical names in ``.names`` of each dict (built with ``nnx.eval_shape``,
+    scanned stacks: nothing is allocated)."""
+    fam = get_family(family)
+    cfg = fam.config_from_dict(dict(config), source=f"{family} memory plan")
+    lora = LoRAConfig(rank=int(rank), alpha=float(alpha), target_modules=tuple(targets or fam.lora_targets))
+    model = nnx.eval_shape(lambda: fam.build(cfg, rngs=nnx.Rngs(0), scan_layers=True, lora=lora))
     out = ({}, {})
     names = ({}, {})
     for which, filt in enumerate((nnx.All(nnx.Param, nnx.Not(LoRAParam)), LoRAParam)):
@@ -91,10 +97,10 @@ def per_device_bytes(shapes: _Shapes, mesh: Sequence[int], itemsize: int) -> int
 
 
 def memory_plan(config: Mapping, rank: int = 64, alpha: float = 128.0, meshes: Sequence = MESHES,
-                targets: Sequence[str] | None = None) -> list[dict]:
+                targets: Sequence[str] | None = None, family: str = "flux") -> list[dict]:
     """One row per mesh: per-device bytes of the base (bf16 / fp32), the fp32 LoRA, AdamW (2x) and the
     kl-EMA + eval-EMA (2x) for LoRA and for full fine-tuning, and the totals (see :func:`markdown`)."""
-    base, lora = abstract_shapes(config, rank, alpha, targets)
+    base, lora = abstract_shapes(config, rank, alpha, targets, family)
     rows = []
     for mesh in meshes:
         mesh = tuple(int(m) for m in mesh)
@@ -175,14 +181,18 @@ def markdown(rows: Sequence[Mapping], name: str, rank: int, alpha: float, headro
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--arch", default="flux.1-dev", help="FluxFamily architecture name")
+    p.add_argument("--family", default="flux", choices=sorted(DEFAULT_ARCH), help="model family")
+    p.add_argument("--arch", default=None, help="the family's architecture name (default: its full-size one)")
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--alpha", type=float, default=128.0)
     p.add_argument("--headroom", type=float, default=0.3, help="fraction of the chip kept for activations")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "flux_memory_plan.md"))
+    p.add_argument("--out", default=None, help="default benchmarks/results/<family>_memory_plan.md")
     args = p.parse_args(argv)
+    args.arch = args.arch or DEFAULT_ARCH[args.family]
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / f"{args.family}_memory_plan.md")
     t0 = time.perf_counter()
-    rows = memory_plan(FluxFamily().architecture(args.arch), args.rank, args.alpha)
+    rows = memory_plan(get_family(args.family).architecture(args.arch), args.rank, args.alpha,
+                       family=args.family)
     cmd = "python benchmarks/flux_memory_plan.py" + ("" if argv is None and len(sys.argv) == 1 else
                                                      " " + " ".join(sys.argv[1:] if argv is None else argv))
     text = markdown(rows, args.arch, args.rank, args.alpha, args.headroom, command=cmd.strip())

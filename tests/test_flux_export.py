@@ -194,3 +194,16 @@ def test_flux_memory_plan_tiny():
     assert "| (1, 8, 1) |" in text and "logical_to_spec" in text
     assert plan.min_fsdp(rows, "lora", 16e9, 0.3) == (1, 1, 1)  # a tiny model fits anywhere
 
+
+
+def test_memory_plan_of_another_family():
+    """``--family zimage``: the same rule on a tiny Z-Image (the family's builder and LoRA targets)."""
+    plan = _plan_module()
+    tiny = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2,
+                n_refiner_layers=1, n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=16,
+                rope_theta=256.0, t_scale=1000.0, axes_dims=(4, 6, 6), axes_lens=(64, 32, 32))
+    rows = plan.memory_plan(tiny, rank=4, alpha=8.0, meshes=[(1, 1, 1), (1, 2, 1)], family="zimage")
+    base, lora = plan.abstract_shapes(tiny, 4, 8.0, family="zimage")
+    assert rows[0]["n_base"] == sum(int(np.prod(s)) for s in base.values()) and rows[0]["n_lora"] > 0
+    assert any("attention.to_q" in k for k in lora)  # the Z-Image family's LoRA targets
+    assert rows[1]["base_fp32"] < rows[0]["base_fp32"]  # fsdp shards its weights
