@@ -1,10 +1,10 @@
 """Qwen-Image on geneval: the Flow-GRPO baseline (same base; only algorithm-specific keys differ).
 
-Every key is documented in configs/awm_base.py; the Qwen-Image-specific ones are commented in its
-qwenimage().
+Every key is documented in configs/awm_base.py; the Qwen-Image-specific ones are commented in
+configs/awm_families.py:qwenimage().
 """
 
-from awm_base import qwenimage
+from awm_families import qwenimage
 
 
 def get_config():

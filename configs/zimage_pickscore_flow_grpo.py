@@ -1,9 +1,10 @@
 """Z-Image on pickscore: the Flow-GRPO baseline (same base; only algorithm-specific keys differ).
 
-Every key is documented in configs/awm_base.py; the Z-Image-specific ones are commented in its zimage().
+Every key is documented in configs/awm_base.py; the Z-Image-specific ones are commented in
+configs/awm_families.py:zimage().
 """
 
-from awm_base import zimage
+from awm_families import zimage
 
 
 def get_config():

@@ -12,7 +12,9 @@ import pytest
 from awm_jax import config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHIPPED = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py")) if not p.endswith("awm_base.py"))
+# configs/awm_*.py are the builders (awm_base: every key; awm_families: Z-Image / Qwen-Image), not configs
+SHIPPED = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                 if not os.path.basename(p).startswith("awm_"))
 
 
 # the Flow-GRPO reference's own batch / step / evaluation settings (issue 13)
