@@ -72,7 +72,8 @@ class ToyGenEvalScorer:
     def __init__(self, position_margin: float = POSITION_MARGIN, strict: bool = False):
         """``position_margin``: GenEval's position threshold (0.1). ``strict``: train on the evaluation's
         strict 0/1 verdict instead of the partial score (``--config.reward.kwargs.strict=true``; the
-        reward-vs-metric experiment of the drift study in ``benchmarks/results/toy_awm_vs_flow_grpo.md``)."""
+        reward-vs-metric experiment of the drift study in
+        ``benchmarks/results/toy_awm_vs_flow_grpo_2026-12-06.md``)."""
         self.margin = float(position_margin)
         if not isinstance(strict, bool):
             raise ValueError(f"toy_geneval: strict must be true or false, got {strict!r}")
