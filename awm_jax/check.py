@@ -90,7 +90,8 @@ def workdir_problem(workdir: str) -> str | None:
 
 
 def mesh_problem(config) -> str | None:
-    """``mesh.data x mesh.fsdp x mesh.tensor`` must fit the devices (``parallel.make_mesh``'s rule)."""
+    """``mesh.data x mesh.fsdp x mesh.tensor`` must fit the devices (``parallel.make_mesh``'s rule) and not
+    have all three axes > 1 (``parallel.config_mesh``'s rule: an XLA miscompile)."""
     m = config.mesh
     try:
         parallel.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
@@ -98,6 +99,10 @@ def mesh_problem(config) -> str | None:
         return (f"config keys 'mesh.data' = {m.data}, 'mesh.fsdp' = {m.fsdp}, 'mesh.tensor' = {m.tensor} do "
                 f"not fit the {jax.device_count()} devices ({e}; mesh.data=-1 takes all the remaining "
                 "devices)")
+    try:
+        parallel.config_mesh(config)
+    except ValueError as e:
+        return str(e)
     return None
 
 
@@ -105,7 +110,7 @@ def batch_problems(config) -> list[str]:
     """The step's rollouts against the batch shards (mesh data x fsdp) and the processes: every optimizer
     step's part over the batch shards, and (several processes) every rollout block over both (else the
     rollout or the train step fails after the model loads)."""
-    mesh = parallel.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor)
+    mesh = parallel.config_mesh(config)
     shards, procs = parallel.num_batch_shards(mesh), jax.process_count()
     n = config.data.prompts_per_step * config.data.group_size
     block = config.sample.batch_size * jax.device_count()

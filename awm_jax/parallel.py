@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -95,7 +96,37 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence 
     if data * fsdp * tensor != n:
         raise ValueError(f"make_mesh: data*fsdp*tensor={data}*{fsdp}*{tensor} != {n} devices")
     arr = np.asarray(devices, dtype=object).reshape(data, fsdp, tensor)
+    if three_axis_problem(data, fsdp, tensor):
+        warnings.warn(three_axis_problem(data, fsdp, tensor), stacklevel=2)
     return Mesh(arr, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+THREE_AXIS_MISCOMPILE = (
+    "XLA's SPMD partitioner miscompiles on a mesh whose data, fsdp and tensor axes are all > 1: with the "
+    "batch on (data, fsdp) and weights on tensor / (tensor, fsdp) (this rule table's layout) some batch "
+    "shards get wrong values, Shardy and GSPMD alike (jax 0.10.2; 8-line reproducer: "
+    "tests/test_xla_three_axis_mesh.py; every two-axis mesh computes correctly)")
+
+
+def three_axis_problem(data: int, fsdp: int, tensor: int) -> str | None:
+    """Why a ``data x fsdp x tensor`` mesh must not be used (all three axes > 1), or None."""
+    if data > 1 and fsdp > 1 and tensor > 1:
+        return f"mesh data {data} x fsdp {fsdp} x tensor {tensor}: {THREE_AXIS_MISCOMPILE}"
+    return None
+
+
+def config_mesh(config, devices: Sequence | None = None) -> Mesh:
+    """The run's mesh from config keys ``mesh.data`` / ``mesh.fsdp`` / ``mesh.tensor``; refuses (ValueError
+    naming the keys) a mesh whose three axes are all > 1 (:data:`THREE_AXIS_MISCOMPILE`)."""
+    m = config.mesh
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mesh = make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor, devices=devices)
+    why = three_axis_problem(*(mesh.shape[a] for a in MESH_AXES))
+    if why:
+        raise ValueError(f"config keys 'mesh.data' = {m.data}, 'mesh.fsdp' = {m.fsdp}, 'mesh.tensor' = "
+                         f"{m.tensor}: {why}; use at most two axes > 1 (e.g. mesh.tensor = 1)")
+    return mesh
 
 
 def _rules_dict(rules) -> dict:

@@ -159,8 +159,7 @@ def plan(config, topology: str) -> dict:
     fam = get_family(str(config.model.kind))
     arch = str(config.model.arch)
     cfg = fam.config_from_dict(fam.architecture(arch), source=f"config key model.arch = {arch!r}")
-    m = config.mesh
-    mesh = parallel.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor, devices=devices)
+    mesh = parallel.config_mesh(config, devices=devices)
     n = int(config.data.prompts_per_step) * int(config.data.group_size)
     chunk = int(config.sample.batch_size) * len(devices)
     res = {"topology": topology, "chips": len(devices), "mesh": dict(mesh.shape), "peak_flops": peak,

@@ -124,7 +124,7 @@ def default_components(config: ml_collections.ConfigDict) -> Components:
     from awm_jax import rewards
     from awm_jax.rl import train_step as ts
 
-    mesh = parallel.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor)
+    mesh = parallel.config_mesh(config)
     pipeline = get_family(config.model.kind).load_pipeline(config, mesh=mesh)  # weights born sharded
     graphdef, base_state, state = ts.create_train_state(pipeline.transformer, config)
     negative = None
@@ -330,7 +330,7 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str, inputs, lock_no
     bridge = RewardBridge(comp.scorer, retries=config.reward.retries, gather=False,  # gathered below
                           timeout_s=config.reward.timeout_s)
     rng = jax.random.key(config.seed)
-    mesh = parallel.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor)
+    mesh = parallel.config_mesh(config)
     block = config.sample.batch_size * jax.device_count()  # samples per rollout call, all hosts together
 
     # ---- resume (before config.json and the logs are written: an unusable workdir is left as it was)
