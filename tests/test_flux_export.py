@@ -1,6 +1,6 @@
 """FLUX.1 LoRA export to diffusers: the peft LoRA folder and the merged weights reproduce the Flax LoRA model
 (tiny random dev-variant ``FluxTransformer2DModel``), bad modules raise; smoke test of
-``benchmarks/flux_memory_plan.py`` on a tiny config.
+``benchmarks/memory_plan.py`` on a tiny config.
 
 The torch oracle runs with correctly rounded timestep frequencies (``tests.flux_oracle``, the same
 patch as ``tests/test_flux_model.py``): torch's float32 CPU ``exp`` is off by 1 ulp for a few frequencies,
@@ -165,7 +165,7 @@ def test_bad_module_raises(setup):
 
 
 def _plan_module():
-    path = ROOT / "benchmarks" / "flux_memory_plan.py"
+    path = ROOT / "benchmarks" / "memory_plan.py"
     spec = importlib.util.spec_from_file_location("_bench_flux_memory_plan", path)
     mod = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(path.parent))
