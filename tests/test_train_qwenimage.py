@@ -73,3 +73,13 @@ def test_two_steps(tiny_qwen_pipe, tmp_path, name):
         key = next(k for k in got if k.startswith("transformer_blocks.0.attn.to_q.lora_B"))
         want = params["transformer_blocks.0.attn.to_q.lora_b"].T
         np.testing.assert_array_equal(got[key].detach().numpy(), want)
+
+
+def test_pipeline_loader_takes_model_attention(tiny_qwen_pipe, tmp_path):
+    """``load_qwenimage_pipeline`` builds the transformer with ``model.attention`` (it once dropped the key,
+    so a TPU run would have trained with XLA attention whatever the config said)."""
+    from awm_jax.pipelines.qwenimage import load_qwenimage_pipeline
+
+    c = _tiny_config("qwenimage_ocr.py", tiny_qwen_pipe, tmp_path)
+    c.model.attention = "auto"
+    assert load_qwenimage_pipeline(c).transformer.attention == "auto"

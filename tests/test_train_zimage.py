@@ -144,3 +144,12 @@ def test_zimage_flow_grpo_two_steps(tiny, tmp_path):
     work = tmp_path / "grpo"
     assert train.run(cfg, str(work))["step"] == 2
     _check_run(work, "flow_grpo")
+
+
+def test_pipeline_loader_takes_model_attention(tiny, tmp_path):
+    """``load_zimage_pipeline`` builds the transformer with ``model.attention`` (it once dropped the key)."""
+    from awm_jax.pipelines.zimage import load_zimage_pipeline
+
+    c = _tiny_config("zimage_ocr.py", tiny, tmp_path)
+    c.model.attention = "auto"
+    assert load_zimage_pipeline(c).transformer.attention == "auto"

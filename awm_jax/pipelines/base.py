@@ -22,8 +22,8 @@ from flax import nnx
 
 from awm_jax.models.vae import AutoencoderKL, latents_to_images_uint8, make_decode_fn
 
-__all__ = ["T2IPipeline", "check_text_encoder_paths", "model_dtypes", "model_section", "pipeline_problems",
-           "pipeline_root"]
+__all__ = ["T2IPipeline", "check_text_encoder_paths", "load_config_transformer", "model_dtypes",
+           "model_section", "pipeline_problems", "pipeline_root"]
 
 
 @dataclasses.dataclass
@@ -150,6 +150,18 @@ def model_dtypes(m) -> tuple[Any, Any]:
     """``(dtype, param_dtype)`` of a ``config.model`` section (dtype None for float32 compute)."""
     dtype = None if m.dtype == "float32" else jnp.dtype(m.dtype)
     return dtype, jnp.dtype(m.param_dtype)
+
+
+def load_config_transformer(m, family: str, mesh=None) -> nnx.Module:
+    """The transformer of ``config.model`` section ``m`` (``path``, ``dtype``, ``param_dtype``,
+    ``scan_layers``, ``remat_policy``, ``attention``) for ``family``, loaded straight onto ``mesh``
+    (parameters born sharded): the one call every ``load_<family>_pipeline(config)`` makes."""
+    from awm_jax.models import load_transformer
+
+    dtype, param_dtype = model_dtypes(m)
+    return load_transformer(m.path, dtype=dtype, param_dtype=param_dtype, family=family,
+                            scan_layers=bool(m.scan_layers), remat_policy=str(m.remat_policy),
+                            attention=str(m.attention), mesh=mesh)
 
 
 def pipeline_problems(m, what: str, text_subfolders: Sequence[str], tokenizer_subfolders: Sequence[str],

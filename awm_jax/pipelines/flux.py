@@ -28,7 +28,7 @@ from awm_jax.models.vae import AutoencoderKL
 from awm_jax.pipelines.base import (
     T2IPipeline,
     check_text_encoder_paths,
-    model_dtypes,
+    load_config_transformer,
     model_section,
     pipeline_problems,
     pipeline_root,
@@ -195,16 +195,13 @@ def load_flux_pipeline(config, mesh=None) -> FluxT2IPipeline:
     ``model.scan_layers``, ``model.remat_policy``, ``model.attention``. ``mesh``: the transformer is loaded
     straight onto it.
     """
-    from awm_jax.models import load_transformer, load_vae
+    from awm_jax.models import load_vae
     from awm_jax.text.flux import FluxTextEncoders
 
     m = model_section(config)
     root = pipeline_root(m.path, "FLUX")
     check_text_encoder_paths(root, m.text_encoder_paths, TEXT_SUBFOLDERS)
-    dtype, param_dtype = model_dtypes(m)
-    transformer = load_transformer(m.path, dtype=dtype, param_dtype=param_dtype, family="flux",
-                                   scan_layers=bool(m.scan_layers), remat_policy=str(m.remat_policy),
-                                   attention=str(m.attention), mesh=mesh)
+    transformer = load_config_transformer(m, "flux", mesh)
     vae = load_vae(m.vae_path or root)
     text = FluxTextEncoders.from_pipeline_dir(root, max_sequence_length=int(m.max_sequence_length))
     return assemble_flux(root, transformer, vae, text, m.resolution, m.resolution)

@@ -29,7 +29,7 @@ from flax import nnx
 from awm_jax.pipelines.base import (
     T2IPipeline,
     check_text_encoder_paths,
-    model_dtypes,
+    load_config_transformer,
     model_section,
     pipeline_problems,
     pipeline_root,
@@ -241,23 +241,13 @@ def load_qwenimage_pipeline(config, mesh=None) -> QwenImageT2IPipeline:
     """The trainer's entry: a :class:`QwenImageT2IPipeline` from ``config.model`` (``path``, ``vae_path``,
     ``text_encoder_paths``, ``resolution``, ``dtype``, ``param_dtype``, ``max_sequence_length``,
     ``scan_layers``, ``remat_policy``); ``mesh``: the transformer is loaded straight onto it."""
-    from awm_jax.models import load_transformer
     from awm_jax.models.qwenimage_vae import load_qwenimage_vae
     from awm_jax.text.qwenimage import QwenImageTextEncoder
 
     m = model_section(config)
     root = pipeline_root(m.path, "Qwen-Image")
     check_text_encoder_paths(root, m.text_encoder_paths, TEXT_SUBFOLDERS)
-    dtype, param_dtype = model_dtypes(m)
-    transformer = load_transformer(
-        m.path,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        family="qwenimage",
-        scan_layers=bool(m.scan_layers),
-        remat_policy=str(m.remat_policy),
-        mesh=mesh,
-    )
+    transformer = load_config_transformer(m, "qwenimage", mesh)
     vae = load_qwenimage_vae(m.vae_path or root)
     text = QwenImageTextEncoder.from_pipeline_dir(root, max_sequence_length=int(m.max_sequence_length))
     return assemble_qwenimage(root, transformer, vae, text, m.resolution, m.resolution)

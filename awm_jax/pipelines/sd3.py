@@ -21,7 +21,7 @@ from awm_jax.models.vae import AutoencoderKL
 from awm_jax.pipelines.base import (
     T2IPipeline,
     check_text_encoder_paths,
-    model_dtypes,
+    load_config_transformer,
     model_section,
     pipeline_problems,
     pipeline_root,
@@ -159,17 +159,14 @@ def load_sd3_pipeline(config, mesh=None) -> SD3Pipeline:
     ``model.attention``.
     ``mesh``: the transformer is loaded straight onto it (its parameters born sharded).
     """
-    from awm_jax.models import load_transformer, load_vae
+    from awm_jax.models import load_vae
     from awm_jax.text.sd3 import SD3TextEncoders
 
     m = model_section(config) if isinstance(config, dict) else config.model
     root = pipeline_root(m.path, "SD3")
     paths = tuple(m.text_encoder_paths or ())
     check_text_encoder_paths(root, paths, _TEXT_SUBFOLDERS)
-    dtype, param_dtype = model_dtypes(m)
-    transformer = load_transformer(m.path, dtype=dtype, param_dtype=param_dtype, family="sd35",
-                                   scan_layers=bool(m.scan_layers), remat_policy=str(m.remat_policy),
-                                   attention=str(m.attention), mesh=mesh)
+    transformer = load_config_transformer(m, "sd35", mesh)
     vae = load_vae(m.vae_path or root)
     load_t5 = not (len(paths) >= 3 and paths[2] == "none")
     text = SD3TextEncoders.from_pipeline_dir(root, max_sequence_length=int(m.max_sequence_length),

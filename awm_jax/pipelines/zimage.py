@@ -31,7 +31,7 @@ from awm_jax.models.vae import AutoencoderKL
 from awm_jax.pipelines.base import (
     T2IPipeline,
     check_text_encoder_paths,
-    model_dtypes,
+    load_config_transformer,
     model_section,
     pipeline_problems,
     pipeline_root,
@@ -156,16 +156,13 @@ def load_zimage_pipeline(config, mesh=None) -> ZImageT2IPipeline:
     """The trainer's entry: a :class:`ZImageT2IPipeline` from ``config.model`` (``path``, ``vae_path``,
     ``text_encoder_paths``, ``resolution``, ``dtype``, ``param_dtype``, ``max_sequence_length``,
     ``scan_layers``, ``remat_policy``); ``mesh``: the transformer is loaded straight onto it."""
-    from awm_jax.models import load_transformer, load_vae
+    from awm_jax.models import load_vae
     from awm_jax.text.zimage import ZImageTextEncoder
 
     m = model_section(config)
     root = pipeline_root(m.path, "Z-Image")
     check_text_encoder_paths(root, m.text_encoder_paths, TEXT_SUBFOLDERS)
-    dtype, param_dtype = model_dtypes(m)
-    transformer = load_transformer(m.path, dtype=dtype, param_dtype=param_dtype, family="zimage",
-                                   scan_layers=bool(m.scan_layers), remat_policy=str(m.remat_policy),
-                                   mesh=mesh)
+    transformer = load_config_transformer(m, "zimage", mesh)
     vae = load_vae(m.vae_path or root)
     text = ZImageTextEncoder.from_pipeline_dir(root, max_sequence_length=int(m.max_sequence_length))
     return assemble_zimage(root, transformer, vae, text, m.resolution, m.resolution)
