@@ -55,7 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.param_dtype = "float32"  # storage dtype of the parameters
     m.text_cache_mb = 2048.0  # in-memory LRU cache of prompt embeddings, bounded in MiB (0 = no cache)
     m.scan_layers = False  # stack identical blocks and run them with nnx.scan (faster compiles)
-    # |save_attention (recompute each block in the backward except its attention: kernel output kept)
+    # |save_attention (recompute each block in the backward except its attention: kernel output kept; with
+    # splash the kernel's forward still re-runs: policies do not reach its residuals, BENCHMARKS "TPU plan")
     m.remat_policy = "none"  # per-block activation checkpointing: none|full|dots_saveable|nothing_saveable
     # |cudnn; splash: Pallas TPU flash kernel (interpret mode off TPU: slow, tests); cudnn: 16-bit only
     m.attention = "auto"  # attention kernel (models/attention.py): auto (TPU splash, GPU cudnn)|xla|splash
