@@ -25,6 +25,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import warnings
 from typing import Any
 
 import jax
@@ -94,7 +95,9 @@ def mesh_problem(config) -> str | None:
     have all three axes > 1 (``parallel.config_mesh``'s rule: an XLA miscompile)."""
     m = config.mesh
     try:
-        parallel.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
+        with warnings.catch_warnings():  # a three-axis mesh is reported below, as a problem
+            warnings.simplefilter("ignore")
+            parallel.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
     except ValueError as e:
         return (f"config keys 'mesh.data' = {m.data}, 'mesh.fsdp' = {m.fsdp}, 'mesh.tensor' = {m.tensor} do "
                 f"not fit the {jax.device_count()} devices ({e}; mesh.data=-1 takes all the remaining "
