@@ -25,7 +25,6 @@ import importlib
 import importlib.util
 import os
 import sys
-import warnings
 from typing import Any
 
 import jax
@@ -93,15 +92,6 @@ def workdir_problem(workdir: str) -> str | None:
 def mesh_problem(config) -> str | None:
     """``mesh.data x mesh.fsdp x mesh.tensor`` must fit the devices (``parallel.make_mesh``'s rule) and not
     have all three axes > 1 (``parallel.config_mesh``'s rule: an XLA miscompile)."""
-    m = config.mesh
-    try:
-        with warnings.catch_warnings():  # a three-axis mesh is reported below, as a problem
-            warnings.simplefilter("ignore")
-            parallel.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
-    except ValueError as e:
-        return (f"config keys 'mesh.data' = {m.data}, 'mesh.fsdp' = {m.fsdp}, 'mesh.tensor' = {m.tensor} do "
-                f"not fit the {jax.device_count()} devices ({e}; mesh.data=-1 takes all the remaining "
-                "devices)")
     try:
         parallel.config_mesh(config)
     except ValueError as e:

@@ -96,8 +96,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence 
     if data * fsdp * tensor != n:
         raise ValueError(f"make_mesh: data*fsdp*tensor={data}*{fsdp}*{tensor} != {n} devices")
     arr = np.asarray(devices, dtype=object).reshape(data, fsdp, tensor)
-    if three_axis_problem(data, fsdp, tensor):
-        warnings.warn(three_axis_problem(data, fsdp, tensor), stacklevel=2)
+    why = three_axis_problem(data, fsdp, tensor)
+    if why:
+        warnings.warn(why, stacklevel=2)
     return Mesh(arr, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
@@ -116,16 +117,21 @@ def three_axis_problem(data: int, fsdp: int, tensor: int) -> str | None:
 
 
 def config_mesh(config, devices: Sequence | None = None) -> Mesh:
-    """The run's mesh from config keys ``mesh.data`` / ``mesh.fsdp`` / ``mesh.tensor``; refuses (ValueError
-    naming the keys) a mesh whose three axes are all > 1 (:data:`THREE_AXIS_MISCOMPILE`)."""
+    """The run's mesh from config keys ``mesh.data`` / ``mesh.fsdp`` / ``mesh.tensor``. ValueError naming the
+    keys when they do not fit the devices or when all three axes are > 1 (:data:`THREE_AXIS_MISCOMPILE`)."""
     m = config.mesh
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mesh = make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor, devices=devices)
+    keys = f"config keys 'mesh.data' = {m.data}, 'mesh.fsdp' = {m.fsdp}, 'mesh.tensor' = {m.tensor}"
+    n = len(jax.devices() if devices is None else devices)
+    try:
+        with warnings.catch_warnings():  # a three-axis mesh is refused below, not warned about
+            warnings.simplefilter("ignore")
+            mesh = make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor, devices=devices)
+    except ValueError as e:
+        raise ValueError(f"{keys} do not fit the {n} devices ({e}; mesh.data=-1 takes all the remaining "
+                         "devices)") from e
     why = three_axis_problem(*(mesh.shape[a] for a in MESH_AXES))
     if why:
-        raise ValueError(f"config keys 'mesh.data' = {m.data}, 'mesh.fsdp' = {m.fsdp}, 'mesh.tensor' = "
-                         f"{m.tensor}: {why}; use at most two axes > 1 (e.g. mesh.tensor = 1)")
+        raise ValueError(f"{keys}: {why}; use at most two axes > 1 (e.g. mesh.tensor = 1)")
     return mesh
 
 

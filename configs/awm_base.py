@@ -251,9 +251,10 @@ def base_config() -> ml_collections.ConfigDict:
     ms.fsdp = 1  # parameter-sharded data parallel
     ms.tensor = 1  # tensor parallel
     # at most two of data / fsdp / tensor may be > 1: XLA miscompiles three-axis meshes (parallel.config_mesh
-    # refuses them; tests/test_xla_three_axis_mesh.py); the wrong gradients once seen with this flag were that
+    # refuses them; tests/test_xla_three_axis_mesh.py)
     # batch-shard the blocks' activations (parallel.constrain: per-layer FSDP gathers, BENCHMARKS "TPU plan");
-    # off by default until a full-size TPU plan with it is compared (gradients equal on two-axis meshes)
+    # off by default: at full size it moved little (gradients equal one device's on two-axis meshes; the wrong
+    # gradients once seen with it were the three-axis miscompile)
     ms.constrain_activations = False  # with_sharding_constraint on the residual stream / q,k,v / MLP hidden
 
     c.compile = cp = ml_collections.ConfigDict()

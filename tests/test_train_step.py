@@ -206,8 +206,8 @@ def test_sharded_grads_equal_single_device(setup, ref_grads, shape):
 def test_constrained_activations_grads_equal_single_device(setup, ref_grads):
     """``mesh.constrain_activations`` on a two-axis mesh (fsdp 4 x tensor 2: weights, heads and MLP hidden
     all sharded): the same gradients as one device (the three-axis case is an XLA miscompile, refused)."""
-    cfg, g, base, state = setup
-    cfg, batch, (ref_g, ref_a) = ref_grads
+    _, g, base, state = setup
+    _, batch, (ref_g, ref_a) = ref_grads  # ref_grads' config (awm.beta 0.01) plus the constraints:
     cfg = _config(**{"awm.beta": 0.01, "mesh.constrain_activations": True})
     out_g, out_a = ts.make_grad_fn(g, cfg, parallel.make_mesh(1, 4, 2))(state, base, batch, jax.random.key(5))
     _assert_tree_close(out_g, ref_g, rtol=1e-4, atol=1e-7)
